@@ -1,0 +1,51 @@
+"""Pure-torch HoloGrad protocol core: no Lightning imports here (see PROTOCOL.md)."""
+
+from .aggregators import (
+    AggregationResult,
+    Aggregator,
+    MeanAggregator,
+    MedianAggregator,
+    NotEnoughRanksError,
+    TrimmedMeanAggregator,
+    make_aggregator,
+)
+from .chain import CommitmentChain, direction_seeds, genesis_commitment, hash_batch, scalars_digest
+from .directions import (
+    DirectionFamily,
+    GaussianDirections,
+    IdentityDirections,
+    RademacherDirections,
+    SketchDirections,
+)
+from .families import FAMILY_NAMES, FamilyName, make_family
+from .ledger import Ledger, LedgerRecord, LedgerTamperError
+from .subspace import CodebookDirections, MomentumDirections, captured_energy
+
+__all__ = [
+    "AggregationResult",
+    "Aggregator",
+    "CodebookDirections",
+    "CommitmentChain",
+    "DirectionFamily",
+    "FAMILY_NAMES",
+    "FamilyName",
+    "GaussianDirections",
+    "IdentityDirections",
+    "Ledger",
+    "LedgerRecord",
+    "LedgerTamperError",
+    "MeanAggregator",
+    "MedianAggregator",
+    "MomentumDirections",
+    "NotEnoughRanksError",
+    "RademacherDirections",
+    "SketchDirections",
+    "TrimmedMeanAggregator",
+    "captured_energy",
+    "direction_seeds",
+    "genesis_commitment",
+    "hash_batch",
+    "make_aggregator",
+    "make_family",
+    "scalars_digest",
+]

@@ -1,0 +1,66 @@
+"""Build a direction family from flat, config-friendly settings."""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+from .directions import (
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_CHUNK_SIZE,
+    DirectionFamily,
+    GaussianDirections,
+    IdentityDirections,
+    RademacherDirections,
+    SketchDirections,
+)
+from .subspace import CodebookDirections, MomentumDirections
+
+__all__ = ["FamilyName", "FAMILY_NAMES", "make_family"]
+
+FamilyName = Literal["gaussian", "rademacher", "sketch", "codebook", "momentum", "identity"]
+FAMILY_NAMES: tuple[str, ...] = get_args(FamilyName)
+
+
+def make_family(
+    name: str,
+    dim: int,
+    num_directions: int,
+    *,
+    codebook_rank: int | None = None,
+    oja_lr: float = 0.1,
+    qr_every: int = 50,
+    exploration_weight: float = 0.0,
+    momentum_beta: float = 0.9,
+    init_seed: int = 0,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> DirectionFamily:
+    """Family ``name`` over ``dim`` coordinates using ``num_directions`` scalars per step.
+
+    codebook: ``codebook_rank`` basis columns (default: all of num_directions) and
+    num_directions - codebook_rank exploration directions. momentum: one momentum
+    direction and num_directions - 1 exploration directions. identity: num_directions
+    must equal dim (debug family).
+    """
+    blocks = {"block_size": block_size, "chunk_size": chunk_size}
+    if name == "gaussian":
+        return GaussianDirections(dim, num_directions, **blocks)
+    if name == "rademacher":
+        return RademacherDirections(dim, num_directions, **blocks)
+    if name == "sketch":
+        return SketchDirections(dim, num_directions, **blocks)
+    if name == "identity":
+        return IdentityDirections(dim, num_directions)
+    if name == "codebook":
+        rank = num_directions if codebook_rank is None else codebook_rank
+        if not 1 <= rank <= num_directions:
+            raise ValueError(
+                f"codebook_rank={rank} must lie in [1, num_directions={num_directions}]. HINT: "
+                "num_directions counts the codebook columns plus the exploration directions."
+            )
+        return CodebookDirections(dim, rank, num_directions - rank, oja_lr=oja_lr, qr_every=qr_every,
+                                  exploration_weight=exploration_weight, init_seed=init_seed, **blocks)
+    if name == "momentum":
+        return MomentumDirections(dim, num_directions - 1, beta=momentum_beta,
+                                  exploration_weight=exploration_weight, init_seed=init_seed, **blocks)
+    raise ValueError(f"directions={name!r} is unknown. HINT: choose one of {', '.join(FAMILY_NAMES)}.")

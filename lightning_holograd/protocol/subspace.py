@@ -57,11 +57,14 @@ class _SubspaceFamily(DirectionFamily):
         rank: int,
         num_exploration: int,
         exploration_weight: float,
+        init_seed: int,
         block_size: int,
         chunk_size: int,
     ) -> None:
         if num_exploration < 0:
             raise ValueError(f"num_exploration={num_exploration} must be >= 0.")
+        if not 0 <= init_seed < 2**64:
+            raise ValueError(f"init_seed={init_seed!r} must be an unsigned 64-bit integer.")
         if rank < 1 or rank > dim:
             raise ValueError(
                 f"rank={rank} must lie in [1, dim={dim}]. HINT: choose a codebook rank no larger "
@@ -182,7 +185,7 @@ class CodebookDirections(_SubspaceFamily):
         block_size: int = DEFAULT_BLOCK_SIZE,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
     ) -> None:
-        super().__init__(dim, rank, num_exploration, exploration_weight, block_size, chunk_size)
+        super().__init__(dim, rank, num_exploration, exploration_weight, init_seed, block_size, chunk_size)
         if not oja_lr > 0.0:
             raise ValueError(f"oja_lr={oja_lr!r} must be > 0.")
         if qr_every < 1:
@@ -249,7 +252,7 @@ class MomentumDirections(_SubspaceFamily):
                 f"num_exploration={num_exploration} must be >= 1: the momentum direction alone never "
                 "rotates. HINT: use num_directions >= 2 (one momentum + exploration directions)."
             )
-        super().__init__(dim, 1, num_exploration, exploration_weight, block_size, chunk_size)
+        super().__init__(dim, 1, num_exploration, exploration_weight, init_seed, block_size, chunk_size)
         _check_fraction("beta", beta, 0.0, 1.0, high_open=True)
         self.beta = float(beta)
         init = GaussianDirections(dim, 1, block_size=block_size, chunk_size=chunk_size)

@@ -1,0 +1,239 @@
+"""Per-direction robust aggregation of the (ranks x directions) matrix (PROTOCOL.md 4).
+
+Notation: A (N, K) has one row per rank and one column per direction; tau is the trim
+ratio, and a trimmed mean drops floor(tau n) values at each end of every column.
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+
+import pytest
+import torch
+
+from lightning_holograd.protocol import (
+    MeanAggregator,
+    MedianAggregator,
+    NotEnoughRanksError,
+    TrimmedMeanAggregator,
+    make_aggregator,
+)
+
+
+def _honest(num_ranks: int, num_directions: int, seed: int = 0) -> torch.Tensor:
+    """Honest rows: per direction a common value plus small rank noise; directions differ
+    widely in scale, as projections on different directions do."""
+    gen = torch.Generator().manual_seed(seed)
+    centres = torch.randn(num_directions, generator=gen) * 100  # (K,)
+    return centres + torch.randn(num_ranks, num_directions, generator=gen)  # (N, K)
+
+
+# -- trimmed mean ----------------------------------------------------------------------
+
+
+def test_trimmed_mean_keeps_honest_range_with_outliers_in_every_direction():
+    """N = 20, tau = 0.25: floor(tau N) = 5 arbitrary values per column are tolerated. The
+    adversaries are different ranks in different columns (15 of 20 ranks lie somewhere),
+    with huge values of both signs. Each column's 5 smallest and 5 largest are cut, so at
+    most 5 outliers per column are removed from whichever side they sit on and the kept
+    values are all honest (or bracketed by honest values): the result lies in the
+    column's honest range."""
+    num_ranks, num_directions, tau = 20, 6, 0.25
+    aggregator = TrimmedMeanAggregator(tau)
+    assert aggregator.num_trimmed(num_ranks) == 5
+    matrix = _honest(num_ranks, num_directions)
+    honest_low, honest_high = matrix.min(dim=0).values, matrix.max(dim=0).values
+    attacked = matrix.clone()
+    for column in range(num_directions):
+        for k in range(5):
+            rank = (3 * column + k) % num_ranks
+            attacked[rank, column] = (1e30 if (k + column) % 2 else -1e30) * (k + 1)
+    result = aggregator(attacked).scalars
+    assert torch.all(result >= honest_low) and torch.all(result <= honest_high)
+    # One outlier more than the budget in a single column breaks that column only.
+    worse = attacked.clone()
+    worse[[(3 * 0 + k) % num_ranks for k in range(5)] + [19], 0] = 1e30
+    broken = aggregator(worse).scalars
+    assert broken[0] > honest_high[0]
+    assert torch.equal(broken[1:], result[1:])
+
+
+def test_trimmed_mean_trims_each_direction_separately():
+    """N = 5, tau = 0.2 trims one value at each end of every column. Columns live on very
+    different scales, so any trimming that mixes the K values of a step (the reference
+    code's bug) gives a different answer."""
+    matrix = torch.tensor(
+        [
+            [1000.0, -7.0, 0.5],
+            [1010.0, -5.0, 0.1],
+            [990.0, -6.0, 0.3],
+            [1005.0, -9.0, 0.2],
+            [995.0, -1.0, 0.4],
+        ]
+    )
+    expected = torch.tensor(
+        [statistics.fmean(sorted(column)[1:-1]) for column in matrix.T.tolist()], dtype=torch.float32
+    )  # [1000, -6, 0.3]
+    result = TrimmedMeanAggregator(0.2)(matrix).scalars
+    torch.testing.assert_close(result, expected)
+    # Two ways of trimming across directions, both wrong, both distinguishable here:
+    flat = torch.sort(matrix.flatten()).values[3:-3].mean()  # pooled trim of all N K values
+    assert not torch.allclose(result, flat.expand(3))
+    row_trimmed = torch.sort(matrix, dim=1).values[:, 1:-1]  # trim the K values of each rank
+    assert row_trimmed.shape[1] == 1 and not torch.allclose(result, row_trimmed.mean(0).expand(3))
+
+
+def test_trimmed_mean_with_zero_ratio_is_the_mean():
+    matrix = _honest(7, 4)
+    torch.testing.assert_close(TrimmedMeanAggregator(0.0)(matrix).scalars, MeanAggregator()(matrix).scalars)
+
+
+@pytest.mark.parametrize("name", ["median", "trimmed_mean"])
+def test_sorting_aggregators_are_bitwise_independent_of_rank_order(name):
+    """Median and trimmed mean sort each column first, so any row permutation gives the
+    same bits (the plain mean instead fixes rank order, see below)."""
+    matrix = _honest(9, 8, seed=2) * torch.logspace(-4, 4, 8)
+    aggregator = make_aggregator(name, trim_ratio=0.2)
+    reference = aggregator(matrix).scalars
+    for seed in range(3):
+        permutation = torch.randperm(9, generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(aggregator(matrix[permutation]).scalars, reference)
+
+
+@pytest.mark.parametrize(("num_ranks", "tau", "cut"), [(4, 0.2, 0), (5, 0.2, 1), (10, 0.49, 4), (3, 0.4, 1)])
+def test_trimmed_count_is_floor_tau_n(num_ranks, tau, cut):
+    assert TrimmedMeanAggregator(tau).num_trimmed(num_ranks) == cut
+    # With the cut applied per column, the extreme rows never influence the result.
+    matrix = torch.arange(num_ranks, dtype=torch.float32).unsqueeze(1).repeat(1, 2)  # (N, 2)
+    kept = list(range(cut, num_ranks - cut))
+    assert float(TrimmedMeanAggregator(tau)(matrix).scalars[0]) == pytest.approx(statistics.fmean(kept))
+
+
+# -- median ----------------------------------------------------------------------------
+
+
+def test_median_odd_and_even():
+    odd = torch.tensor([[5.0, -1.0], [1.0, 7.0], [3.0, 2.0]])
+    torch.testing.assert_close(MedianAggregator()(odd).scalars, torch.tensor([3.0, 2.0]))
+    even = torch.tensor([[4.0, 10.0], [1.0, -10.0], [3.0, 0.0], [2.0, 1.0]])
+    torch.testing.assert_close(MedianAggregator()(even).scalars, torch.tensor([2.5, 0.5]))
+
+
+def test_median_tolerates_a_minority_of_outliers():
+    """Fewer than half the values of a column arbitrary -> median within the honest range."""
+    matrix = _honest(9, 5, seed=1)
+    low, high = matrix.min(dim=0).values, matrix.max(dim=0).values
+    attacked = matrix.clone()
+    attacked[:4, :] = torch.tensor([1e30, -1e30, 1e30, -1e30, 1e30])
+    result = MedianAggregator()(attacked).scalars
+    assert torch.all(result >= low) and torch.all(result <= high)
+
+
+# -- dropping rows ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["mean", "median", "trimmed_mean"])
+def test_non_finite_rows_dropped_and_reported(name):
+    matrix = torch.tensor(
+        [[1.0, 10.0], [float("nan"), 0.0], [2.0, 20.0], [0.0, float("inf")], [3.0, 30.0], [-float("inf"), 1.0]]
+    )
+    result = make_aggregator(name, trim_ratio=0.2)(matrix)
+    assert result.nonfinite_ranks == (1, 3, 5)
+    assert result.kept_ranks == (0, 2, 4)
+    assert result.excluded_ranks == ()
+    # Kept rows 1, 2, 3 / 10, 20, 30: mean, median and trimmed mean (floor(0.2*3) = 0) agree.
+    torch.testing.assert_close(result.scalars, torch.tensor([2.0, 20.0]))
+    assert torch.isfinite(result.scalars).all()
+
+
+@pytest.mark.parametrize("name", ["mean", "median", "trimmed_mean"])
+def test_excluded_ranks_dropped(name):
+    matrix = torch.tensor([[1e30, -1e30], [1.0, 2.0], [float("nan"), 0.0], [3.0, 4.0]])
+    result = make_aggregator(name, trim_ratio=0.1)(matrix, excluded=[0, 2, 17])
+    assert result.kept_ranks == (1, 3)
+    assert result.excluded_ranks == (0, 2)  # excluded wins over non-finite; 17 is not a rank
+    assert result.nonfinite_ranks == ()
+    torch.testing.assert_close(result.scalars, torch.tensor([2.0, 3.0]))
+
+
+def test_divisor_is_the_number_of_rows_kept():
+    """Rows of 4s plus one dropped row: a divisor of N instead of n would give 4 * 3/4 = 3."""
+    matrix = torch.full((4, 3), 4.0)
+    matrix[2, 1] = float("nan")
+    assert torch.equal(MeanAggregator()(matrix).scalars, torch.full((3,), 4.0))
+    assert torch.equal(MeanAggregator()(matrix, excluded=[0]).scalars, torch.full((3,), 4.0))
+    matrix[0, 0] = 8.0  # kept rows {0, 1, 3}: (8 + 4 + 4)/3
+    assert float(MeanAggregator()(matrix).scalars[0]) == pytest.approx(16 / 3)
+
+
+@pytest.mark.parametrize("name", ["mean", "median", "trimmed_mean"])
+def test_not_enough_ranks(name):
+    aggregator = make_aggregator(name)
+    nan_matrix = torch.full((3, 2), float("nan"))
+    with pytest.raises(NotEnoughRanksError, match=r"got 0 \(excluded=\[\], non-finite=\[0, 1, 2\]\)"):
+        aggregator(nan_matrix)
+    with pytest.raises(NotEnoughRanksError, match=r"got 0 \(excluded=\[0, 1\], non-finite=\[2\]\)"):
+        aggregator(torch.tensor([[1.0, 2.0], [3.0, 4.0], [float("inf"), 0.0]]), excluded=[0, 1])
+
+
+def test_rejects_non_matrix():
+    with pytest.raises(ValueError, match=r"matrix has shape \(4,\)"):
+        MeanAggregator()(torch.zeros(4))
+
+
+# -- bitwise reproducibility of the mean -----------------------------------------------
+
+
+def test_mean_sums_in_rank_order():
+    """Every rank must compute bitwise the same aggregate, so the summation order is fixed:
+    rank 0 + rank 1 + ... in float32. With values 1e8, 1, -1e8, 1: 1e8 + 1 rounds back to
+    1e8 (float32 spacing at 1e8 is 8), so rank order gives (0 + 1)/4 = 0.25; the order
+    1, 1, 1e8, -1e8 gives ((2 + 1e8) - 1e8)/4 = 0, and the exact mean is 0.5."""
+    matrix = torch.tensor([[1e8], [1.0], [-1e8], [1.0]])
+    assert float(MeanAggregator()(matrix).scalars[0]) == 0.25
+    reordered = matrix[[1, 3, 0, 2]]
+    assert float(MeanAggregator()(reordered).scalars[0]) == 0.0  # order is part of the contract
+
+
+def test_mean_is_bitwise_reproducible_and_independent_of_dropped_rows():
+    """Same kept rows -> same bits, whatever the dropped rows contain, on every call."""
+    matrix = _honest(8, 16, seed=3) * torch.logspace(-6, 6, 16)
+    first = MeanAggregator()(matrix, excluded=[5]).scalars
+    poisoned = matrix.clone()
+    poisoned[5] = 1e30
+    poisoned = torch.cat([poisoned, torch.full((1, 16), float("nan"))])
+    again = MeanAggregator()(poisoned, excluded=[5]).scalars
+    assert torch.equal(first, again)
+    kept = torch.cat([matrix[:5], matrix[6:]])
+    expected = kept[0].clone()
+    for row in kept[1:]:
+        expected = expected + row
+    assert torch.equal(first, expected / kept.shape[0])
+    assert torch.equal(first, MeanAggregator()(kept).scalars)
+
+
+def test_result_is_float32():
+    matrix = torch.tensor([[1, 2], [3, 4]], dtype=torch.float64)
+    for name in ("mean", "median", "trimmed_mean"):
+        assert make_aggregator(name)(matrix).scalars.dtype == torch.float32
+
+
+# -- construction ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [0.5, 0.7, -0.1, float("nan")])
+def test_trim_ratio_rejected(bad):
+    with pytest.raises(ValueError, match=rf"trim_ratio={re.escape(repr(bad))} must lie in \[0, 0.5\)"):
+        TrimmedMeanAggregator(bad)
+    with pytest.raises(ValueError, match="trim_ratio="):
+        make_aggregator("trimmed_mean", trim_ratio=bad)
+
+
+def test_make_aggregator():
+    assert isinstance(make_aggregator("mean"), MeanAggregator)
+    assert isinstance(make_aggregator("median"), MedianAggregator)
+    trimmed = make_aggregator("trimmed_mean", trim_ratio=0.3)
+    assert isinstance(trimmed, TrimmedMeanAggregator) and trimmed.trim_ratio == 0.3
+    with pytest.raises(ValueError, match="aggregation='trimmed' is unknown"):
+        make_aggregator("trimmed")

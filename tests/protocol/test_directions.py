@@ -1,0 +1,384 @@
+"""Seed-generated direction families (PROTOCOL.md section 3).
+
+Notation: D coordinates, K directions per step, M independent steps (seed draws),
+g a fixed gradient, g_hat = synthesize(project(g, seeds), seeds).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lightning_holograd.protocol import (
+    GaussianDirections,
+    IdentityDirections,
+    RademacherDirections,
+    SketchDirections,
+    direction_seeds,
+    genesis_commitment,
+    make_family,
+)
+
+UNBIASED = ["gaussian", "rademacher", "sketch"]
+DENSE = ["gaussian", "rademacher"]
+
+
+def _seeds(tag: str, draw: int, count: int) -> list[int]:
+    """Direction seeds of one step, from a distinct commitment per draw (as in a run)."""
+    return direction_seeds(genesis_commitment(f"{tag}/{draw}"), count)
+
+
+def _grad(dim: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(dim, generator=torch.Generator().manual_seed(seed))
+
+
+def _family(name: str, dim: int, num_directions: int):
+    block = 8 * math.ceil(dim / 8)  # one block per direction: small D stays cheap
+    return make_family(name, dim, num_directions, block_size=block, chunk_size=block)
+
+
+def _rel_sq_err(estimate: torch.Tensor, grad: torch.Tensor) -> float:
+    return float((estimate.double() - grad.double()).square().sum() / grad.double().square().sum())
+
+
+# -- unbiasedness ----------------------------------------------------------------------
+
+# Per-draw variance, v = E||g_hat - g||^2 / ||g||^2 (exact for these families):
+#   gaussian:   g_hat = (1/K) sum_j z_j z_j^T g. E[z z^T g] = g and
+#               E||z z^T g||^2 = E[(z^T g)^2 ||z||^2] = (D + 2)||g||^2, so each term has
+#               variance (D + 1)||g||^2 and v = (D + 1)/K.
+#   rademacher: ||z||^2 = D exactly, so E||z z^T g||^2 = D ||g||^2 and v = (D - 1)/K.
+#   sketch:     g_hat_d - g_d = sum_{d' != d, h(d') = h(d)} s(d) s(d') g_d'. Independent signs
+#               kill every cross term, and P(h(d') = h(d)) = 1/K, so
+#               E(g_hat_d - g_d)^2 = (||g||^2 - g_d^2)/K; summed over d, v = (D - 1)/K.
+# The mean of M independent draws then has E||mean - g||^2 / ||g||^2 = v / M.
+PER_DRAW_VARIANCE = {
+    "gaussian": lambda d, k: (d + 1) / k,
+    "rademacher": lambda d, k: (d - 1) / k,
+    "sketch": lambda d, k: (d - 1) / k,
+}
+
+
+@pytest.mark.parametrize("name", UNBIASED)
+def test_unbiased_and_catches_both_known_bugs(name):
+    """Mean of M = 2000 estimates lies within the sampling bound of g; the two bugs of the
+    reference code, computed from the very same draws, do not.
+
+    Bound: mean - g is a sum of M K independent zero-mean vectors, so by the CLT
+    ||mean - g||^2 is close to a weighted chi-square with about D degrees of freedom and
+    expectation e = v/M (v as above). Chernoff for chi-square_D gives
+    P(chi^2_D > 2D) <= exp(-D (1 - ln 2)/2) = exp(-0.153 D), i.e. < 1e-17 at D = 256; so
+    the threshold 2e is essentially never crossed by a correct family (even at D = 64 the
+    bound is 6e-5), and the seeds are fixed anyway.
+
+    Bug (a), unit-norm directions scaled by sqrt(K/D) instead of D/K: the mean tends to
+    sqrt(K/D) g, relative squared error (1 - sqrt(K/D))^2 = 0.5625 for K = 16, D = 256,
+    35x the threshold 2e = 0.016.
+    Bug (b), all K directions identical (K = 1 collapse): still unbiased but the per-draw
+    variance is K v (one direction of weight 1 instead of K of weight 1/K), so the mean's
+    squared error is K e = 8 (2e) for K = 16; it sits below 2e only if the chi-square
+    falls below 1/8 of its mean, probability < exp(-0.6 D) (lower-tail Chernoff).
+    """
+    dim, num_directions, draws = 256, 16, 2000
+    family = _family(name, dim, num_directions)
+    # Collapsed bug: K copies of one direction. The sketch has a single seed per step;
+    # its collapse is every coordinate hashed to one bucket, i.e. the K = 1 sketch.
+    collapsed = _family(name, dim, 1) if name == "sketch" else family
+    grad = _grad(dim)
+    total = torch.zeros(dim, dtype=torch.float64)
+    total_collapsed = torch.zeros(dim, dtype=torch.float64)
+    per_draw = 0.0
+    for draw in range(draws):
+        seeds = _seeds(f"unbiased/{name}", draw, family.num_seeds)
+        estimate = family.synthesize(family.project(grad, seeds), seeds)
+        total += estimate
+        per_draw += _rel_sq_err(estimate, grad)
+        same = seeds[:1] * collapsed.num_seeds if name != "sketch" else seeds
+        total_collapsed += collapsed.synthesize(collapsed.project(grad, same), same)
+    mean = total / draws
+    expected = PER_DRAW_VARIANCE[name](dim, num_directions) / draws
+    threshold = 2 * expected
+
+    assert _rel_sq_err(mean, grad) < threshold
+    scaled = math.sqrt(num_directions / dim) * mean  # bug (a)
+    assert _rel_sq_err(scaled, grad) > threshold
+    assert _rel_sq_err(total_collapsed / draws, grad) > threshold  # bug (b)
+
+    # Per-draw variance against the formula. One draw's relative squared error has a
+    # relative standard deviation below ~1.5 even at K = 1 (it is about D chi^2_1, whose
+    # relative sd is sqrt(2)); averaging M = 2000 draws brings the mean's relative sd below
+    # 1.5/sqrt(2000) = 3.4%, and at K = 16 it is far smaller, so 10% is a safe tolerance.
+    # A wrong 1/K factor (or any bias) moves this by more than 10%.
+    variance = per_draw / draws
+    assert variance == pytest.approx(PER_DRAW_VARIANCE[name](dim, num_directions), rel=0.10)
+
+
+def test_repeated_seed_collapse_is_a_single_direction():
+    """The repeated-seed collapse of a dense family is exactly one direction of weight 1:
+    g_hat = z z^T g with z the direction of the repeated seed."""
+    dim, num_directions = 64, 8
+    family = _family("gaussian", dim, num_directions)
+    grad = _grad(dim)
+    seed = _seeds("collapse", 0, 1)
+    repeated = seed * num_directions
+    z = family.direction(repeated, 0)
+    estimate = family.synthesize(family.project(grad, repeated), repeated)
+    torch.testing.assert_close(estimate, z * z.dot(grad), rtol=1e-5, atol=1e-5)
+
+
+# -- cosine with the true gradient -----------------------------------------------------
+
+
+def _expected_cos_gaussian(dim: int, num_directions: int) -> float:
+    """E[cos(g_hat, g)] for the Gaussian family, exactly.
+
+    Rotate so g = ||g|| e_1 and write x_j = z_j1. Then g_hat is proportional to
+    sum_j x_j z_j, whose e_1 part is Q = sum_j x_j^2 ~ chi^2_K and whose orthogonal part,
+    given x, is N(0, Q I_{D-1}), of squared norm Q W with W ~ chi^2_{D-1} independent.
+    So cos^2 = Q / (Q + W) ~ Beta(K/2, (D-1)/2) and
+    E[cos] = E[sqrt(Beta(a, b))] = B(a + 1/2, b) / B(a, b), about sqrt(K/(D + K - 1)),
+    i.e. about sqrt(K/D) when K << D.
+    """
+    a, b = num_directions / 2, (dim - 1) / 2
+    return math.exp(math.lgamma(a + 0.5) + math.lgamma(a + b) - math.lgamma(a) - math.lgamma(a + b + 0.5))
+
+
+@pytest.mark.parametrize("name", DENSE)
+@pytest.mark.parametrize(("num_directions", "dim", "draws"), [(8, 256, 700), (16, 1024, 400), (64, 2048, 100)])
+def test_cosine_is_about_sqrt_k_over_d(name, num_directions, dim, draws):
+    """Mean cos over draws matches E[cos] (above) within 5% and sqrt(K/D) within 10%.
+
+    Sampling error: by the delta method the per-draw sd of cos relative to its mean is
+    about (1/2) sd(Beta)/mean(Beta) = (1/2) sqrt(2/K) (for K << D), i.e. 0.25, 0.18, 0.09
+    for K = 8, 16, 64; with the draws used here the mean's relative sd is <= 1%, so 5% is
+    a 5-sigma tolerance. Rademacher directions match the Gaussian law up to O(1/D) terms
+    (||z||^2 = D exactly instead of chi^2_D; z^T g is close to normal for a dense g).
+    The K = 1 collapse would give about sqrt(1/D), off by a factor sqrt(K) >= 2.8.
+    """
+    family = _family(name, dim, num_directions)
+    grad = _grad(dim, seed=num_directions)
+    cosines, collapsed = [], []
+    for draw in range(draws):
+        seeds = _seeds(f"cos/{name}/{dim}", draw, num_directions)
+        estimate = family.synthesize(family.project(grad, seeds), seeds)
+        cosines.append(float(torch.nn.functional.cosine_similarity(estimate, grad, dim=0)))
+        if draw < 50:
+            same = seeds[:1] * num_directions
+            one = family.synthesize(family.project(grad, same), same)
+            collapsed.append(float(torch.nn.functional.cosine_similarity(one, grad, dim=0)))
+    mean_cos = sum(cosines) / draws
+    assert mean_cos == pytest.approx(_expected_cos_gaussian(dim, num_directions), rel=0.05)
+    assert mean_cos == pytest.approx(math.sqrt(num_directions / dim), rel=0.10)
+    assert sum(collapsed) / len(collapsed) < 0.5 * mean_cos
+
+
+# -- distinct, reproducible directions -------------------------------------------------
+
+
+@pytest.mark.parametrize("name", DENSE)
+def test_directions_of_a_step_are_distinct_and_nearly_orthogonal(name):
+    """For independent z, z' with i.i.d. unit-variance entries, cos(z, z') has sd 1/sqrt(D)
+    and (Hoeffding for Rademacher, the Gaussian analogue for Gaussian)
+    P(|cos| > t) <= 2 exp(-D t^2 / 2) roughly. With t = 6/sqrt(D) that is 3e-8 per pair,
+    so over the K(K-1)/2 = 496 pairs a failure means the directions are not independent
+    (e.g. seeds derived from prefixes of one string, which made them all identical)."""
+    dim, num_directions = 4096, 32
+    family = _family(name, dim, num_directions)
+    seeds = _seeds(f"distinct/{name}", 0, num_directions)
+    matrix = torch.stack([family.direction(seeds, j) for j in range(num_directions)])  # (K, D)
+    unit = matrix / matrix.norm(dim=1, keepdim=True)
+    cos = unit @ unit.T
+    off_diagonal = cos[~torch.eye(num_directions, dtype=torch.bool)]
+    assert off_diagonal.abs().max() < 6 / math.sqrt(dim)
+    assert len({tuple(row.tolist()[:16]) for row in matrix}) == num_directions
+    # Each direction has i.i.d. unit-variance entries: ||z||^2 / D = 1 +- O(sqrt(2/D)).
+    norms_sq = matrix.square().sum(dim=1) / dim
+    assert torch.all((norms_sq - 1).abs() < 6 * math.sqrt(2 / dim))
+
+
+def test_sketch_directions_partition_the_coordinates():
+    """Bucket indicators: disjoint supports (exactly orthogonal), +-1 entries, and every
+    coordinate in exactly one bucket; roughly D/K coordinates per bucket."""
+    dim, num_directions = 4096, 16
+    family = _family("sketch", dim, num_directions)
+    seeds = _seeds("sketch-partition", 0, 1)
+    matrix = torch.stack([family.direction(seeds, j) for j in range(num_directions)])  # (K, D)
+    assert torch.equal(matrix.abs().sum(dim=0), torch.ones(dim))
+    gram = matrix @ matrix.T
+    assert torch.equal(gram - torch.diag(torch.diagonal(gram)), torch.zeros(num_directions, num_directions))
+    # Bucket sizes are Binomial(D, 1/K): mean 256, sd 15.5; 6 sd either side.
+    sizes = torch.diagonal(gram)
+    assert torch.all((sizes - dim / num_directions).abs() < 6 * math.sqrt(dim / num_directions))
+    # Signs are balanced: sum of D independent signs has sd sqrt(D) = 64.
+    assert abs(float(matrix.sum())) < 6 * math.sqrt(dim)
+
+
+@pytest.mark.parametrize("name", UNBIASED)
+def test_directions_reproducible_across_calls_and_chunk_sizes(name):
+    """Same seeds -> bitwise the same directions, whatever the chunk size (D = 70001 is not a
+    multiple of any chunk, so the ragged last chunk is exercised)."""
+    dim, num_directions = 70001, 3
+    seeds = _seeds(f"chunks/{name}", 0, num_directions)
+    grad = _grad(dim)
+    results = []
+    for chunk in (8192, 32768, 65536):
+        family = make_family(name, dim, num_directions, block_size=8192, chunk_size=chunk)
+        used = seeds[: family.num_seeds]
+        directions = torch.stack([family.direction(used, j) for j in range(num_directions)])
+        again = torch.stack([family.direction(used, j) for j in range(num_directions)])
+        assert torch.equal(directions, again)
+        scalars = family.project(grad, used)
+        assert torch.equal(scalars, family.project(grad, used))
+        # project is V g and synthesize is the family's synthesis of V^T a.
+        torch.testing.assert_close(scalars, directions @ grad, rtol=1e-4, atol=1e-3)
+        weights = scalars if name == "sketch" else scalars / num_directions
+        torch.testing.assert_close(family.synthesize(scalars, used), directions.T @ weights, rtol=1e-5, atol=1e-4)
+        results.append((directions, scalars))
+    for directions, scalars in results[1:]:
+        assert torch.equal(directions, results[0][0])
+        torch.testing.assert_close(scalars, results[0][1], rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("name", UNBIASED)
+def test_directions_depend_on_the_seed(name):
+    family = _family(name, 512, 4)
+    first = family.direction(_seeds("seed-dep", 0, family.num_seeds), 0)
+    second = family.direction(_seeds("seed-dep", 1, family.num_seeds), 0)
+    assert not torch.equal(first, second)
+
+
+@pytest.mark.parametrize("name", UNBIASED)
+def test_blocks_of_a_direction_are_independent(name):
+    """Each block has its own generator seed; if block seeds ignored the block index, every
+    direction would repeat with period block_size. Entries of two independent blocks have
+    |cos| < 6/sqrt(block_size) except with probability ~ 2 exp(-18) (Hoeffding)."""
+    block, blocks = 512, 6
+    family = make_family(name, block * blocks, 4, block_size=block, chunk_size=2 * block)
+    seeds = _seeds(f"blocks/{name}", 0, family.num_seeds)
+    parts = family.direction(seeds, 1).reshape(blocks, block)
+    if name == "sketch":  # bucket indicator: compare which coordinates are in bucket 1
+        parts = torch.cat([family.direction(seeds, j).reshape(blocks, block) for j in range(4)], dim=1)
+    unit = parts / parts.norm(dim=1, keepdim=True)
+    cos = unit @ unit.T
+    off_diagonal = cos[~torch.eye(blocks, dtype=torch.bool)]
+    assert off_diagonal.abs().max() < 6 / math.sqrt(parts.shape[1])
+
+
+def test_direction_prefix_does_not_depend_on_dim():
+    """Coordinates are drawn block by block, so a direction's first D entries do not
+    depend on the total dimension (a direction is defined by seed and block_size only)."""
+    seeds = _seeds("prefix", 0, 2)
+    small = GaussianDirections(1000, 2, block_size=256, chunk_size=512)
+    large = GaussianDirections(3000, 2, block_size=256, chunk_size=1024)
+    assert torch.equal(small.direction(seeds, 1), large.direction(seeds, 1)[:1000])
+    other_block = GaussianDirections(1000, 2, block_size=512, chunk_size=512)
+    assert not torch.equal(small.direction(seeds, 1), other_block.direction(seeds, 1))
+
+
+def test_rademacher_entries_are_signs():
+    family = _family("rademacher", 1024, 2)
+    direction = family.direction(_seeds("signs", 0, 2), 1)
+    assert torch.equal(direction.abs(), torch.ones(1024))
+    assert abs(float(direction.sum())) < 6 * math.sqrt(1024)  # sd sqrt(D)
+
+
+def test_identity_family_is_exact():
+    grad = _grad(32)
+    family = IdentityDirections(32)
+    assert family.num_seeds == 0
+    assert torch.equal(family.synthesize(family.project(grad, []), []), grad)
+    assert torch.equal(family.direction([], 5), torch.eye(32)[5])
+
+
+def test_family_state_dict_checks_settings():
+    family = GaussianDirections(64, 4, block_size=64, chunk_size=64)
+    family.load_state_dict(GaussianDirections(64, 4, block_size=64, chunk_size=128).state_dict())
+    with pytest.raises(ValueError, match="num_directions=8"):
+        family.load_state_dict(GaussianDirections(64, 8, block_size=64, chunk_size=64).state_dict())
+    with pytest.raises(ValueError, match="block_size=128"):
+        family.load_state_dict(GaussianDirections(64, 4, block_size=128, chunk_size=128).state_dict())
+    with pytest.raises(ValueError, match="name='rademacher'"):
+        family.load_state_dict(RademacherDirections(64, 4, block_size=64, chunk_size=64).state_dict())
+
+
+# -- argument checks -------------------------------------------------------------------
+
+ALL_RANDOM = [GaussianDirections, RademacherDirections, SketchDirections]
+
+
+@pytest.mark.parametrize("cls", ALL_RANDOM)
+@pytest.mark.parametrize("bad", [0, -1])
+def test_rejects_non_positive_num_directions(cls, bad):
+    with pytest.raises(ValueError, match=f"num_directions={bad} must be a positive integer"):
+        cls(64, bad)
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("gaussian", "num_directions=0 must be a positive integer"),
+        ("rademacher", "num_directions=0 must be a positive integer"),
+        ("sketch", "num_directions=0 must be a positive integer"),
+        ("codebook", r"codebook_rank=0 must lie in \[1, num_directions=0\]"),
+        ("momentum", "num_exploration=-1 must be >= 1"),  # one momentum + (K - 1) exploration
+    ],
+)
+def test_make_family_rejects_zero_directions(name, message):
+    with pytest.raises(ValueError, match=message):
+        make_family(name, 64, 0)
+
+
+@pytest.mark.parametrize("cls", ALL_RANDOM)
+def test_rejects_bad_dim(cls):
+    with pytest.raises(ValueError, match="dim=0 must be a positive integer"):
+        cls(0, 4)
+
+
+def test_rejects_chunk_not_multiple_of_block():
+    with pytest.raises(ValueError, match="chunk_size=1000 must be a multiple of block_size=256"):
+        GaussianDirections(64, 4, block_size=256, chunk_size=1000)
+    with pytest.raises(ValueError, match="block_size=12 must be a multiple of 8"):
+        SketchDirections(64, 4, block_size=12, chunk_size=24)
+
+
+@pytest.mark.parametrize("name", UNBIASED)
+def test_rejects_wrong_gradient_length(name):
+    family = _family(name, 64, 4)
+    seeds = _seeds("bad-grad", 0, family.num_seeds)
+    with pytest.raises(ValueError, match=r"flat_grad has shape \(63,\), expected \(64,\)"):
+        family.project(torch.zeros(63), seeds)
+    with pytest.raises(ValueError, match=r"flat_grad has shape \(8, 8\), expected \(64,\)"):
+        family.project(torch.zeros(8, 8), seeds)
+
+
+@pytest.mark.parametrize("name", UNBIASED)
+def test_rejects_wrong_number_of_seeds(name):
+    family = _family(name, 64, 4)
+    needed = family.num_seeds
+    seeds = _seeds("bad-seeds", 0, needed + 1)
+    with pytest.raises(ValueError, match=f"got {needed + 1} seeds, {name} needs {needed}"):
+        family.project(torch.zeros(64), seeds)
+    with pytest.raises(ValueError, match=f"got {needed + 1} seeds, {name} needs {needed}"):
+        family.synthesize(torch.zeros(4), seeds)
+
+
+@pytest.mark.parametrize("name", UNBIASED)
+def test_rejects_wrong_scalars_and_index(name):
+    family = _family(name, 64, 4)
+    seeds = _seeds("bad-scalars", 0, family.num_seeds)
+    with pytest.raises(ValueError, match=r"scalars has shape \(5,\), expected \(4,\)"):
+        family.synthesize(torch.zeros(5), seeds)
+    with pytest.raises(IndexError, match=r"index=4 out of range \[0, 4\)"):
+        family.direction(seeds, 4)
+
+
+def test_make_family_rejects_unknown_name():
+    with pytest.raises(ValueError, match="directions='gausian' is unknown"):
+        make_family("gausian", 64, 4)
+
+
+def test_identity_rejects_other_num_directions():
+    with pytest.raises(ValueError, match="num_directions=8 must equal dim=64"):
+        IdentityDirections(64, 8)

@@ -1,0 +1,363 @@
+"""Codebook (ADC) and momentum-centric families (PROTOCOL.md sections 5 and 7).
+
+Notation: D coordinates, r codebook columns, e exploration directions, U (D, r) the
+shared basis, P a planted (D, r) orthonormal basis that generates the gradient stream.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from lightning_holograd.protocol import (
+    CodebookDirections,
+    CommitmentChain,
+    MomentumDirections,
+    captured_energy,
+    hash_batch,
+    make_family,
+)
+
+
+def _orthonormality_error(basis: torch.Tensor) -> float:
+    eye = torch.eye(basis.shape[1], dtype=basis.dtype)
+    return float((basis.T @ basis - eye).abs().max())
+
+
+class PlantedStream:
+    """g = P w + noise_std * n with w ~ N(0, I_r), n ~ N(0, I_D): a rank-r gradient stream.
+
+    Energy outside span(P) is D noise_std^2 against r inside; with D = 512, r = 4 and
+    noise_std = 0.01 that is 0.0512 vs 4, so the best possible captured energy is
+    about 4 / 4.05 = 0.987.
+    """
+
+    def __init__(self, dim: int, rank: int, noise_std: float, seed: int = 0) -> None:
+        self.gen = torch.Generator().manual_seed(seed)
+        self.basis, _ = torch.linalg.qr(torch.randn(dim, rank, generator=self.gen))  # P (D, r)
+        self.noise_std = noise_std
+
+    def sample(self) -> torch.Tensor:
+        dim, rank = self.basis.shape
+        coeffs = torch.randn(rank, generator=self.gen)
+        return self.basis @ coeffs + self.noise_std * torch.randn(dim, generator=self.gen)
+
+    def mean_captured_energy(self, basis: torch.Tensor, count: int = 100) -> float:
+        return sum(captured_energy(basis, self.sample()) for _ in range(count)) / count
+
+
+def _random_unit_stream(dim: int, seed: int):
+    """Endless i.i.d. N(0, I_D) vectors from a private generator."""
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        yield torch.randn(dim, generator=gen)
+
+
+# -- orthonormality --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("qr_every", [10**9, 1, 7])
+@pytest.mark.parametrize("oja_lr", [0.1, 1.0])
+def test_basis_stays_orthonormal(qr_every, oja_lr):
+    """200 Oja updates keep U^T U = I to 1e-5. With qr_every = 10^9 no QR ever runs, so this
+    tests the O(D r) rank-one re-orthonormalisation alone: without it, one update would
+    leave U^T U = I + (2 alpha + alpha^2) b b^T, an error of order alpha (0.1 .. 3)."""
+    dim, rank = 512, 16
+    codebook = CodebookDirections(dim, rank, oja_lr=oja_lr, qr_every=qr_every, block_size=512, chunk_size=512)
+    assert _orthonormality_error(codebook.basis) < 1e-5
+    gen = torch.Generator().manual_seed(3)
+    for step in range(200):
+        grad = torch.randn(dim, generator=gen)
+        if step % 2:  # half the updates lie mostly inside span(U): large b, hardest case
+            grad = codebook.basis @ torch.randn(rank, generator=gen) + 0.1 * grad
+        codebook.observe_gradient(grad)
+    assert codebook.num_updates == 200
+    assert _orthonormality_error(codebook.basis) < 1e-5
+
+
+def test_rank_one_update_equals_qr_of_oja_step():
+    """The rank-one correction must span the same subspace as QR of the raw Oja step
+    U + alpha u_hat (u_hat^T U); compare projectors after one update."""
+    dim, rank, oja_lr = 256, 8, 0.5
+    codebook = CodebookDirections(dim, rank, oja_lr=oja_lr, qr_every=10**9, block_size=256, chunk_size=256)
+    before = codebook.basis.clone()
+    grad = before @ torch.arange(1.0, rank + 1) + torch.randn(dim, generator=torch.Generator().manual_seed(0))
+    codebook.observe_gradient(grad)
+    unit = grad / grad.norm()
+    raw = before + oja_lr * torch.outer(unit, before.T @ unit)
+    q, _ = torch.linalg.qr(raw)
+    torch.testing.assert_close(codebook.basis @ codebook.basis.T, q @ q.T, rtol=0, atol=1e-5)
+    assert not torch.allclose(codebook.basis @ codebook.basis.T, before @ before.T, atol=1e-3)  # it moved
+
+
+def test_periodic_qr_does_not_change_the_basis():
+    """The rank-one step already orthonormalises exactly (in exact arithmetic), and QR with a
+    positive R diagonal of an orthonormal matrix is that matrix: qr_every only removes
+    float drift, so every rank gets the same basis whatever its qr_every."""
+    dim, rank = 512, 8
+    stream = _random_unit_stream(dim, seed=4)
+    grads = [next(stream) for _ in range(60)]
+    bases = []
+    for qr_every in (1, 10**9):
+        codebook = CodebookDirections(dim, rank, oja_lr=0.3, qr_every=qr_every, block_size=512, chunk_size=512)
+        for grad in grads:
+            codebook.observe_gradient(grad)
+        bases.append(codebook.basis)
+    torch.testing.assert_close(bases[0], bases[1], rtol=0, atol=1e-4)
+
+
+def test_initial_basis_is_seeded_and_orthonormal():
+    first = CodebookDirections(256, 8, init_seed=5, block_size=256, chunk_size=256)
+    again = CodebookDirections(256, 8, init_seed=5, block_size=256, chunk_size=256)
+    other = CodebookDirections(256, 8, init_seed=6, block_size=256, chunk_size=256)
+    assert torch.equal(first.basis, again.basis)
+    assert not torch.allclose(first.basis, other.basis)
+    assert _orthonormality_error(first.basis) < 1e-5
+
+
+def test_observe_ignores_zero_and_non_finite_gradients():
+    codebook = CodebookDirections(64, 4, block_size=64, chunk_size=64)
+    before = codebook.basis.clone()
+    codebook.observe_gradient(torch.zeros(64))
+    bad = torch.ones(64)
+    bad[3] = float("nan")
+    codebook.observe_gradient(bad)
+    assert torch.equal(codebook.basis, before)
+
+
+# -- learning a planted subspace -------------------------------------------------------
+
+
+def test_oja_converges_to_planted_subspace_from_true_gradients():
+    """Normalised Oja is power iteration with E[u_hat u_hat^T] ~ P P^T / r: per update the
+    planted directions grow by ~ (1 + alpha/r) relative to the rest, so the initial
+    tan(angle) ~ sqrt(D/r) = 11 shrinks below 0.1 in ~ ln(110)/ln(1.05) ~ 100 updates at
+    alpha = 0.2. After 300 updates the captured energy of fresh samples must exceed 0.9
+    (ceiling 0.987, see PlantedStream); a random basis captures about r/D = 0.008."""
+    dim, rank = 512, 4
+    stream = PlantedStream(dim, rank, noise_std=0.01)
+    codebook = CodebookDirections(dim, rank, oja_lr=0.2, qr_every=50, block_size=512, chunk_size=512)
+    assert stream.mean_captured_energy(codebook.basis) < 0.05
+    for _ in range(300):
+        codebook.observe_gradient(stream.sample())
+    assert stream.mean_captured_energy(codebook.basis) > 0.9
+    fresh = [stream.sample() for _ in range(100)]
+    assert sum(codebook.captured_energy(g) for g in fresh) / len(fresh) > 0.9
+    assert _orthonormality_error(codebook.basis) < 1e-5
+
+
+def test_exploration_estimates_rotate_the_basis_toward_the_planted_subspace():
+    """Only estimates go through update(scalars, seeds) here, as in a verifiable run.
+
+    The unbiased full estimate is u = U U^T g + P_perp x, where x, the Gaussian estimate
+    from e exploration directions, has noise energy ~ (D/e)||g||^2. That makes u_hat mostly
+    noise (signal fraction ~ e/D), so Oja converges far more slowly than from true gradients
+    (the previous test); we only require a large, measurable gain in 400 steps.
+    A random r-dimensional basis captures Beta(r/2, (D-r)/2) of a fixed vector: mean
+    r/D = 0.016 and sd ~ sqrt(2r)/D = 0.011 at D = 256, r = 4, so 0.3 is > 25 sd above it.
+    (With this seed the value reached is about 0.65.)"""
+    dim, rank, num_exploration = 256, 4, 32
+    stream = PlantedStream(dim, rank, noise_std=0.01, seed=1)
+    codebook = CodebookDirections(
+        dim, rank, num_exploration=num_exploration, oja_lr=0.3, qr_every=50, block_size=256, chunk_size=256
+    )
+    fresh = [stream.sample() for _ in range(100)]
+    initial = sum(codebook.captured_energy(g) for g in fresh) / len(fresh)
+    chain = CommitmentChain("explore")
+    for step in range(400):
+        chain.advance([hash_batch(step)])
+        seeds = chain.seeds(codebook.num_seeds)
+        scalars = codebook.project(stream.sample(), seeds)
+        codebook.update(scalars, seeds)
+    final = sum(codebook.captured_energy(g) for g in fresh) / len(fresh)
+    assert initial < 0.05
+    assert final > 0.3
+    assert _orthonormality_error(codebook.basis) < 1e-5
+
+
+def test_estimate_inside_span_cannot_rotate_the_basis():
+    """Without exploration g_hat = U U^T g lies in span(U), and U + alpha u_hat b^T keeps
+    every column in span(U): the subspace never moves, however many steps are taken."""
+    dim, rank = 256, 4
+    stream = PlantedStream(dim, rank, noise_std=0.01, seed=2)
+    codebook = CodebookDirections(dim, rank, oja_lr=0.5, qr_every=10, block_size=256, chunk_size=256)
+    projector = codebook.basis @ codebook.basis.T
+    for _ in range(100):
+        codebook.reconstruct(codebook.project(stream.sample(), []), [])
+    assert codebook.num_updates == 100
+    torch.testing.assert_close(codebook.basis @ codebook.basis.T, projector, rtol=0, atol=1e-5)
+    assert stream.mean_captured_energy(codebook.basis) < 0.1
+
+
+def test_captured_energy_against_estimate_is_the_trap():
+    """gamma against g_hat reads 1 (g_hat = U U^T g is in span(U) by construction) while
+    against the true gradient it is r/D-ish for an untrained basis (E = 8/256 = 0.03)."""
+    dim, rank = 256, 8
+    codebook = make_family("codebook", dim, rank, block_size=256, chunk_size=256)
+    grad = torch.randn(dim, generator=torch.Generator().manual_seed(7))
+    estimate = codebook.synthesize(codebook.project(grad, []), [])
+    torch.testing.assert_close(estimate, codebook.basis @ (codebook.basis.T @ grad))
+    assert codebook.captured_energy(estimate) == pytest.approx(1.0, abs=1e-5)
+    assert codebook.captured_energy(grad) < 0.2
+    assert math.isnan(captured_energy(codebook.basis, torch.zeros(dim)))
+
+
+def test_exploration_weight_one_is_unbiased_and_zero_is_the_projection():
+    """u = U U^T g + P_perp x with E[x] = g is unbiased. Its noise is P_perp (x - g) with
+    E||P_perp(x - g)||^2 <= E||x - g||^2 = (D + 1)/e ||g||^2 (P_perp is a contraction), so
+    the mean of M draws has relative squared error <= (D + 1)/(e M); the threshold is
+    twice that (chi-square concentration over ~D dimensions, see test_directions)."""
+    dim, rank, num_exploration, draws = 64, 4, 8, 500
+    grad = torch.randn(dim, generator=torch.Generator().manual_seed(8))
+    unbiased = CodebookDirections(
+        dim, rank, num_exploration=num_exploration, exploration_weight=1.0, block_size=64, chunk_size=64
+    )
+    projection = CodebookDirections(dim, rank, num_exploration=num_exploration, block_size=64, chunk_size=64)
+    exact = projection.basis @ (projection.basis.T @ grad)
+    chain = CommitmentChain("weights")
+    total = torch.zeros(dim, dtype=torch.float64)
+    for step in range(draws):
+        chain.advance([hash_batch(step)])
+        seeds = chain.seeds(num_exploration)
+        total += unbiased.synthesize(unbiased.project(grad, seeds), seeds)
+        torch.testing.assert_close(projection.synthesize(projection.project(grad, seeds), seeds), exact)
+    error = float(((total / draws).float() - grad).square().sum() / grad.square().sum())
+    assert error < 2 * (dim + 1) / (num_exploration * draws)
+    # The projection alone is far from g: it misses ||P_perp g||^2 ~ (1 - r/D) of it.
+    assert float((exact - grad).square().sum() / grad.square().sum()) > 0.5
+
+
+def test_codebook_directions_and_scalars():
+    codebook = CodebookDirections(128, 4, num_exploration=3, block_size=128, chunk_size=128)
+    seeds = [11, 22, 33]
+    grad = torch.randn(128, generator=torch.Generator().manual_seed(9))
+    matrix = torch.stack([codebook.direction(seeds, j) for j in range(7)])  # (K, D)
+    torch.testing.assert_close(matrix[:4].T, codebook.basis)
+    torch.testing.assert_close(codebook.project(grad, seeds), matrix @ grad, rtol=1e-5, atol=1e-4)
+
+
+def test_codebook_state_dict_round_trip_continues_identically():
+    stream = PlantedStream(128, 4, noise_std=0.1, seed=5)
+    grads = [stream.sample() for _ in range(20)]
+    original = CodebookDirections(128, 4, oja_lr=0.3, qr_every=3, block_size=128, chunk_size=128)
+    for grad in grads[:7]:
+        original.observe_gradient(grad)
+    resumed = CodebookDirections(128, 4, oja_lr=0.3, qr_every=3, init_seed=99, block_size=128, chunk_size=128)
+    resumed.load_state_dict(original.state_dict())
+    assert resumed.num_updates == 7
+    for grad in grads[7:]:
+        original.observe_gradient(grad)
+        resumed.observe_gradient(grad)
+    assert torch.equal(resumed.basis, original.basis)
+    with pytest.raises(ValueError, match="num_directions=4.*num_directions=5"):
+        CodebookDirections(128, 5, block_size=128, chunk_size=128).load_state_dict(original.state_dict())
+
+
+# -- momentum --------------------------------------------------------------------------
+
+
+def test_momentum_direction_rotates_toward_a_persistent_gradient():
+    """With a fixed true gradient g*, each step's unbiased estimate is u = g* + noise with
+    E||noise||^2 ~ (D + 1)/e ||g*||^2 (the exploration part). m = EMA_beta(u) keeps g* and
+    shrinks the noise energy by (1 - beta)/(1 + beta), so in steady state
+    cos(m, g*) ~ 1/sqrt(1 + (1 - beta)/(1 + beta) (D + 1)/e) = 1/sqrt(1 + 0.43) = 0.84
+    for D = 64, e = 8, beta = 0.9. A random start has |cos| ~ 1/sqrt(D) = 0.125.
+    We require the last-50-step mean above 0.7 and a gain of at least 0.4 over the start."""
+    dim, num_exploration = 64, 8
+    momentum = MomentumDirections(dim, num_exploration, beta=0.9, block_size=64, chunk_size=64)
+    target = torch.randn(dim, generator=torch.Generator().manual_seed(10))
+
+    def alignment() -> float:
+        return float(torch.nn.functional.cosine_similarity(momentum.basis[:, 0], target, dim=0))
+
+    start = abs(alignment())
+    chain = CommitmentChain("momentum")
+    history = []
+    for step in range(200):
+        chain.advance([hash_batch(step)])
+        seeds = chain.seeds(momentum.num_seeds)
+        estimate = momentum.reconstruct(momentum.project(target, seeds), seeds)
+        assert estimate.shape == (dim,)
+        history.append(alignment())
+    final = sum(history[-50:]) / 50
+    assert start < 0.4
+    assert final > 0.7
+    assert final > start + 0.4
+    assert momentum.basis.norm() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_momentum_state_dict_round_trip():
+    grads = list(itertools.islice(_random_unit_stream(64, seed=11), 10))
+    original = MomentumDirections(64, 2, beta=0.8, block_size=64, chunk_size=64)
+    for grad in grads[:4]:
+        original.observe_gradient(grad)
+    resumed = MomentumDirections(64, 2, beta=0.8, init_seed=3, block_size=64, chunk_size=64)
+    resumed.load_state_dict(original.state_dict())
+    for grad in grads[4:]:
+        original.observe_gradient(grad)
+        resumed.observe_gradient(grad)
+    assert torch.equal(resumed.basis, original.basis)
+    assert torch.equal(resumed.momentum, original.momentum)
+
+
+# -- argument checks -------------------------------------------------------------------
+
+
+def test_momentum_rejects_no_exploration():
+    with pytest.raises(ValueError, match="num_exploration=0 must be >= 1"):
+        MomentumDirections(64, 0)
+    with pytest.raises(ValueError, match="num_exploration=0 must be >= 1"):
+        make_family("momentum", 64, 1)
+
+
+@pytest.mark.parametrize("rank", [0, -1, 65])
+def test_codebook_rejects_bad_rank(rank):
+    with pytest.raises(ValueError, match=rf"rank={rank} must lie in \[1, dim=64\]"):
+        CodebookDirections(64, rank)
+
+
+@pytest.mark.parametrize("rank", [0, 9])
+def test_make_family_rejects_bad_codebook_rank(rank):
+    with pytest.raises(ValueError, match=rf"codebook_rank={rank} must lie in \[1, num_directions=8\]"):
+        make_family("codebook", 64, 8, codebook_rank=rank)
+
+
+def test_subspace_families_reject_bad_settings():
+    with pytest.raises(ValueError, match="num_exploration=-1 must be >= 0"):
+        CodebookDirections(64, 4, num_exploration=-1)
+    with pytest.raises(ValueError, match="oja_lr=0.0 must be > 0"):
+        CodebookDirections(64, 4, oja_lr=0.0)
+    with pytest.raises(ValueError, match="qr_every=0 must be >= 1"):
+        CodebookDirections(64, 4, qr_every=0)
+    with pytest.raises(ValueError, match=r"exploration_weight=1.5 must lie in \[0.0, 1.0\]"):
+        CodebookDirections(64, 4, num_exploration=2, exploration_weight=1.5)
+    with pytest.raises(ValueError, match=r"beta=1.0 must lie in \[0.0, 1.0\)"):
+        MomentumDirections(64, 2, beta=1.0)
+
+
+def test_subspace_families_check_gradient_and_seeds():
+    codebook = CodebookDirections(64, 4, num_exploration=2, block_size=64, chunk_size=64)
+    with pytest.raises(ValueError, match=r"flat_grad has shape \(63,\), expected \(64,\)"):
+        codebook.project(torch.zeros(63), [1, 2])
+    with pytest.raises(ValueError, match="got 1 seeds, codebook needs 2"):
+        codebook.project(torch.zeros(64), [1])
+    with pytest.raises(ValueError, match=r"scalars has shape \(4,\), expected \(6,\)"):
+        codebook.synthesize(torch.zeros(4), [1, 2])
+
+
+def test_make_family_codebook_splits_columns_and_exploration():
+    family = make_family("codebook", 64, 8, codebook_rank=5, block_size=64, chunk_size=64)
+    assert (family.rank, family.num_exploration, family.num_directions, family.num_seeds) == (5, 3, 8, 3)
+    momentum = make_family("momentum", 64, 4, block_size=64, chunk_size=64)
+    assert (momentum.rank, momentum.num_exploration, momentum.num_seeds) == (1, 3, 3)
+
+
+@pytest.mark.parametrize("bad_seed", [-1, 2**64])
+def test_init_seed_out_of_range_is_named(bad_seed):
+    with pytest.raises(ValueError, match=rf"init_seed={bad_seed}"):
+        CodebookDirections(16, 2, init_seed=bad_seed)
+    with pytest.raises(ValueError, match=rf"init_seed={bad_seed}"):
+        MomentumDirections(16, 1, init_seed=bad_seed)

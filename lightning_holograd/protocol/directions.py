@@ -161,7 +161,7 @@ class _BlockGenerated(DirectionFamily):
         self.block_size = block_size
         self.chunk_size = chunk_size
         self._generators: dict[str, torch.Generator] = {}
-        self._bit_shifts: dict[str, torch.Tensor] = {}
+        self._sign_tables: dict[str, torch.Tensor] = {}
 
     def _generator(self, device: torch.device) -> torch.Generator:
         key = str(device)
@@ -172,21 +172,28 @@ class _BlockGenerated(DirectionFamily):
     def _chunks(self) -> range:
         return range(0, self.dim, self.chunk_size)
 
+    def _drawn_width(self, start: int) -> int:
+        """Coordinates drawn for the chunk at ``start``: whole blocks covering [start, dim)."""
+        needed = min(self.chunk_size, self.dim - start)
+        return -(-needed // self.block_size) * self.block_size
+
     def _seeded(self, seed: int, block: int, device: torch.device) -> torch.Generator:
         gen = self._generator(device)
         gen.manual_seed(block_seed(seed, block))
         return gen
 
     def _random_signs(self, out: torch.Tensor, gen: torch.Generator) -> None:
-        """Fill ``out`` (length multiple of 8) with +-1 from random bytes, 8 signs per byte."""
+        """Fill ``out`` (length multiple of 8) with +-1 from random bytes, 8 signs per byte.
+
+        Bit i of byte k gives sign k*8 + i (1 -> +1, 0 -> -1), read from a 256 x 8 table.
+        """
         key = str(out.device)
-        if key not in self._bit_shifts:
-            self._bit_shifts[key] = torch.arange(8, dtype=torch.uint8, device=out.device)
+        if key not in self._sign_tables:
+            bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1  # (256, 8)
+            self._sign_tables[key] = (bits * 2 - 1).to(device=out.device, dtype=torch.float32)
         raw = torch.empty(out.numel() // 8, dtype=torch.uint8, device=out.device)
         raw.random_(0, 256, generator=gen)
-        bits = (raw.unsqueeze(1) >> self._bit_shifts[key]) & 1
-        torch.mul(bits.reshape(-1), 2, out=out)
-        out.sub_(1)
+        torch.index_select(self._sign_tables[key], 0, raw.long(), out=out.view(-1, 8))
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "block_size": self.block_size}
@@ -210,10 +217,14 @@ class _DenseFamily(_BlockGenerated):
         """Fill ``out`` (block_size,) with one block of i.i.d. unit-variance entries."""
 
     def _fill_rows(self, buf: torch.Tensor, seeds: Sequence[int], start: int) -> None:
-        """buf (len(seeds), chunk_size) <- coordinates [start, start + chunk) of each direction."""
+        """buf (len(seeds), chunk_size) <- coordinates [start, start + chunk) of each direction.
+
+        Only the blocks that overlap [start, dim) are drawn (a short last chunk is cheap).
+        """
         first_block = start // self.block_size
+        width = self._drawn_width(start)
         for row, seed in enumerate(seeds):
-            for offset in range(0, buf.shape[1], self.block_size):
+            for offset in range(0, width, self.block_size):
                 gen = self._seeded(seed, first_block + offset // self.block_size, buf.device)
                 self._fill_block(buf[row, offset : offset + self.block_size], gen)
 
@@ -291,7 +302,7 @@ class SketchDirections(_BlockGenerated):
         buckets = torch.empty(self.chunk_size, dtype=torch.int64, device=device)
         signs = torch.empty(self.chunk_size, dtype=torch.float32, device=device)
         first_block = start // self.block_size
-        for offset in range(0, self.chunk_size, self.block_size):
+        for offset in range(0, self._drawn_width(start), self.block_size):
             gen = self._seeded(seed, first_block + offset // self.block_size, device)
             buckets[offset : offset + self.block_size].random_(0, self.num_directions, generator=gen)
             self._random_signs(signs[offset : offset + self.block_size], gen)

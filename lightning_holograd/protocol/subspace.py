@@ -112,10 +112,12 @@ class _SubspaceFamily(DirectionFamily):
         return inside, self._perp(self.exploration.synthesize(scalars[self.rank :], seeds))
 
     def synthesize(self, scalars: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
+        if self.exploration_weight == 0.0:  # the exploration term would be discarded
+            scalars = self._check_scalars(scalars)
+            self._check_seeds(seeds)
+            return self.basis @ scalars[: self.rank]
         inside, outside = self._estimates(scalars, seeds)
-        if outside is None or self.exploration_weight == 0.0:
-            return inside
-        return inside + self.exploration_weight * outside
+        return inside if outside is None else inside + self.exploration_weight * outside
 
     def full_estimate(self, scalars: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
         """The unbiased estimate u = U a_U + P x used to update the basis."""

@@ -1,10 +1,27 @@
 """lightning-holograd: HoloGrad data-parallel training for PyTorch Lightning.
 
-``import lightning_holograd`` registers ``strategy="holograd"`` with Lightning.
+``import lightning_holograd`` registers ``strategy="holograd"`` (and ``holograd_spawn``,
+``holograd_fork``) with ``lightning.pytorch`` and, when installed, ``pytorch_lightning``.
 """
 
 from . import protocol
+from .callbacks import ADCBootstrap
+from .config import HoloGradConfig
+from .exchange import HoloGradExchange, ReplicaDivergenceError, StepContext
+from .registration import HoloGradStrategy, PLHoloGradStrategy
+from .traffic import TrafficMeter
 
 __version__ = "0.1.0"
 
-__all__ = ["protocol", "__version__"]
+__all__ = [
+    "ADCBootstrap",
+    "HoloGradConfig",
+    "HoloGradExchange",
+    "HoloGradStrategy",
+    "PLHoloGradStrategy",
+    "ReplicaDivergenceError",
+    "StepContext",
+    "TrafficMeter",
+    "protocol",
+    "__version__",
+]

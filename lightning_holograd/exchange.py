@@ -117,6 +117,16 @@ class HoloGradExchange:
         gather(out, flat, group=self.group)
         return out.reshape(self.world_size, *tensor.shape)
 
+    def broadcast(self, tensors: Iterable[torch.Tensor], kind: str, src: int = 0) -> None:
+        """Overwrite ``tensors`` in place with rank ``src``'s values (buffers, initial state)."""
+        for tensor in tensors:
+            self.traffic.record(kind, "p2p", tensor.numel() * tensor.element_size())
+            if self.distributed:
+                staged = tensor.detach().to(self.comm_device)
+                dist.broadcast(staged, src=src, group=self.group)
+                if staged is not tensor:
+                    tensor.detach().copy_(staged)
+
     def _all_reduce_mean(self, tensor: torch.Tensor, kind: str, contributes: bool, contributors: int) -> torch.Tensor:
         self.traffic.record(kind, "all_reduce", tensor.numel() * tensor.element_size())
         total = tensor.clone() if contributes else torch.zeros_like(tensor)
@@ -135,14 +145,19 @@ class HoloGradExchange:
         seeds = self.chain.seeds(self.family.num_seeds) if self.family.num_seeds else []
         return StepContext(self.chain.step, commitment, seeds, batch_hashes, true_gradient=true_gradient)
 
-    def step(self, flat_grad: torch.Tensor, batch_hash: bytes) -> torch.Tensor:
-        """Project, exchange, aggregate and synthesize: returns g_hat (D,) on every rank."""
+    def step(self, batch_hash: bytes, project: Callable[[list[int]], torch.Tensor]) -> torch.Tensor:
+        """Exchange one step's claims and return g_hat (D,), identical on every rank.
+
+        ``project(seeds)`` returns this rank's (K,) scalars: ``family.project`` of the
+        local gradient (see ``project_gradient``) or a forward-mode equivalent.
+        """
         ctx = self.commit(batch_hash)
-        scalars = self.family.project(flat_grad, ctx.seeds)
+        scalars = project(ctx.seeds)
         for hook in self.claim_hooks:
             scalars = hook(ctx, scalars)
         ctx.local_scalars = scalars
-        ctx.matrix = self.all_gather(scalars.to(self.comm_device, torch.float32), "scalars").to(flat_grad.device)
+        device = scalars.device
+        ctx.matrix = self.all_gather(scalars.to(self.comm_device, torch.float32), "scalars").to(device)
         for review in self.review_hooks:
             review(ctx)
         ctx.result = self.aggregator(ctx.matrix, self.excluded)
@@ -152,6 +167,10 @@ class HoloGradExchange:
         self.chain.record_scalars(ctx.result.scalars)
         self._finish(ctx)
         return estimate
+
+    def project_gradient(self, flat_grad: torch.Tensor) -> Callable[[list[int]], torch.Tensor]:
+        """The usual ``project`` for ``step``: dot products of the local gradient."""
+        return lambda seeds: self.family.project(flat_grad, seeds)
 
     def true_gradient_step(self, flat_grad: torch.Tensor, batch_hash: bytes) -> torch.Tensor:
         """Bootstrap/refresh: all-reduce the true mean gradient of non-excluded ranks.
@@ -164,6 +183,9 @@ class HoloGradExchange:
         grad = self._all_reduce_mean(
             flat_grad.to(self.comm_device, torch.float32), "bootstrap", self.rank not in self.excluded, max(honest, 1)
         ).to(flat_grad.device)
+        energy = getattr(self.family, "captured_energy", None)
+        if energy is not None:  # measured against the true gradient, before the update
+            ctx.extras["captured_energy"] = energy(grad)
         self.family.observe_gradient(grad)
         self.chain.record_scalars(grad)
         self._finish(ctx)

@@ -19,7 +19,10 @@ from typing import Any, Literal
 
 __all__ = ["TrafficMeter", "TRAFFIC_KINDS", "ring_wire_bytes"]
 
-TRAFFIC_KINDS = ("hashes", "scalars", "bootstrap", "verification", "audit")
+TRAFFIC_KINDS = ("hashes", "scalars", "bootstrap", "verification", "audit", "buffers", "setup")
+# One-time traffic that DDP pays too (the initial parameter broadcast): reported, but
+# left out of the per-step figures and of the compression ratio.
+_ONE_TIME_KINDS = ("setup",)
 Op = Literal["all_gather", "all_reduce", "p2p"]
 
 
@@ -70,14 +73,18 @@ class TrafficMeter:
         return ring_wire_bytes("all_reduce", 4 * self.num_params, self.world_size)
 
     def step_payload(self) -> int:
-        return sum(self._step_payload.values())
+        return sum(v for k, v in self._step_payload.items() if k not in _ONE_TIME_KINDS)
 
     def step_wire(self) -> float:
-        return sum(self._step_wire.values())
+        return sum(v for k, v in self._step_wire.items() if k not in _ONE_TIME_KINDS)
+
+    def run_wire(self) -> float:
+        """Wire bytes of all training steps so far (one-time setup traffic excluded)."""
+        return sum(v for k, v in self.total_wire.items() if k not in _ONE_TIME_KINDS)
 
     def compression(self) -> float:
         """All-reduce wire bytes over HoloGrad wire bytes, cumulative over the run."""
-        sent = sum(self.total_wire.values())
+        sent = self.run_wire()
         if sent == 0:
             return float("nan")
         return self.allreduce_bytes_per_step * self.steps / sent
@@ -88,10 +95,11 @@ class TrafficMeter:
             "holograd/bytes_per_step": self.step_wire(),
             "holograd/payload_bytes_per_step": float(self.step_payload()),
             "holograd/compression": self.compression(),
-            "holograd/bytes_total": sum(self.total_wire.values()),
+            "holograd/bytes_total": self.run_wire(),
         }
         for kind, value in self._step_wire.items():
-            out[f"holograd/bytes_{kind}"] = value
+            if kind not in _ONE_TIME_KINDS:
+                out[f"holograd/bytes_{kind}"] = value
         return out
 
     def state_dict(self) -> dict[str, Any]:

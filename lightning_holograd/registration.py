@@ -1,0 +1,82 @@
+"""Concrete strategy classes for ``lightning.pytorch`` and ``pytorch_lightning``.
+
+The two packages keep separate class hierarchies and strategy registries, so one class
+is built per installed package from the package-independent mixins and registered as
+``holograd`` (Lightning's script launcher), ``holograd_spawn`` and ``holograd_fork``.
+Registering again (a second import, a reload) replaces the entry harmlessly. Classes are
+bound to module-level names so that spawn can pickle them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import io
+from typing import Any
+
+import torch
+
+from .callbacks.metrics import HoloGradMetricsMixin
+from .strategy import HoloGradStrategyMixin
+
+__all__ = ["HoloGradStrategy", "PLHoloGradStrategy", "register_strategies", "STRATEGY_NAMES"]
+
+STRATEGY_NAMES = {"holograd": "popen", "holograd_spawn": "spawn", "holograd_fork": "fork"}
+
+
+class _ShipStateMixin:
+    """spawn/fork launcher: send rank 0's protocol state back to the parent process."""
+
+    def get_extra_results(self, trainer: Any) -> dict[str, Any]:
+        extra = super().get_extra_results(trainer)  # type: ignore[misc]
+        exchange = trainer.strategy.exchange
+        if exchange is not None:
+            buffer = io.BytesIO()
+            torch.save(exchange.state_dict(), buffer)
+            extra["holograd_state"] = buffer.getvalue()
+        return extra
+
+    def update_main_process_results(self, trainer: Any, extra: dict[str, Any]) -> None:
+        super().update_main_process_results(trainer, extra)  # type: ignore[misc]
+        if "holograd_state" in extra:
+            trainer.strategy.final_state = torch.load(io.BytesIO(extra["holograd_state"]), weights_only=True)
+
+
+def _build(package: str, prefix: str) -> tuple[type, type]:
+    ddp = importlib.import_module(f"{package}.strategies.ddp")
+    launchers = importlib.import_module(f"{package}.strategies.launchers.multiprocessing")
+    callbacks = importlib.import_module(f"{package}.callbacks")
+    launcher_name, metrics_name, strategy_name = (f"_{prefix}Launcher", f"{prefix}Metrics", f"{prefix}Strategy")
+    launcher_cls = type(launcher_name, (_ShipStateMixin, launchers._MultiProcessingLauncher),
+                        {"__module__": __name__, "__qualname__": launcher_name})
+    metrics_cls = type(metrics_name, (HoloGradMetricsMixin, callbacks.Callback),
+                       {"__module__": __name__, "__qualname__": metrics_name})
+
+    def _configure_launcher(self: Any) -> None:
+        if self._start_method == "popen":
+            ddp.DDPStrategy._configure_launcher(self)
+        else:
+            self._launcher = launcher_cls(self, start_method=self._start_method)
+
+    strategy_cls = type(strategy_name, (HoloGradStrategyMixin, ddp.DDPStrategy), {
+        "__module__": __name__, "__qualname__": strategy_name, "__doc__": HoloGradStrategyMixin.__doc__,
+        "_configure_launcher": _configure_launcher, "metrics_callback_cls": metrics_cls,
+    })
+    globals()[launcher_name], globals()[metrics_name] = launcher_cls, metrics_cls
+    return strategy_cls, launcher_cls
+
+
+def register_strategies(strategy_cls: type, package: str) -> None:
+    registry = importlib.import_module(f"{package}.strategies").StrategyRegistry
+    for name, start_method in STRATEGY_NAMES.items():
+        registry.register(name, strategy_cls, description=f"HoloGrad scalar exchange ({start_method} launcher)",
+                          override=True, start_method=start_method)
+
+
+HoloGradStrategy, _ = _build("lightning.pytorch", "HoloGrad")
+register_strategies(HoloGradStrategy, "lightning.pytorch")
+
+try:
+    PLHoloGradStrategy, _ = _build("pytorch_lightning", "PLHoloGrad")
+    register_strategies(PLHoloGradStrategy, "pytorch_lightning")
+except ImportError:  # pytorch_lightning is optional
+    PLHoloGradStrategy = None

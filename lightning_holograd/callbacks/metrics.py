@@ -8,6 +8,9 @@ __all__ = ["HoloGradMetricsMixin", "PROGRESS_BAR_METRICS"]
 
 # Shown in the progress bar; everything else goes to the loggers only.
 PROGRESS_BAR_METRICS = ("holograd/bytes_per_step", "holograd/compression")
+# Measured only on some steps: written straight to the loggers at that step, because
+# self.log would repeat the last value on every later step.
+SPARSE_METRICS = ("holograd/captured_energy",)
 
 
 class HoloGradMetricsMixin:
@@ -27,6 +30,11 @@ class HoloGradMetricsMixin:
         if not metrics:
             return
         trainer.strategy.fresh_metrics = {}
+        sparse = {name: value for name, value in metrics.items() if name in SPARSE_METRICS}
+        if sparse and trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(sparse, step=trainer.global_step - 1)  # the step just taken
         for name, value in metrics.items():
-            pl_module.log(name, value, on_step=True, on_epoch=False, prog_bar=name in PROGRESS_BAR_METRICS,
-                          batch_size=1)
+            if name not in SPARSE_METRICS:
+                pl_module.log(name, value, on_step=True, on_epoch=False, prog_bar=name in PROGRESS_BAR_METRICS,
+                              batch_size=1)

@@ -7,6 +7,7 @@ each rank's batches are the same in every run (DistributedSampler with shuffle=F
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ def make_dataset(num_samples: int = 256, seed: int = 0) -> TensorDataset:
 
 class ToyModule(L.LightningModule):
     def __init__(self, lr: float = 0.05, batch_size: int = 16, num_samples: int = 256, manual: bool = False,
-                 with_buffer: bool = False, unused_param: bool = False) -> None:
+                 with_buffer: bool = False, unused_param: bool = False, adam: bool = False) -> None:
         super().__init__()
         self.save_hyperparameters()
         torch.manual_seed(1234)  # identical init on every rank; the strategy broadcasts anyway
@@ -59,6 +60,8 @@ class ToyModule(L.LightningModule):
         return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.hparams.adam:
+            return torch.optim.Adam(self.parameters(), lr=self.hparams.lr / 10)
         return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
 
     def train_dataloader(self) -> DataLoader:
@@ -85,3 +88,41 @@ class SaveRankState(L.Callback):
 
 def load_ranks(out_dir: str | os.PathLike[str], world_size: int) -> list[dict[str, Any]]:
     return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def fit(module: L.LightningModule, strategy: Any, out_dir: str | os.PathLike[str], devices: int = 2,
+        callbacks: list[L.Callback] | None = None, ckpt_path: str | None = None, **trainer_kwargs: Any) -> list[dict[str, Any]]:
+    """Fit with real processes (the strategy's launcher, fork inside pytest) and load each rank's state.
+
+    Each fit gets a fresh rendezvous port: the fork launcher otherwise reuses the first
+    MASTER_PORT it set in this process, and a job still tearing down on that port (or
+    another test process on the machine) could join the wrong group.
+    """
+    # A process group initialised in the pytest process would be inherited by every later
+    # forked job and hang it: in-process runs (devices=1 with start_method="popen") leak one.
+    assert not torch.distributed.is_initialized(), "run devices=1 tests with start_method='fork'"
+    os.environ["MASTER_PORT"] = str(free_port())
+    defaults = dict(max_steps=16, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                    enable_model_summary=False)
+    defaults.update(trainer_kwargs)
+    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy,
+                        callbacks=[SaveRankState(out_dir), *(callbacks or [])], **defaults)
+    trainer.fit(module, ckpt_path=ckpt_path)
+    return load_ranks(out_dir, devices)
+
+
+def assert_identical_replicas(states: list[dict[str, Any]]) -> None:
+    reference = states[0]["params"]
+    for rank, state in enumerate(states[1:], start=1):
+        for name, tensor in state["params"].items():
+            assert torch.equal(tensor, reference[name]), f"rank {rank} differs from rank 0 in {name}"
+
+
+def max_param_diff(a: dict[str, Any], b: dict[str, Any]) -> float:
+    return max(float((a["params"][k].float() - b["params"][k].float()).abs().max()) for k in a["params"])

@@ -3,7 +3,7 @@
 The two packages keep separate class hierarchies and strategy registries, so one class
 is built per installed package from the package-independent mixins and registered as
 ``holograd`` (Lightning's script launcher), ``holograd_spawn`` and ``holograd_fork``.
-Registering again (a second import, a reload) replaces the entry harmlessly. Classes are
+Registering again (a second import, a reload) is harmless: a reload reuses the classes. Classes are
 bound to module-level names so that spawn can pickle them.
 """
 
@@ -41,7 +41,12 @@ class _ShipStateMixin:
             trainer.strategy.final_state = torch.load(io.BytesIO(extra["holograd_state"]), weights_only=True)
 
 
-def _build(package: str, prefix: str) -> tuple[type, type]:
+def _build(package: str, prefix: str) -> type:
+    """The strategy class for ``package``; a reload reuses the classes it already built,
+    so ``isinstance`` checks and pickling keep working across reloads."""
+    existing = globals().get(f"{prefix}Strategy")
+    if existing is not None:
+        return existing
     ddp = importlib.import_module(f"{package}.strategies.ddp")
     launchers = importlib.import_module(f"{package}.strategies.launchers.multiprocessing")
     callbacks = importlib.import_module(f"{package}.callbacks")
@@ -62,7 +67,7 @@ def _build(package: str, prefix: str) -> tuple[type, type]:
         "_configure_launcher": _configure_launcher, "metrics_callback_cls": metrics_cls,
     })
     globals()[launcher_name], globals()[metrics_name] = launcher_cls, metrics_cls
-    return strategy_cls, launcher_cls
+    return strategy_cls
 
 
 def register_strategies(strategy_cls: type, package: str) -> None:
@@ -72,11 +77,11 @@ def register_strategies(strategy_cls: type, package: str) -> None:
                           override=True, start_method=start_method)
 
 
-HoloGradStrategy, _ = _build("lightning.pytorch", "HoloGrad")
+HoloGradStrategy = _build("lightning.pytorch", "HoloGrad")
 register_strategies(HoloGradStrategy, "lightning.pytorch")
 
 try:
-    PLHoloGradStrategy, _ = _build("pytorch_lightning", "PLHoloGrad")
+    PLHoloGradStrategy = _build("pytorch_lightning", "PLHoloGrad")
     register_strategies(PLHoloGradStrategy, "pytorch_lightning")
 except ImportError:  # pytorch_lightning is optional
     PLHoloGradStrategy = None

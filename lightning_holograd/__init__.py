@@ -5,7 +5,7 @@
 """
 
 from . import protocol
-from .callbacks import ADCBootstrap
+from .callbacks import ADCBootstrap, ProofVerifier
 from .config import HoloGradConfig
 from .exchange import HoloGradExchange, ReplicaDivergenceError, StepContext
 from .registration import HoloGradStrategy, PLHoloGradStrategy
@@ -19,6 +19,7 @@ __all__ = [
     "HoloGradExchange",
     "HoloGradStrategy",
     "PLHoloGradStrategy",
+    "ProofVerifier",
     "ReplicaDivergenceError",
     "StepContext",
     "TrafficMeter",

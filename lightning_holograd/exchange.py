@@ -145,13 +145,20 @@ class HoloGradExchange:
         seeds = self.chain.seeds(self.family.num_seeds) if self.family.num_seeds else []
         return StepContext(self.chain.step, commitment, seeds, batch_hashes, true_gradient=true_gradient)
 
-    def step(self, batch_hash: bytes, project: Callable[[list[int]], torch.Tensor]) -> torch.Tensor:
+    def step(
+        self,
+        batch_hash: bytes,
+        project: Callable[[list[int]], torch.Tensor],
+        extras: Mapping[str, Any] | None = None,
+    ) -> torch.Tensor:
         """Exchange one step's claims and return g_hat (D,), identical on every rank.
 
         ``project(seeds)`` returns this rank's (K,) scalars: ``family.project`` of the
         local gradient (see ``project_gradient``) or a forward-mode equivalent.
+        ``extras`` (e.g. this rank's micro-batches) are handed to the hooks via the context.
         """
         ctx = self.commit(batch_hash)
+        ctx.extras.update(extras or {})
         scalars = project(ctx.seeds)
         for hook in self.claim_hooks:
             scalars = hook(ctx, scalars)

@@ -26,7 +26,7 @@ from torch.distributed.constants import default_pg_timeout
 
 from .config import AggregationName, HoloGradConfig, ProjectionName
 from .exchange import HoloGradExchange, StepContext
-from .jvp import jvp_scalars
+from .jvp import _logging_disabled, jvp_scalars
 from .protocol import CommitmentChain, FamilyName, hash_batch
 from .traffic import TrafficMeter
 
@@ -214,11 +214,45 @@ class HoloGradStrategyMixin:
         else:
             project = (self._jvp_projector(inputs) if self.config.projection == "jvp"
                        else self.exchange.project_gradient(self._flat_grad(params)))
-            estimate = self.exchange.step(batch_hash, project)
+            estimate = self.exchange.step(batch_hash, project, extras={"inputs": inputs})
         self._write_grad(params, estimate)
         ctx = self.exchange.last_context
         assert ctx is not None
         return ctx
+
+    @torch.no_grad()
+    def recompute_claim(self, inputs: list[tuple[Any, int]], seeds: list[int]) -> torch.Tensor:
+        """Recompute the (K,) scalars an honest rank would submit for ``inputs`` at the
+        current parameters (theta_t): the same training_step, loss scaling and projection.
+
+        Used by verifier ranks inside the exchange, before the update. It overwrites this
+        rank's ``.grad``, which the exchange replaces with g_hat right after.
+        """
+        assert self.exchange is not None
+        module, params = self.lightning_module, self.trainable_parameters()
+        if self.config.projection == "jvp":
+            return jvp_scalars(module, params, inputs, module.trainer.accumulate_grad_batches,
+                               self.exchange.family, seeds)
+        for param in params:
+            param.grad = None
+        scale = module.trainer.accumulate_grad_batches if module.automatic_optimization else 1
+        # Leave no trace: buffers (BatchNorm statistics) and the RNG stream stay as they were.
+        buffers = [buffer.detach().clone() for buffer in module.buffers()]
+        with torch.enable_grad(), _logging_disabled(module), torch.random.fork_rng(devices=self._rng_devices()):
+            for batch, batch_idx in inputs:
+                with self.precision_plugin.train_step_context():
+                    output = module.training_step(batch, batch_idx)
+                loss = output["loss"] if isinstance(output, dict) else output
+                if loss is None:
+                    raise RuntimeError("verification needs training_step to return the loss; with manual "
+                                       "optimization return the loss passed to manual_backward.")
+                (loss / scale).backward()
+        for buffer, saved in zip(module.buffers(), buffers):
+            buffer.copy_(saved)
+        return self.exchange.family.project(self._flat_grad(params), seeds)
+
+    def _rng_devices(self) -> list[int]:
+        return [self.root_device.index or 0] if self.root_device.type == "cuda" else []
 
     def _jvp_projector(self, inputs: list[tuple[Any, int]]) -> Callable[[list[int]], torch.Tensor]:
         assert self.exchange is not None

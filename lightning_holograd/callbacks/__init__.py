@@ -1,5 +1,6 @@
 """Lightning callbacks that drive the protocol around the strategy."""
 
 from .bootstrap import ADCBootstrap
+from .verifier import ProofVerifier
 
-__all__ = ["ADCBootstrap"]
+__all__ = ["ADCBootstrap", "ProofVerifier"]

@@ -20,6 +20,7 @@ from .directions import (
 from .families import FAMILY_NAMES, FamilyName, make_family
 from .ledger import Ledger, LedgerRecord, LedgerTamperError
 from .subspace import CodebookDirections, MomentumDirections, captured_energy
+from .verification import Reason, Verdict, claim_digest, draw_claims, judge_claim
 
 __all__ = [
     "AggregationResult",
@@ -39,12 +40,17 @@ __all__ = [
     "MomentumDirections",
     "NotEnoughRanksError",
     "RademacherDirections",
+    "Reason",
     "SketchDirections",
     "TrimmedMeanAggregator",
+    "Verdict",
     "captured_energy",
+    "claim_digest",
     "direction_seeds",
+    "draw_claims",
     "genesis_commitment",
     "hash_batch",
+    "judge_claim",
     "make_aggregator",
     "make_family",
     "scalars_digest",

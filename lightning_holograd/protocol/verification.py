@@ -1,0 +1,82 @@
+"""Verification maths for proof-of-gradient-projection (PROTOCOL.md section 6).
+
+Symbols: N ranks, K scalars per claim, A (N, K) the submitted scalar matrix of step t,
+c_t the step commitment, p = ``p_verify``.
+
+- Draw: claim i is checked iff u_i < p, with u_i = uint64(SHA256(r || i)[:8]) / 2^64 and
+  r = SHA256("holograd/verify" || c_t || SHA256(A as float32 LE)). The draw depends on
+  every submitted scalar, so no rank can know at submission time whether its claim will
+  be checked, and every rank computes the same draw. A rank that cheats on m claims goes
+  undetected with probability (1 - p)^m.
+- Verdict: a recomputed claim a* accepts a iff |a_j - a*_j| <= atol + rtol |a*_j| for every j.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+from .chain import scalars_digest
+
+__all__ = ["Reason", "Verdict", "draw_claims", "judge_claim", "claim_digest"]
+
+_DRAW_TAG = b"holograd/verify"
+
+
+class Reason(str, enum.Enum):
+    """Why a claim was accepted or a rank slashed (stored in the ledger as its value)."""
+
+    OK = "ok"
+    MISMATCH = "mismatch"  # recomputed scalars differ beyond tolerance
+    BATCH_HASH = "batch_hash"  # the batch sent to the verifier does not match the commitment
+    NONFINITE = "nonfinite"  # NaN or inf among the submitted scalars
+    MISSING = "missing"  # the claimant did not provide its batch
+
+
+def claim_digest(scalars: torch.Tensor) -> str:
+    """Hex SHA-256 of a claim (a (K,) row) as float32 little-endian bytes."""
+    return scalars_digest(scalars).hex()
+
+
+def draw_claims(commitment: bytes, matrix: torch.Tensor, p_verify: float, candidates: Iterable[int]) -> list[int]:
+    """Ranks among ``candidates`` whose claims are checked at this step (sorted)."""
+    if not 0.0 <= p_verify <= 1.0:
+        raise ValueError(f"p_verify={p_verify!r} must lie in [0, 1].")
+    root = hashlib.sha256(_DRAW_TAG + commitment + scalars_digest(matrix)).digest()
+    chosen = []
+    for rank in sorted(set(int(r) for r in candidates)):
+        u = int.from_bytes(hashlib.sha256(root + struct.pack("<Q", rank)).digest()[:8], "little") / 2.0**64
+        if u < p_verify:
+            chosen.append(rank)
+    return chosen
+
+
+@dataclass(frozen=True)
+class Verdict:
+    accepted: bool
+    reason: Reason
+    max_abs_error: float
+    max_rel_error: float
+
+
+def judge_claim(claimed: torch.Tensor, recomputed: torch.Tensor, rtol: float, atol: float) -> Verdict:
+    """Accept iff |a - a*| <= atol + rtol |a*| for every direction."""
+    claimed = claimed.detach().to(torch.float64).cpu()
+    recomputed = recomputed.detach().to(torch.float64).cpu()
+    if claimed.shape != recomputed.shape:
+        return Verdict(False, Reason.MISMATCH, float("inf"), float("inf"))
+    if not bool(torch.isfinite(claimed).all()):
+        return Verdict(False, Reason.NONFINITE, float("inf"), float("inf"))
+    error = (claimed - recomputed).abs()
+    scale = recomputed.abs()
+    relative = torch.where(scale > 0, error / scale.clamp_min(torch.finfo(torch.float64).tiny),
+                           torch.where(error > 0, torch.full_like(error, float("inf")), torch.zeros_like(error)))
+    accepted = bool((error <= atol + rtol * scale).all())
+    max_abs = float(error.max()) if error.numel() else 0.0
+    max_rel = float(relative.max()) if relative.numel() else 0.0
+    return Verdict(accepted, Reason.OK if accepted else Reason.MISMATCH, max_abs, max_rel)

@@ -5,7 +5,7 @@
 """
 
 from . import protocol
-from .callbacks import ADCBootstrap, ProofVerifier
+from .callbacks import ADCBootstrap, ByzantineSimulator, ProofVerifier
 from .config import HoloGradConfig
 from .exchange import HoloGradExchange, ReplicaDivergenceError, StepContext
 from .registration import HoloGradStrategy, PLHoloGradStrategy
@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ADCBootstrap",
+    "ByzantineSimulator",
     "HoloGradConfig",
     "HoloGradExchange",
     "HoloGradStrategy",

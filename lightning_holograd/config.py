@@ -10,7 +10,7 @@ from .protocol.chain import direction_seeds, genesis_commitment
 
 __all__ = ["HoloGradConfig", "AggregationName", "ProjectionName"]
 
-AggregationName = Literal["mean", "median", "trimmed_mean"]
+AggregationName = Literal["mean", "median", "trimmed_mean", "krum"]
 ProjectionName = Literal["backward", "jvp"]
 
 
@@ -32,6 +32,8 @@ class HoloGradConfig:
     directions: str = "sketch"
     aggregation: str = "mean"
     trim_ratio: float = 0.1
+    krum_byzantine: int = 1  # f for aggregation="krum": needs world_size >= 2f + 3
+    clip_row_norms: bool = False  # scale rows above the median row norm down to it, then aggregate
     seed: str = "holograd"
     codebook_rank: int | None = None
     oja_lr: float = 0.1
@@ -48,11 +50,15 @@ class HoloGradConfig:
         _int_at_least("num_directions", self.num_directions, 1,
                       "the number of scalars each rank sends per step, e.g. 1024.")
         _choice("directions", self.directions, FAMILY_NAMES)
-        _choice("aggregation", self.aggregation, ("mean", "median", "trimmed_mean"))
+        _choice("aggregation", self.aggregation, get_args(AggregationName))
         _choice("projection", self.projection, get_args(ProjectionName))
         if not isinstance(self.trim_ratio, (int, float)) or not 0.0 <= self.trim_ratio < 0.5:
             raise ValueError(f"trim_ratio={self.trim_ratio!r} must lie in [0, 0.5). HINT: 0.25 drops a quarter of "
                              "the ranks at each end of every direction.")
+        _int_at_least("krum_byzantine", self.krum_byzantine, 0,
+                      "the number of ranks Krum tolerates; world_size must be >= 2 * krum_byzantine + 3.")
+        if not isinstance(self.clip_row_norms, bool):
+            raise ValueError(f"clip_row_norms={self.clip_row_norms!r} must be True or False.")
         if not isinstance(self.seed, str) or not self.seed:
             raise ValueError(f"seed={self.seed!r} must be a non-empty string shared by all ranks.")
         if self.codebook_rank is not None:
@@ -91,7 +97,8 @@ class HoloGradConfig:
         )
 
     def build_aggregator(self) -> Aggregator:
-        return make_aggregator(self.aggregation, self.trim_ratio)
+        return make_aggregator(self.aggregation, self.trim_ratio, num_byzantine=self.krum_byzantine,
+                               clip_row_norms=self.clip_row_norms)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

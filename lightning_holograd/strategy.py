@@ -46,7 +46,10 @@ class HoloGradStrategyMixin:
             ``rademacher`` are paper-faithful dense families; ``codebook`` is ADC;
             ``momentum`` is HoloGrad's momentum-centric mode; ``identity`` is an exact
             K = D debug family that reproduces DDP).
-        aggregation / trim_ratio: per-direction robust aggregation across ranks.
+        aggregation / trim_ratio: robust aggregation across ranks (per direction; ``krum``
+            picks whole rows).
+        krum_byzantine: f for aggregation="krum" (needs world_size >= 2f + 3).
+        clip_row_norms: scale rows above the median row norm down to it before aggregating.
         seed: the run's global seed string S_0 (all ranks must agree).
         codebook_rank, oja_lr, qr_every, exploration_weight, momentum_beta: family knobs.
         block_size, chunk_size: direction generation (block_size defines the directions).
@@ -62,6 +65,8 @@ class HoloGradStrategyMixin:
         directions: FamilyName = "sketch",
         aggregation: AggregationName = "mean",
         trim_ratio: float = 0.1,
+        krum_byzantine: int = 1,
+        clip_row_norms: bool = False,
         seed: str = "holograd",
         codebook_rank: int | None = None,
         oja_lr: float = 0.1,
@@ -80,6 +85,7 @@ class HoloGradStrategyMixin:
     ) -> None:
         self.config = HoloGradConfig(
             num_directions=num_directions, directions=directions, aggregation=aggregation, trim_ratio=trim_ratio,
+            krum_byzantine=krum_byzantine, clip_row_norms=clip_row_norms,
             seed=seed, codebook_rank=codebook_rank, oja_lr=oja_lr, qr_every=qr_every,
             exploration_weight=exploration_weight, momentum_beta=momentum_beta, block_size=block_size,
             chunk_size=chunk_size, projection=projection, audit_every=audit_every, sync_buffers=sync_buffers,

@@ -1,8 +1,10 @@
 """Pure-torch HoloGrad protocol core: no Lightning imports here (see PROTOCOL.md)."""
 
 from .aggregators import (
+    AGGREGATION_NAMES,
     AggregationResult,
     Aggregator,
+    KrumAggregator,
     MeanAggregator,
     MedianAggregator,
     NotEnoughRanksError,
@@ -23,6 +25,7 @@ from .subspace import CodebookDirections, MomentumDirections, captured_energy
 from .verification import Reason, Verdict, claim_digest, draw_claims, judge_claim
 
 __all__ = [
+    "AGGREGATION_NAMES",
     "AggregationResult",
     "Aggregator",
     "CodebookDirections",
@@ -32,6 +35,7 @@ __all__ = [
     "FamilyName",
     "GaussianDirections",
     "IdentityDirections",
+    "KrumAggregator",
     "Ledger",
     "LedgerRecord",
     "LedgerTamperError",

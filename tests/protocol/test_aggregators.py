@@ -13,12 +13,14 @@ import pytest
 import torch
 
 from lightning_holograd.protocol import (
+    Aggregator,
     MeanAggregator,
     MedianAggregator,
     NotEnoughRanksError,
     TrimmedMeanAggregator,
     make_aggregator,
 )
+from lightning_holograd.protocol.aggregators import AGGREGATION_NAMES, KrumAggregator, clip_to_median_norm
 
 
 def _honest(num_ranks: int, num_directions: int, seed: int = 0) -> torch.Tensor:
@@ -133,17 +135,20 @@ def test_median_tolerates_a_minority_of_outliers():
 # -- dropping rows ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["mean", "median", "trimmed_mean"])
+@pytest.mark.parametrize("name", ["mean", "median", "trimmed_mean", "krum"])
 def test_non_finite_rows_dropped_and_reported(name):
     matrix = torch.tensor(
         [[1.0, 10.0], [float("nan"), 0.0], [2.0, 20.0], [0.0, float("inf")], [3.0, 30.0], [-float("inf"), 1.0]]
     )
-    result = make_aggregator(name, trim_ratio=0.2)(matrix)
+    result = make_aggregator(name, trim_ratio=0.2, num_byzantine=0)(matrix)
     assert result.nonfinite_ranks == (1, 3, 5)
     assert result.kept_ranks == (0, 2, 4)
     assert result.excluded_ranks == ()
     # Kept rows 1, 2, 3 / 10, 20, 30: mean, median and trimmed mean (floor(0.2*3) = 0) agree.
-    torch.testing.assert_close(result.scalars, torch.tensor([2.0, 20.0]))
+    # Krum (f = 0) scores each row by its n - 2 = 1 nearest row: all three score 101, and
+    # the tie goes to the lowest rank, so it returns rank 0's row.
+    expected = [1.0, 10.0] if name == "krum" else [2.0, 20.0]
+    torch.testing.assert_close(result.scalars, torch.tensor(expected))
     assert torch.isfinite(result.scalars).all()
 
 
@@ -214,9 +219,11 @@ def test_mean_is_bitwise_reproducible_and_independent_of_dropped_rows():
 
 
 def test_result_is_float32():
-    matrix = torch.tensor([[1, 2], [3, 4]], dtype=torch.float64)
-    for name in ("mean", "median", "trimmed_mean"):
-        assert make_aggregator(name)(matrix).scalars.dtype == torch.float32
+    matrix = torch.tensor([[1, 2], [3, 4], [5, 6]], dtype=torch.float64)
+    for name in AGGREGATION_NAMES:
+        for clip in (False, True):
+            aggregator = make_aggregator(name, num_byzantine=0, clip_row_norms=clip)
+            assert aggregator(matrix).scalars.dtype == torch.float32
 
 
 # -- construction ----------------------------------------------------------------------
@@ -235,5 +242,124 @@ def test_make_aggregator():
     assert isinstance(make_aggregator("median"), MedianAggregator)
     trimmed = make_aggregator("trimmed_mean", trim_ratio=0.3)
     assert isinstance(trimmed, TrimmedMeanAggregator) and trimmed.trim_ratio == 0.3
-    with pytest.raises(ValueError, match="aggregation='trimmed' is unknown"):
+    krum = make_aggregator("krum", num_byzantine=2, clip_row_norms=True)
+    assert isinstance(krum, KrumAggregator) and krum.num_byzantine == 2 and krum.clip_row_norms
+    assert not make_aggregator("median").clip_row_norms
+    with pytest.raises(ValueError, match="aggregation='trimmed' is unknown. HINT: .*'krum'"):
         make_aggregator("trimmed")
+
+
+# -- krum ------------------------------------------------------------------------------
+
+
+def test_krum_selects_an_honest_row_despite_f_outliers():
+    """N = 7, f = 2 (N = 2f + 3): two colluding rows far from the honest cluster, close to
+    each other. An honest row's n - f - 2 = 3 nearest rows are honest (distance ~ 1 per
+    direction), an outlier's 3 nearest include 2 honest rows ~ 1e3 away: honest wins."""
+    matrix = _honest(7, 6, seed=4)  # (7, 6)
+    matrix[[2, 5]] = matrix[0] + 1e3  # colluders, identical: distance 0 to each other
+    krum = KrumAggregator(num_byzantine=2)
+    scores = krum.scores(matrix)
+    assert scores.shape == (7,) and scores.dtype == torch.float64
+    assert scores[[2, 5]].min() > 100 * scores[[0, 1, 3, 4, 6]].max()
+    (chosen,) = krum.select(matrix)
+    assert chosen in (0, 1, 3, 4, 6)
+    result = krum(matrix)
+    assert torch.equal(result.scalars, matrix[chosen])  # Krum returns one whole row
+    assert result.kept_ranks == tuple(range(7))
+    # The mean of the same matrix is dragged ~ 2/7 * 1e3 away: the test can fail.
+    assert (MeanAggregator()(matrix).scalars - matrix[chosen]).abs().min() > 200
+
+
+def test_krum_score_is_sum_of_nearest_squared_distances():
+    """Rows on a line at 0, 1, 3, 10 (K = 1) plus 100; f = 1 keeps n - f - 2 = 2 nearest.
+    scores: 0 -> 1 + 9 = 10, 1 -> 1 + 4 = 5, 3 -> 4 + 9 = 13, 10 -> 49 + 81 = 130,
+    100 -> 8100 + 9409 = 17509; Krum picks row 1, Multi-Krum (m = 3) averages 0, 1, 3."""
+    matrix = torch.tensor([[0.0], [1.0], [3.0], [10.0], [100.0]])
+    krum = KrumAggregator(num_byzantine=1)
+    assert krum.scores(matrix).tolist() == [10.0, 5.0, 13.0, 130.0, 17509.0]
+    assert krum(matrix).scalars.tolist() == [1.0]
+    multi = KrumAggregator(num_byzantine=1, multi=3)
+    assert multi.select(matrix) == [0, 1, 2]
+    assert float(multi(matrix).scalars[0]) == pytest.approx(4 / 3)
+
+
+def test_krum_ties_break_to_the_lower_rank_and_ignore_row_order_otherwise():
+    matrix = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [5.0, 5.0], [-5.0, 5.0]])
+    assert KrumAggregator(num_byzantine=1).select(matrix) == [0]
+    assert KrumAggregator(num_byzantine=1, multi=2).select(matrix) == [0, 1]
+
+
+@pytest.mark.parametrize(("num_byzantine", "multi", "needed"), [(0, 1, 3), (1, 1, 5), (2, 1, 7), (1, 5, 6)])
+def test_krum_needs_2f_plus_3_rows(num_byzantine, multi, needed):
+    krum = KrumAggregator(num_byzantine=num_byzantine, multi=multi)
+    assert krum.min_rows() == needed
+    krum(_honest(needed, 3))  # enough
+    with pytest.raises(NotEnoughRanksError, match=rf"krum aggregation needs at least {needed} usable ranks, "
+                                                  rf"got {needed - 1} .*num_byzantine={num_byzantine}"):
+        krum(_honest(needed - 1, 3))
+    # excluded rows do not count
+    with pytest.raises(NotEnoughRanksError, match=rf"got {needed - 1} \(excluded=\[0\]"):
+        krum(_honest(needed, 3), excluded=[0])
+
+
+@pytest.mark.parametrize(("kwargs", "pattern"), [
+    ({"num_byzantine": -1}, "num_byzantine=-1 must be an integer >= 0"),
+    ({"num_byzantine": 1.0}, "num_byzantine=1.0 must be an integer"),
+    ({"num_byzantine": True}, "num_byzantine=True must be an integer"),
+    ({"multi": 0}, "multi=0 must be an integer >= 1"),
+    ({"clip_row_norms": 1}, "clip_row_norms=1 must be True or False"),
+])
+def test_krum_rejects_bad_settings(kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        KrumAggregator(**kwargs)
+
+
+# -- clipping rows to the median norm ----------------------------------------------------
+
+
+def test_clipping_scales_a_large_row_to_the_median_norm_and_leaves_the_others():
+    """N = 5 rows with norms 1, 2, 3, 3, 400 (row 4 is row 1 scaled by 200, the `scale`
+    attack): the median norm is 3, so row 4 becomes row 1 * 1.5 (norm 3) and the rows at
+    or below the median are returned bit for bit."""
+    rows = torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 3.0], [0.0, 3.0, 0.0], [0.0, 400.0, 0.0]])
+    clipped, mask = clip_to_median_norm(rows)
+    assert mask.tolist() == [False, False, False, False, True]
+    assert torch.equal(clipped[:4], rows[:4])
+    torch.testing.assert_close(clipped[4], torch.tensor([0.0, 3.0, 0.0]))
+    result = MeanAggregator(clip_row_norms=True)(rows)
+    assert result.clipped_ranks == (4,)
+    torch.testing.assert_close(result.scalars, torch.tensor([1.0, 8.0, 3.0]) / 5)
+    assert MeanAggregator()(rows).clipped_ranks == ()
+    assert float(MeanAggregator()(rows).scalars[1]) == pytest.approx(405 / 5)  # unclipped: dominated
+
+
+def test_clipping_uses_the_median_of_kept_rows_only():
+    """Even count: median of norms 1, 2, 4, 8 is 3; rows 2 and 3 (honest-looking but above
+    the median) are shrunk too. Excluded and non-finite rows do not vote on the median, and
+    clipped_ranks names matrix rows, not positions among the kept ones."""
+    rows = torch.tensor([[1.0, 0.0], [0.0, 2.0], [4.0, 0.0], [0.0, 8.0]])
+    matrix = torch.cat([torch.tensor([[1e6, 0.0], [float("nan"), 0.0]]), rows])  # ranks 0, 1 dropped
+    result = MeanAggregator(clip_row_norms=True)(matrix, excluded=[0])
+    assert result.kept_ranks == (2, 3, 4, 5) and result.clipped_ranks == (4, 5)
+    torch.testing.assert_close(result.scalars, torch.tensor([1.0 + 3.0, 2.0 + 3.0]) / 4)
+
+
+def test_clipping_applies_before_every_aggregator():
+    """A row 1e4 times too long: after clipping to the median norm, Krum's and the
+    median's choice are unchanged, and the mean is no longer dominated by it."""
+    matrix = _honest(5, 4, seed=6)
+    matrix[3] *= 1e4
+    for name in AGGREGATION_NAMES:
+        aggregator = make_aggregator(name, trim_ratio=0.2, num_byzantine=1, clip_row_norms=True)
+        assert isinstance(aggregator, Aggregator)
+        result = aggregator(matrix)
+        assert 3 in result.clipped_ranks and len(result.clipped_ranks) == 2  # above the median of 5
+        honest = matrix[[0, 1, 2, 4]]
+        assert torch.all(result.scalars.abs() <= 2 * honest.abs().max(dim=0).values), name
+
+
+def test_clipping_with_zero_median_norm_zeroes_larger_rows():
+    rows = torch.tensor([[0.0, 0.0], [0.0, 0.0], [3.0, 4.0]])
+    clipped, mask = clip_to_median_norm(rows)
+    assert mask.tolist() == [False, False, True] and torch.equal(clipped, torch.zeros(3, 2))

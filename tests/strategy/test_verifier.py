@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 
@@ -9,6 +10,7 @@ import lightning.pytorch as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
 from toy import ToyModule, assert_identical_replicas, fit, max_param_diff
 
 from lightning_holograd import HoloGradStrategy, ProofVerifier
@@ -177,3 +179,54 @@ def test_bad_arguments_are_named():
                             ({"verifier_ranks": (0, 0)}, r"verifier_ranks=\(0, 0\)")]:
         with pytest.raises(ValueError, match=pattern):
             ProofVerifier(**kwargs)
+
+
+class BatchSwapper(L.Callback):
+    """``rank`` submits honest scalars but hands the verifier another batch (``swap``) or
+    none at all (``withhold``), from chain step ``first`` on."""
+
+    def __init__(self, rank: int, first: int, mode: str) -> None:
+        self.rank, self.first, self.mode = rank, first, mode
+
+    def on_train_start(self, trainer, pl_module):
+        if trainer.global_rank != self.rank:
+            return
+
+        def hook(ctx, scalars):
+            if ctx.step >= self.first:
+                if self.mode == "withhold":
+                    ctx.extras["inputs"] = None
+                else:
+                    ctx.extras["inputs"] = [((x + 1.0, y), idx) for (x, y), idx in ctx.extras["inputs"]]
+            return scalars
+
+        trainer.strategy.exchange.claim_hooks.append(hook)
+
+
+@pytest.mark.parametrize(("mode", "reason"), [("swap", "batch_hash"), ("withhold", "missing")])
+def test_wrong_or_missing_batch_slashes(tmp_path, mode, reason):
+    logger = CSVLogger(tmp_path, name="logs")
+    verifier = ProofVerifier(p_verify=1.0, ledger_path=str(tmp_path / "ledger.jsonl"))
+    states = fit(ToyModule(), holograd(), tmp_path / "ranks", devices=4, max_steps=8, logger=logger,
+                 log_every_n_steps=1, callbacks=[verifier, BatchSwapper(2, 4, mode)])
+    assert_identical_replicas(states)
+    assert states[0]["exchange"]["excluded"] == [2]
+    slashes = [r for r in Ledger.load(tmp_path / "ledger.jsonl") if r.event == "slash"]
+    assert [(r.step, r.rank, r.data["reason"]) for r in slashes] == [(4, 2, reason)]
+    # the counters are logged every step under their documented names
+    (metrics,) = (tmp_path / "logs").rglob("metrics.csv")
+    with open(metrics) as handle:
+        rows = [r for r in csv.DictReader(handle) if r.get("holograd/verified")]
+    assert len(rows) == 8
+    assert [float(r["holograd/honest_ranks"]) for r in rows] == [4.0] * 3 + [3.0] * 5
+    assert [float(r["holograd/slashed"]) for r in rows] == [0.0] * 3 + [1.0] * 5
+    assert float(rows[-1]["holograd/verified"]) == 3 * 3 + 3 + 2 * 4  # 3 workers, then 2 after step 4
+
+
+def test_training_stops_when_too_few_honest_ranks_remain(tmp_path):
+    """Krum with f = 0 needs 3 rows; slashing one of 3 ranks leaves 2: a clear error."""
+    strategy = HoloGradStrategy(start_method="fork", directions="gaussian", num_directions=16,
+                                aggregation="krum", krum_byzantine=0)
+    with pytest.raises(Exception, match="training cannot continue"):
+        fit(ToyModule(), strategy, tmp_path, devices=3, max_steps=8,
+            callbacks=[ProofVerifier(p_verify=1.0), ScalarCheater(2, 3)])

@@ -10,7 +10,8 @@ bound to module-level names so that spawn can pickle them.
 from __future__ import annotations
 
 import importlib
-import io
+import os
+import tempfile
 from typing import Any
 
 import torch
@@ -24,21 +25,31 @@ STRATEGY_NAMES = {"holograd": "popen", "holograd_spawn": "spawn", "holograd_fork
 
 
 class _ShipStateMixin:
-    """spawn/fork launcher: send rank 0's protocol state back to the parent process."""
+    """spawn/fork launcher: send rank 0's protocol state back to the parent process.
+
+    Like Lightning's own weights, the state travels through a temporary file: the result
+    pipe is read only after the ranks exit, so a large payload (a codebook basis) sent
+    through it would block the rank forever.
+    """
 
     def get_extra_results(self, trainer: Any) -> dict[str, Any]:
         extra = super().get_extra_results(trainer)  # type: ignore[misc]
         exchange = trainer.strategy.exchange
         if exchange is not None:
-            buffer = io.BytesIO()
-            torch.save(exchange.state_dict(), buffer)
-            extra["holograd_state"] = buffer.getvalue()
+            handle, path = tempfile.mkstemp(prefix="holograd-state-", suffix=".pt")
+            os.close(handle)
+            torch.save(exchange.state_dict(), path)
+            extra["holograd_state_path"] = path
         return extra
 
     def update_main_process_results(self, trainer: Any, extra: dict[str, Any]) -> None:
         super().update_main_process_results(trainer, extra)  # type: ignore[misc]
-        if "holograd_state" in extra:
-            trainer.strategy.final_state = torch.load(io.BytesIO(extra["holograd_state"]), weights_only=True)
+        path = extra.get("holograd_state_path")
+        if path is not None:
+            try:
+                trainer.strategy.final_state = torch.load(path, weights_only=True)
+            finally:
+                os.remove(path)
 
 
 def _build(package: str, prefix: str) -> type:

@@ -8,6 +8,7 @@ the fastest launcher inside pytest (~1 s per fit); the other launch paths are co
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 import lightning.pytorch as L
@@ -15,7 +16,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
-from toy import ToyModule, assert_identical_replicas, fit, max_param_diff
+from toy import ToyModule, assert_identical_replicas, fit, free_port, max_param_diff
 
 from lightning_holograd import ADCBootstrap, HoloGradStrategy, ReplicaDivergenceError
 
@@ -292,3 +293,31 @@ def test_codebook_rank_larger_than_model_fails_at_setup(tmp_path):
     strategy = holograd(directions="codebook", num_directions=200, codebook_rank=190)
     with pytest.raises(Exception, match=f"codebook_rank=190 exceeds the model's {D_TOY}"):
         fit(ToyModule(), strategy, tmp_path, devices=1, max_steps=1)
+
+
+def test_fork_ships_a_large_protocol_state_back_to_the_parent(tmp_path):
+    """A 1M x 16 codebook basis (64 MB) must come back without blocking the ranks' exit."""
+
+    class Wide(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(1000, 1000)
+
+        def training_step(self, batch, batch_idx):
+            return self.layer(batch[0]).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+        def train_dataloader(self):
+            data = torch.utils.data.TensorDataset(torch.randn(32, 1000, generator=torch.Generator().manual_seed(0)))
+            return torch.utils.data.DataLoader(data, batch_size=8)
+
+    os.environ["MASTER_PORT"] = str(free_port())
+    strategy = holograd(directions="codebook", num_directions=16)
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=2, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(Wide())
+    state = trainer.strategy.final_state
+    assert state["family"]["basis"].shape == (1000 * 1000 + 1000, 16)
+    assert state["chain"]["step"] == 2

@@ -94,9 +94,10 @@ class TrafficMeter:
         out = {
             "holograd/bytes_per_step": self.step_wire(),
             "holograd/payload_bytes_per_step": float(self.step_payload()),
-            "holograd/compression": self.compression(),
             "holograd/bytes_total": self.run_wire(),
         }
+        if self.world_size > 1:  # one process sends nothing: no ratio to report
+            out["holograd/compression"] = self.compression()
         for kind, value in self._step_wire.items():
             if kind not in _ONE_TIME_KINDS:
                 out[f"holograd/bytes_{kind}"] = value

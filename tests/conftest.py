@@ -14,3 +14,23 @@ os.environ["OMP_NUM_THREADS"] = "1"
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+
+import pytest  # noqa: E402
+
+# Environment a test may leave behind that changes later runs: seed_everything (the
+# LightningCLI example) exports PL_GLOBAL_SEED, which Lightning uses to seed the
+# DistributedSampler of every later fit; launchers export the rendezvous variables.
+_LEAKY_ENV = ("PL_GLOBAL_SEED", "PL_SEED_WORKERS", "MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK",
+              "WORLD_SIZE", "RANK")
+
+
+@pytest.fixture(autouse=True)
+def _restore_leaky_env():
+    saved = {name: os.environ.get(name) for name in _LEAKY_ENV}
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value

@@ -227,13 +227,14 @@ def clean_loss(tmp_path_factory):
 
 # attack -> (simulator kwargs, robust defence, mean ratio must exceed, robust ratio must stay below,
 #            robust must beat mean). Ratio = attacked final loss / clean final loss of the same
-# aggregation. Measured (torch 2.13 CPU): see the test docstring.
+# aggregation. Bounds hold with margin over 4 data orders (sampler seeds 0, 7, 42, 1337;
+# Lightning seeds the DistributedSampler from PL_GLOBAL_SEED): see the test docstring.
 CASES = {
-    "random": ({}, "median", 1.2, 2.0, False),
-    "scale": ({"scale": -4.0}, "trimmed_mean", 20.0, 2.0, True),
-    "sign_flip": ({}, "median", 3.0, 3.2, True),
-    "alie": ({"alie_z": 20.0}, "trimmed_mean", 2.0, 1.2, True),
-    "ipm": ({"ipm_epsilon": 2.0}, "median", 5.0, 2.5, True),
+    "random": ({}, "median", 1.2, 2.2, False),
+    "scale": ({"scale": -4.0}, "trimmed_mean", 20.0, 3.0, True),
+    "sign_flip": ({}, "median", 3.0, 3.5, True),
+    "alie": ({"alie_z": 20.0}, "trimmed_mean", 1.8, 1.5, True),
+    "ipm": ({"ipm_epsilon": 2.0}, "median", 5.0, 3.5, True),
 }
 
 
@@ -241,14 +242,15 @@ CASES = {
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("attack", list(CASES))
 def test_one_byzantine_rank_hurts_the_mean_more_than_the_robust_aggregators(tmp_path, clean_loss, attack):
-    """Rank 3 of 4 lies on every step; 48 steps. Measured ratios (attacked / clean):
+    """Rank 3 of 4 lies on every step; 48 steps. Ratios (attacked / clean), min-max measured
+    over 4 data orders (sampler seeds 0, 7, 42, 1337), and the bounds asserted:
 
     | attack (params) | mean (bound) | robust (bound) |
-    | random | 1.37 (> 1.2) | median 1.69 (< 2.0): no better than the mean |
-    | scale c = -4 | 110 (> 20) | trimmed_mean 1.62 (< 2.0) |
-    | sign_flip | 5.49 (> 3) | median 2.72 (< 3.2) |
-    | alie z = 20 | 3.39 (> 2) | trimmed_mean 0.90 (< 1.2) |
-    | ipm epsilon = 2 | 15.7 (> 5) | median 2.03 (< 2.5) |
+    | random | 1.37-2.24 (> 1.2) | median 1.33-1.69 (< 2.2): no better than the mean |
+    | scale c = -4 | 110-381 (> 20) | trimmed_mean 1.45-2.18 (< 3.0) |
+    | sign_flip | 4.6-8.1 (> 3) | median 2.05-2.76 (< 3.5) |
+    | alie z = 20 | 2.3-4.5 (> 1.8) | trimmed_mean 0.82-1.17 (< 1.5) |
+    | ipm epsilon = 2 | 15.7-19.7 (> 5) | median 1.97-2.82 (< 3.5) |
 
     ALIE at its usual z = 1.5 does not move the mean here and IPM at epsilon = 0.5 costs
     only 1.8x (64 steps, benchmarks/results/byzantine_cpu.md), hence the larger values.

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import Callback
 
 from ..exchange import StepContext
@@ -37,16 +38,6 @@ from ..protocol import Ledger, NotEnoughRanksError, Reason, claim_digest, draw_c
 __all__ = ["ProofVerifier"]
 
 log = logging.getLogger(__name__)
-
-
-def _move(obj: Any, device: torch.device | str) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to(device)
-    if isinstance(obj, dict):
-        return type(obj)((key, _move(value, device)) for key, value in obj.items())
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_move(value, device) for value in obj)
-    return obj
 
 
 class ProofVerifier(Callback):
@@ -152,7 +143,7 @@ class ProofVerifier(Callback):
         for claimant in drawn:
             verifier = self._verifier_of(claimant)
             if me == claimant:
-                payload = [_move(ctx.extras.get("inputs"), "cpu")]
+                payload = [move_data_to_device(ctx.extras.get("inputs"), "cpu")]
                 exchange.traffic.record("verification", "p2p", len(pickle.dumps(payload)))
                 dist.send_object_list(payload, dst=verifier)
             elif me == verifier:
@@ -177,7 +168,7 @@ class ProofVerifier(Callback):
         if hash_batch(batches[0] if len(batches) == 1 else batches) != ctx.batch_hashes[claimant]:
             return {**base, "accepted": False, "reason": Reason.BATCH_HASH.value}
         device = self._strategy.root_device
-        recomputed = self._strategy.recompute_claim(_move(list(inputs), device), ctx.seeds)
+        recomputed = self._strategy.recompute_claim(move_data_to_device(list(inputs), device), ctx.seeds)
         verdict = judge_claim(claimed, recomputed, self.rtol, self.atol)
         return {**base, "accepted": verdict.accepted, "reason": verdict.reason.value,
                 "recomputed_digest": claim_digest(recomputed), "max_abs_error": verdict.max_abs_error,

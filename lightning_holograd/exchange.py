@@ -18,7 +18,6 @@ in the collectives, their rows are ignored, so all replicas stay identical.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .protocol import AggregationResult, Aggregator, CommitmentChain, DirectionFamily
+from .protocol import AggregationResult, Aggregator, CommitmentChain, DirectionFamily, hash_batch
 from .traffic import TrafficMeter
 
 __all__ = ["HoloGradExchange", "StepContext", "ReplicaDivergenceError", "parameter_digest"]
@@ -59,13 +58,8 @@ ReviewHook = Callable[[StepContext], None]
 
 
 def parameter_digest(tensors: Iterable[torch.Tensor]) -> bytes:
-    """SHA256 over dtype, shape and bytes of every tensor, in order."""
-    hasher = hashlib.sha256()
-    for tensor in tensors:
-        flat = tensor.detach().cpu().contiguous().reshape(-1)
-        hasher.update(f"{flat.dtype}|{tuple(tensor.shape)}|".encode())
-        hasher.update(flat.view(torch.uint8).numpy().tobytes())
-    return hasher.digest()
+    """SHA256 over dtype, shape and bytes of every tensor, in order (the batch hasher's encoding)."""
+    return hash_batch([tensor.detach() for tensor in tensors])
 
 
 class HoloGradExchange:
@@ -122,9 +116,9 @@ class HoloGradExchange:
         for tensor in tensors:
             self.traffic.record(kind, "p2p", tensor.numel() * tensor.element_size())
             if self.distributed:
-                staged = tensor.detach().to(self.comm_device)
+                staged = tensor.detach().to(self.comm_device)  # the tensor itself when already there
                 dist.broadcast(staged, src=src, group=self.group)
-                if staged is not tensor:
+                if staged.data_ptr() != tensor.data_ptr():
                     tensor.detach().copy_(staged)
 
     def _all_reduce_mean(self, tensor: torch.Tensor, kind: str, contributes: bool, contributors: int) -> torch.Tensor:

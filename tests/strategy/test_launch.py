@@ -17,7 +17,6 @@ import dataclasses
 import importlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -33,7 +32,7 @@ REPO = HERE.parents[1]
 DRIVER = str(HERE.relative_to(REPO) / "launch_toy.py")
 sys.path.insert(0, str(HERE))  # `toy`, as launch_toy.py imports it
 
-from toy import load_ranks, make_dataset  # noqa: E402
+from toy import free_port, load_ranks, make_dataset  # noqa: E402
 
 MAX_STEPS, NUM_DIRECTIONS, DIRECTIONS = 24, 64, "gaussian"  # launch_toy.py's defaults
 LAUNCH_TIMEOUT_S = 180
@@ -53,12 +52,6 @@ def child_env() -> dict[str, str]:
     env["OMP_NUM_THREADS"] = "1"  # same thread count on every rank: bitwise-identical reductions
     env["PYTHONUNBUFFERED"] = "1"  # a killed run still leaves its last lines in the log
     return env
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start(cmd: list[str], log: Path) -> subprocess.Popen[bytes]:

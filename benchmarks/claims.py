@@ -16,7 +16,17 @@ one-line verdict ("holds" / "does not hold", with the numbers).
   c8   PoGP reproducibility on CPU: an honest N-rank toy run with ProofVerifier(p_verify=1,
        slash=False, rtol=0, atol=0); distribution of max_abs_error / max_rel_error of the
        ledger's verify records and the number of rejections (0 expected: bitwise equal).
-  all  the three above (~2-3 min on 2 CPU cores).
+  c2   pairwise cosine of 16 minibatch gradients of the GPT-2 example, at init and after
+       --train-steps exact-gradient AdamW steps (one process; see claims_training.py).
+  c3   cos(momentum, next gradient) along that trajectory against a random direction, and
+       the protocol momentum family's shared direction against the true gradient.
+  c4   loss reduction of the momentum family (K = 4, 64) and the sketch (K = 64) as a
+       fraction of the exact gradient's, same init, batches and AdamW schedule.
+  c5   codebook captured energy gamma_t against the exact gradient over training
+       (bootstrap 10, with and without refresh, with exploration).
+  c7   per-direction trimmed mean (and mean, median) against 0-30 % Byzantine ranks per
+       attack: N = 10 simulated ranks of the toy task.
+  all  every claim above (~12-15 min on 2 CPU cores; c2-c5 share one exact trajectory).
 
 Examples:
   python benchmarks/claims.py all
@@ -407,9 +417,32 @@ def _configs(text: str) -> list[tuple[int, int, int]]:
     return out
 
 
+TRAINING_TITLES = {
+    "c2": "C2: pairwise cosine of minibatch gradients (GPT-2 example)",
+    "c3": "C3: momentum-direction alignment vs random (GPT-2 example)",
+    "c4": "C4: momentum-centric loss reduction as a fraction of the exact gradient's (GPT-2 example)",
+    "c5": "C5: codebook captured energy over training, against the true gradient (GPT-2 example)",
+    "c7": "C7: trimmed-mean tolerance of 0-30 % Byzantine ranks, per attack",
+}
+
+
+def _training_claim(name: str):
+    """A claim of claims_training.py, written like the others (Markdown + JSON, verdict line)."""
+
+    def run(args: argparse.Namespace) -> str:
+        import claims_training
+
+        start, load0 = time.perf_counter(), _loadavg()
+        verdict, body, payload = getattr(claims_training, name)(args)
+        _write(name, TRAINING_TITLES[name], body, payload, _meta(start, load0))
+        return verdict
+
+    return run
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("claim", choices=["c1", "c6", "c8", "all"])
+    parser.add_argument("claim", choices=["c1", "c2", "c3", "c4", "c5", "c6", "c7", "c8", "all"])
     parser.add_argument("--dims", type=_ints, default=[1000, 10000, 100000], help="c1: D of the random inputs")
     parser.add_argument("--ratios", type=_floats, default=[0.001, 0.01, 0.05, 0.1, 0.5], help="c1: K/D values")
     parser.add_argument("--seeds", type=int, default=20, help="c1: seed draws per cell (>= 2)")
@@ -424,10 +457,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=200, help="c8: optimizer steps")
     parser.add_argument("--family", default="gaussian", choices=list(FAMILIES), help="c8: direction family")
     parser.add_argument("--k", type=int, default=64, help="c8: directions per step")
+    parser.add_argument("--train-steps", type=int, default=300, help="c2-c5: AdamW steps of the GPT-2 example")
+    parser.add_argument("--c7-ranks", type=int, default=10, help="c7: simulated ranks")
+    parser.add_argument("--c7-steps", type=int, default=100, help="c7: SGD steps")
+    parser.add_argument("--c7-tolerance", type=float, default=1.25,
+                        help="c7: a cell 'tolerates' when its loss is within this factor of the clean run")
     args = parser.parse_args(argv)
     if args.seeds < 2:
         parser.error("--seeds must be >= 2")
-    claims = {"c1": claim_c1, "c6": claim_c6, "c8": claim_c8}
+    claims = {"c1": claim_c1, "c2": _training_claim("c2"), "c3": _training_claim("c3"),
+              "c4": _training_claim("c4"), "c5": _training_claim("c5"), "c6": claim_c6,
+              "c7": _training_claim("c7"), "c8": claim_c8}
     todo = list(claims) if args.claim == "all" else [args.claim]
     start = time.perf_counter()
     verdicts = []

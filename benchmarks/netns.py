@@ -124,19 +124,27 @@ class TwoNodeLink:
                                           text=True, start_new_session=True))
         outputs, codes = [], []
         deadline = t0 + timeout
-        for proc in procs:
-            try:
-                out, _ = proc.communicate(timeout=max(deadline - time.perf_counter(), 1.0))
-                codes.append(proc.returncode)
-            except subprocess.TimeoutExpired:
-                for p in procs:
-                    try:
-                        os.killpg(p.pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
-                out, _ = proc.communicate()
-                codes.append("timeout")
-            outputs.append(out)
+
+        def kill_all() -> None:
+            for p in procs:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+        try:
+            for proc in procs:
+                try:
+                    out, _ = proc.communicate(timeout=max(deadline - time.perf_counter(), 1.0))
+                    codes.append(proc.returncode)
+                except subprocess.TimeoutExpired:
+                    kill_all()
+                    out, _ = proc.communicate()
+                    codes.append("timeout")
+                outputs.append(out)
+        except BaseException:  # Ctrl-C / SIGTERM: no rank may outlive the namespaces
+            kill_all()
+            raise
         after = self.tx_bytes()
         return {"returncodes": codes, "wall_s": time.perf_counter() - t0,
                 "job_tx_bytes": [a - b for a, b in zip(after, before)], "output_tails": [o[-4000:] for o in outputs]}

@@ -27,17 +27,18 @@ from typing import Any
 
 import torch
 
-_REPO_ROOT = Path(__file__).resolve().parent.parent
-for _p in (_REPO_ROOT, _REPO_ROOT / "examples", _REPO_ROOT / "tests" / "strategy"):
+_BENCH_DIR = Path(__file__).resolve().parent
+_REPO_ROOT = _BENCH_DIR.parent
+for _p in (_BENCH_DIR, _REPO_ROOT, _REPO_ROOT / "examples", _REPO_ROOT / "tests" / "strategy"):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
+from torch.nn.utils import parameters_to_vector  # noqa: E402
+
+from bench_strategy import MODEL_KW  # noqa: E402  the tiny GPT-2 of configs/gpt2-tiny-cpu.yaml
 from lightning_holograd.protocol import direction_seeds, genesis_commitment, make_family  # noqa: E402
 from lightning_holograd.protocol.aggregators import make_aggregator  # noqa: E402
 
-# The tiny GPT-2 of configs/gpt2-tiny-cpu.yaml (as benchmarks/netbench_worker.py).
-MODEL_KW = {"block_size": 128, "n_layer": 2, "n_head": 2, "n_embd": 128, "lr": 3e-3, "min_lr": 3e-4,
-            "warmup_steps": 20}
 BATCH = 16
 VAL_BATCHES = 8
 
@@ -59,6 +60,14 @@ def _corpus() -> tuple[torch.Tensor, torch.Tensor]:
     from gpt2_data import stdlib_corpus
 
     return stdlib_corpus(4_000_000, 10)
+
+
+@lru_cache(maxsize=1)
+def tiny_gpt2_dim() -> int:
+    """D of the tiny GPT-2 (trainable parameters), for families built before a harness."""
+    from gpt2_module import GPT2Module
+
+    return sum(p.numel() for p in GPT2Module(**MODEL_KW).parameters() if p.requires_grad)
 
 
 class GPT2Harness:
@@ -84,8 +93,7 @@ class GPT2Harness:
 
     def grad(self, batch: torch.Tensor) -> torch.Tensor:
         loss = self.module.loss(batch)
-        grads = torch.autograd.grad(loss, self.params)
-        return torch.cat([g.reshape(-1) for g in grads]).detach()
+        return parameters_to_vector(torch.autograd.grad(loss, self.params)).detach()
 
     @torch.no_grad()
     def val_loss(self) -> float:
@@ -103,10 +111,8 @@ class GPT2Harness:
         return opt, sched
 
     def apply(self, flat: torch.Tensor) -> None:
-        offset = 0
-        for p in self.params:
-            p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
-            offset += p.numel()
+        for p, g in zip(self.params, flat.split([p.numel() for p in self.params])):
+            p.grad = g.view_as(p).clone()
 
     def pairwise(self, count: int, seed: int) -> dict[str, Any]:
         """C2 statistics over ``count`` minibatch gradients at the current parameters."""
@@ -233,9 +239,7 @@ def c3(args: Any) -> tuple[str, list[str], dict[str, Any]]:
     rows, dim = run["alignment"], run["dim"]
     momentum = c4_runs(args)["momentum-64"]["alignment"]
     steps = args.train_steps
-    edges = sorted({1, 10, 50, 100, steps // 2, steps, steps + 1} - {0})
-    edges = [e for e in edges if e <= steps] + [steps]
-    edges = sorted(set(edges))
+    edges = sorted({e for e in (1, 10, 50, 100, steps // 2, steps) if 1 <= e <= steps})
     base = random_abs_cos(dim)
     lines = [
         f"Claim C3: the momentum direction is aligned with the next gradient far beyond a random direction. Along "
@@ -278,7 +282,7 @@ C4_RUNS = {
 def _c4_cached(steps: int) -> dict[str, Any]:
     out = {}
     for name, (family, k, kw) in C4_RUNS.items():
-        est, fam = family_estimator(family, 445_952, k, tag=f"c4/{name}", **kw)
+        est, fam = family_estimator(family, tiny_gpt2_dim(), k, tag=f"c4/{name}", **kw)
         rows: list[dict[str, Any]] = []
 
         def measured(step: int, grad: torch.Tensor, est: Estimator = est, fam: Any = fam,
@@ -304,7 +308,7 @@ def c4_runs(args: Any) -> dict[str, Any]:
 def c4(args: Any) -> tuple[str, list[str], dict[str, Any]]:
     exact = exact_run(args.train_steps)
     runs = c4_runs(args)
-    l0, le = exact["curve"][0][1], exact["curve"][-1][1]
+    l0, le, dim = exact["curve"][0][1], exact["curve"][-1][1], exact["dim"]
     lines = [
         f"Claim C4: momentum-centric HoloGrad recovers a large fraction of the exact gradient's loss reduction. "
         f"{args.train_steps} AdamW steps (the example's schedule) from the same init and batches; fraction = "
@@ -315,7 +319,7 @@ def c4(args: Any) -> tuple[str, list[str], dict[str, Any]]:
         "",
         "| run | K | compression D/K | final val loss | loss reduction | fraction of exact | mean cos(g_hat, g) |",
         "|---|---:|---:|---:|---:|---:|---:|",
-        f"| exact gradient | {445_952:,} | 1 | {le:.4f} | {l0 - le:.4f} | 1.000 | 1 |",
+        f"| exact gradient | {dim:,} | 1 | {le:.4f} | {l0 - le:.4f} | 1.000 | 1 |",
     ]
     fractions = {}
     for name, (family, k, _) in C4_RUNS.items():
@@ -323,7 +327,7 @@ def c4(args: Any) -> tuple[str, list[str], dict[str, Any]]:
         frac = (l0 - r["final_val"]) / (l0 - le)
         fractions[name] = frac
         mean_cos = statistics.fmean(x["cos_estimate"] for x in r["alignment"])
-        lines.append(f"| {family} | {k} | {445_952 / k:,.0f} | {r['final_val']:.4f} | {l0 - r['final_val']:.4f} "
+        lines.append(f"| {family} | {k} | {dim / k:,.0f} | {r['final_val']:.4f} | {l0 - r['final_val']:.4f} "
                      f"| {frac:.3f} | {mean_cos:.4f} |")
     best = max((n for n in fractions if n.startswith("momentum")), key=lambda n: fractions[n])
     holds = fractions[best] >= 0.5
@@ -344,11 +348,11 @@ C5_RUNS = {
 
 
 def c5(args: Any) -> tuple[str, list[str], dict[str, Any]]:
-    steps = args.train_steps
+    steps, dim = args.train_steps, tiny_gpt2_dim()
     checkpoints = [s for s in (0, 9, 10, 20, 50, 100, 200, steps - 1) if s < steps]
     results = {}
     for label, cfg in C5_RUNS.items():
-        est, fam = family_estimator("codebook", 445_952, cfg["k"], tag=f"c5/{label}", bootstrap=cfg["bootstrap"],
+        est, fam = family_estimator("codebook", dim, cfg["k"], tag=f"c5/{label}", bootstrap=cfg["bootstrap"],
                                     refresh=cfg["refresh"], codebook_rank=cfg["codebook_rank"])
         gamma: list[float] = []
 
@@ -360,7 +364,6 @@ def c5(args: Any) -> tuple[str, list[str], dict[str, Any]]:
 
         run = trajectory(steps, measured)
         results[label] = {"gamma": gamma, "final_val": run["final_val"], "curve": run["curve"], **cfg}
-    dim = 445_952
     lines = [
         f"Claim C5: the codebook (ADC) basis captures a large share of the true gradient's energy, "
         f"gamma_t = ||U^T g_t||^2 / ||g_t||^2, measured against the exact minibatch gradient g_t with the basis "
@@ -394,16 +397,14 @@ def c5(args: Any) -> tuple[str, list[str], dict[str, Any]]:
 ATTACKS = ("random", "scale", "sign_flip", "alie", "ipm")
 
 
-def _toy_problem(ranks: int, steps: int):
-    from toy import HIDDEN, IN_FEATURES, OUT_FEATURES, make_dataset
+def _toy_problem(ranks: int):
+    from toy import ToyModule, make_dataset
 
     data = make_dataset(num_samples=ranks * BATCH * 8, seed=0)
     x, y = data.tensors
 
     def fresh() -> torch.nn.Module:
-        torch.manual_seed(1234)
-        return torch.nn.Sequential(torch.nn.Linear(IN_FEATURES, HIDDEN), torch.nn.Tanh(),
-                                   torch.nn.Linear(HIDDEN, OUT_FEATURES))
+        return ToyModule().net  # the toy's MLP 8-16-2 at its fixed init (seed 1234)
 
     def batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         n = len(x) // BATCH
@@ -418,7 +419,7 @@ def simulate(ranks: int, byzantine: int, attack: str | None, aggregation: str, s
     """Final full-data MSE of N simulated HoloGrad ranks (Gaussian directions, K = k, SGD)."""
     from lightning_holograd.callbacks.byzantine import attack_row
 
-    fresh, batch, (x, y) = _toy_problem(ranks, steps)
+    fresh, batch, (x, y) = _toy_problem(ranks)
     model = fresh()
     params = list(model.parameters())
     dim = sum(p.numel() for p in params)
@@ -432,7 +433,7 @@ def simulate(ranks: int, byzantine: int, attack: str | None, aggregation: str, s
         for rank in range(ranks):
             bx, by = batch(step, rank)
             loss = torch.nn.functional.mse_loss(model(bx), by)
-            grad = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)])
+            grad = parameters_to_vector(torch.autograd.grad(loss, params))
             rows.append(family.project(grad, seeds))
         honest = torch.stack([rows[r] for r in range(ranks) if r not in liars])
         if attack is not None:
@@ -441,10 +442,8 @@ def simulate(ranks: int, byzantine: int, attack: str | None, aggregation: str, s
                 rows[r] = attack_row(attack, rows[r], honest, generator=gen)
         g_hat = family.reconstruct(aggregator.aggregate(torch.stack(rows)), seeds)
         with torch.no_grad():
-            offset = 0
-            for p in params:
-                p.add_(g_hat[offset:offset + p.numel()].view_as(p), alpha=-lr)
-                offset += p.numel()
+            for p, g in zip(params, g_hat.split([p.numel() for p in params])):
+                p.add_(g.view_as(p), alpha=-lr)
     with torch.no_grad():
         loss = float(torch.nn.functional.mse_loss(model(x), y))
     return loss if math.isfinite(loss) else float("inf")
@@ -478,13 +477,11 @@ def c7(args: Any) -> tuple[str, list[str], dict[str, Any]]:
         tolerated[agg] = {}
         for attack in ATTACKS:
             vals = table[agg][attack]
-            ok = [f for f, v in zip(fractions, vals) if v <= tol * clean[agg]]
-            upto = 0
-            for f in fractions:
-                if f in ok:
-                    upto = f
-                else:
+            upto = 0  # the largest f such that every fraction up to f is tolerated
+            for f, v in zip(fractions, vals):
+                if v > tol * clean[agg]:
                     break
+                upto = f
             tolerated[agg][attack] = upto
             lines.append(f"| {attack} | " + " | ".join(f"{v / ref:.3g}" for v in vals)
                          + f" | {100 * upto // ranks}% |")

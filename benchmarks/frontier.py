@@ -42,6 +42,7 @@ from typing import Any
 _BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(_BENCH_DIR))
 
+from bench_strategy import _cpu_name, _ring_allreduce_bytes, _version  # noqa: E402
 from netns import TwoNodeLink  # noqa: E402
 
 WORKER = _BENCH_DIR / "netbench_worker.py"
@@ -232,7 +233,7 @@ def render(meta: dict[str, Any], rows: list[dict[str, Any]], ref: dict[str, Any]
         "Ethernet/IP/TCP headers once per super-packet of up to 64 KB, not once per 1448-byte segment, so on a "
         "1500-byte-MTU NIC the large-message runs (DDP, hooks, averaging) would count ~4.6 % more",
         f"- DDP reference = mean of {', '.join(ref['runs'])}: {ref['bytes_train_per_rank'] / meta['steps']:,.0f} B "
-        f"per rank and step (ring model 2(N-1)/N x 4D = {2 * 4 * ok[0]['D'] / 2:,.0f}), val loss "
+        f"per rank and step (ring model 2(N-1)/N x 4D = {_ring_allreduce_bytes(ok[0]['D'], 2):,.0f}), val loss "
         f"{ref['final_val_loss']:.4f}, {ref['step_median_s'] * 1e3:.1f} ms/step, peak RSS "
         f"{ref['peak_rss_mb']:.0f} MB" + (f"; the two DDP runs differ by {ref['step_noise_pct']:.1f} % in step "
                                            "time (noise level)" if ref.get("step_noise_pct") is not None else ""),
@@ -381,15 +382,6 @@ def report(payload: dict[str, Any], out_md: Path) -> None:
     print(f"[frontier] wrote {out_md}, .json, .csv and the two plots", flush=True)
 
 
-def _version(dist: str) -> str:
-    from importlib import metadata
-
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "-"
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -438,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
             row = run_one(name, spec, args, Path(tmp))
             payload["rows"] = [r for r in payload["rows"] if r["run"] != name] + [row]
             payload["meta"] = {
-                "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}", "torch": _version("torch"),
+                "machine": f"{platform.machine()}, {_cpu_name()}", "torch": _version("torch"),
                 "lightning": _version("lightning"), "steps": args.steps, "val_every": args.val_every,
                 "val_batches": args.val_batches, "warmup": args.warmup,
                 "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

@@ -55,11 +55,10 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from lightning.pytorch.strategies import DDPStrategy  # noqa: E402
 
-# The tiny GPT-2 of configs/gpt2-tiny-cpu.yaml (D = 445,952).
-MODEL_KW = {"block_size": 128, "n_layer": 2, "n_head": 2, "n_embd": 128, "lr": 3e-3, "min_lr": 3e-4,
-            "warmup_steps": 20}
-DATA_KW = {"batch_size": 16, "block_size": 128, "val_every": 10, "max_bytes": 4_000_000}
-SEED = 1337
+from bench_strategy import DATA_KW as _STRATEGY_DATA_KW  # noqa: E402  (this file's directory is on sys.path)
+from bench_strategy import MODEL_KW, SEED  # noqa: E402  the tiny GPT-2 of configs/gpt2-tiny-cpu.yaml
+
+DATA_KW = {**_STRATEGY_DATA_KW, "max_bytes": 4_000_000}
 
 
 def iface_tx_bytes(iface: str | None, proc_net_dev: str = "/proc/net/dev") -> int | None:
@@ -129,10 +128,8 @@ class DiLoCoAverager:
         flat = torch.cat([(a - p).reshape(-1) for a, p in zip(self.anchor, params)])
         dist.all_reduce(flat)
         flat /= dist.get_world_size()
-        offset = 0
-        for a in self.anchor:
-            a.grad = flat[offset:offset + a.numel()].view_as(a).clone()
-            offset += a.numel()
+        for a, g in zip(self.anchor, flat.split([a.numel() for a in self.anchor])):
+            a.grad = g.view_as(a)
         self.outer.step()
         for a, p in zip(self.anchor, params):
             p.copy_(a)

@@ -36,7 +36,8 @@ from typing import Any
 _BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(_BENCH_DIR))
 
-from frontier import RESULTS, RUNS, _version, run_one  # noqa: E402
+from bench_strategy import _version  # noqa: E402
+from frontier import RESULTS, RUNS, run_one  # noqa: E402
 
 STRATEGIES = {"ddp": RUNS["ddp"], "holograd-sketch-4096": RUNS["sketch-4096"]}
 

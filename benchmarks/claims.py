@@ -465,6 +465,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.seeds < 2:
         parser.error("--seeds must be >= 2")
+    if args.train_steps < 20:
+        parser.error(f"--train-steps={args.train_steps} must be >= 20: c5 reads the codebook after its 10 "
+                     "bootstrap steps")
+    if args.c7_ranks < 4:
+        parser.error(f"--c7-ranks={args.c7_ranks} must be >= 4, so that 30 % of the ranks is at least one")
     claims = {"c1": claim_c1, "c2": _training_claim("c2"), "c3": _training_claim("c3"),
               "c4": _training_claim("c4"), "c5": _training_claim("c5"), "c6": claim_c6,
               "c7": _training_claim("c7"), "c8": claim_c8}

@@ -37,7 +37,7 @@ _BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(_BENCH_DIR))
 
 from bench_strategy import _version  # noqa: E402
-from frontier import RESULTS, RUNS, run_one  # noqa: E402
+from frontier import RESULTS, RUNS, run_one, tbf_burst  # noqa: E402
 
 STRATEGIES = {"ddp": RUNS["ddp"], "holograd-sketch-4096": RUNS["sketch-4096"]}
 
@@ -103,6 +103,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(RESULTS / "slow_link_cpu.md"))
     args = p.parse_args(argv)
     rates = [r.strip() for r in args.rates.split(",") if r.strip()]
+    for rate in rates:  # refuse a bad rate before any run starts
+        if rate != "none":
+            try:
+                tbf_burst(rate)
+            except ValueError as err:
+                p.error(f"--rates: {err}")
     start = time.perf_counter()
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="holograd-slowlink-") as tmp:

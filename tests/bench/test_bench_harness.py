@@ -165,3 +165,19 @@ def test_frontier_measures_ddp_and_holograd_bytes_at_the_interface(tmp_path):
     for name in ("frontier_loss_vs_bytes.png", "frontier_loss_vs_step.png", "frontier_cpu.csv"):
         assert (tmp_path / name).stat().st_size > 0
     assert "| holograd-sketch |" in out.read_text()
+
+
+def test_bad_arguments_are_refused_before_any_run(capsys):
+    import claims
+    import slow_link
+
+    with pytest.raises(SystemExit) as exc:
+        slow_link.main(["--rates", "none,fast"])
+    assert exc.value.code == 2
+    assert "--rates: rate='fast'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        claims.main(["c5", "--train-steps", "5"])
+    assert "--train-steps=5 must be >= 20" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        claims.main(["c7", "--c7-ranks", "3"])
+    assert "--c7-ranks=3 must be >= 4" in capsys.readouterr().err

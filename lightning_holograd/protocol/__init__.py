@@ -1,4 +1,8 @@
-"""Pure-torch HoloGrad protocol core: no Lightning imports here (see PROTOCOL.md)."""
+"""Pure-torch HoloGrad protocol core (docs/PROTOCOL.md §1-§8).
+
+No Lightning and no ``torch.distributed`` here: every function is a pure computation on
+tensors, bytes and seeds, identical on every rank that calls it with the same inputs.
+"""
 
 from .aggregators import (
     AGGREGATION_NAMES,
@@ -11,7 +15,8 @@ from .aggregators import (
     TrimmedMeanAggregator,
     make_aggregator,
 )
-from .chain import CommitmentChain, direction_seeds, genesis_commitment, hash_batch, scalars_digest
+from .attacks import ATTACK_NAMES, AttackName, attack_generator, attack_row, evasive_liars
+from .chain import CommitmentChain, direction_seeds, genesis_commitment, hash_batch, scalars_digest, step_batch_hash
 from .directions import (
     DirectionFamily,
     GaussianDirections,
@@ -19,13 +24,15 @@ from .directions import (
     RademacherDirections,
     SketchDirections,
 )
-from .families import FAMILY_NAMES, FamilyName, make_family
+from .factory import FAMILY_NAMES, FamilyName, make_family
 from .ledger import Ledger, LedgerRecord, LedgerTamperError
 from .subspace import CodebookDirections, MomentumDirections, captured_energy
 from .verification import Reason, Verdict, claim_digest, draw_claims, judge_claim
 
 __all__ = [
     "AGGREGATION_NAMES",
+    "ATTACK_NAMES",
+    "AttackName",
     "AggregationResult",
     "Aggregator",
     "CodebookDirections",
@@ -48,14 +55,18 @@ __all__ = [
     "SketchDirections",
     "TrimmedMeanAggregator",
     "Verdict",
+    "attack_generator",
+    "attack_row",
     "captured_energy",
     "claim_digest",
     "direction_seeds",
     "draw_claims",
+    "evasive_liars",
     "genesis_commitment",
     "hash_batch",
     "judge_claim",
     "make_aggregator",
     "make_family",
     "scalars_digest",
+    "step_batch_hash",
 ]

@@ -1,4 +1,4 @@
-"""Commitment chain, batch hashing and per-direction seeds (PROTOCOL.md section 2).
+"""Commitment chain, batch hashing and per-direction seeds (docs/PROTOCOL.md §2).
 
 Symbols: N is the number of ranks, K the number of directions per step, t the step
 index (1 for the first step), c_t the step commitment (32 bytes).
@@ -7,6 +7,8 @@ index (1 for the first step), c_t the step commitment (32 bytes).
 - Step: c_t = SHA256(c_{t-1} || t || h_{t,0} || ... || h_{t,N-1} || d_{t-1}), where t is
   encoded as 8 bytes little-endian, h_{t,i} is rank i's batch hash and d_{t-1} the
   digest of the aggregated scalars of step t-1 (d_0 is 32 zero bytes).
+- Step batch hash h_{t,i}: ``hash_batch`` of rank i's one micro-batch, or of the list
+  of its micro-batches under gradient accumulation (``step_batch_hash``).
 - Direction seed: s_{t,j} = first 8 bytes of SHA256(c_t || j) read as an unsigned
   little-endian 64-bit integer, j encoded as 8 bytes little-endian. One hash per
   direction: no seed is a prefix-derived variant of another.
@@ -26,6 +28,7 @@ __all__ = [
     "GENESIS_TAG",
     "CommitmentChain",
     "hash_batch",
+    "step_batch_hash",
     "scalars_digest",
     "direction_seeds",
     "genesis_commitment",
@@ -101,6 +104,18 @@ def hash_batch(batch: Any) -> bytes:
     hasher = hashlib.sha256()
     _update_batch_hash(hasher, batch)
     return hasher.digest()
+
+
+def step_batch_hash(batches: Sequence[Any]) -> bytes:
+    """h_{t,i}: the hash a rank commits to for its micro-batches of one optimizer step.
+
+    One micro-batch is hashed as itself, several (gradient accumulation) as their list.
+    The claimant commits with it and the verifier checks the received batches with it,
+    so both must call this one function.
+    """
+    if not batches:
+        raise ValueError("batches is empty. HINT: pass the step's micro-batches, at least one.")
+    return hash_batch(batches[0] if len(batches) == 1 else list(batches))
 
 
 class CommitmentChain:

@@ -1,4 +1,4 @@
-"""Append-only, hash-chained ledger of verification and slashing events (PROTOCOL.md 6).
+"""Append-only, hash-chained ledger of verification and slashing events (docs/PROTOCOL.md §6).
 
 Each record is one JSON object per line (JSONL). ``prev`` is the SHA-256 (hex) of the
 previous record's canonical form (64 zeros for the first), and ``hash`` the SHA-256 of

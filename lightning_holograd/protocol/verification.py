@@ -1,4 +1,4 @@
-"""Verification maths for proof-of-gradient-projection (PROTOCOL.md section 6).
+"""Verification maths for proof-of-gradient-projection (docs/PROTOCOL.md §6).
 
 Symbols: N ranks, K scalars per claim, A (N, K) the submitted scalar matrix of step t,
 c_t the step commitment, p = ``p_verify``.

@@ -1,4 +1,4 @@
-"""Build a direction family from flat, config-friendly settings."""
+"""``make_family``: a direction family from flat, config-friendly settings (docs/PROTOCOL.md §3, §5, §7)."""
 
 from __future__ import annotations
 

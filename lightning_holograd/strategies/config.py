@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, get_args
 
-from .protocol import FAMILY_NAMES, Aggregator, DirectionFamily, make_aggregator, make_family
-from .protocol.chain import direction_seeds, genesis_commitment
+from ..protocol import FAMILY_NAMES, Aggregator, DirectionFamily, make_aggregator, make_family
+from ..protocol.chain import direction_seeds, genesis_commitment
 
 __all__ = ["HoloGradConfig", "AggregationName", "ProjectionName"]
 

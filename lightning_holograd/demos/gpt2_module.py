@@ -1,4 +1,4 @@
-"""GPT-2 language model as a LightningModule.
+"""GPT-2 language model as a LightningModule (the model of ``examples/train_gpt2.py``).
 
 The network is ``transformers.GPT2LMHeadModel`` built from a ``GPT2Config`` (random
 init, nothing downloaded). Only ``pretrained="gpt2"`` (or another hub name / local
@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
 from transformers import GPT2Config, GPT2LMHeadModel
+from typing_extensions import override
 
 __all__ = ["GPT2Module", "TokenPerplexity", "build_gpt2"]
 
@@ -68,6 +69,7 @@ class GPT2Module(L.LightningModule):
         self.val_loss = MeanMetric()
         self.val_ppl = TokenPerplexity()
 
+    @override
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids).logits  # (B, T) -> (B, T, vocab)
 
@@ -77,11 +79,13 @@ class GPT2Module(L.LightningModule):
         targets = input_ids[:, 1:]  # (B, T-1)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
 
+    @override
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         loss = self.loss(batch)  # batch: (B, T) token ids
         self.log("train_loss", loss, prog_bar=True)
         return loss
 
+    @override
     def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
         loss = self.loss(batch)
         tokens = batch.shape[0] * (batch.shape[1] - 1)
@@ -89,6 +93,7 @@ class GPT2Module(L.LightningModule):
         self.val_ppl.update(loss, weight=tokens)
         self.log_dict({"val_loss": self.val_loss, "val_ppl": self.val_ppl}, prog_bar=True)
 
+    @override
     def configure_optimizers(self) -> dict:
         hp = self.hparams
         params = [p for p in self.parameters() if p.requires_grad]

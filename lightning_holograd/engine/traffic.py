@@ -1,4 +1,4 @@
-"""Communication accounting (PROTOCOL.md section 8).
+"""Communication accounting (docs/PROTOCOL.md §8).
 
 Wire model: the bytes one rank sends (and, symmetrically, receives) under ring
 algorithms with N ranks, for a payload of n bytes per rank:
@@ -19,7 +19,8 @@ from typing import Any, Literal
 
 __all__ = ["TrafficMeter", "TRAFFIC_KINDS", "ring_wire_bytes"]
 
-TRAFFIC_KINDS = ("hashes", "scalars", "bootstrap", "verification", "audit", "buffers", "setup")
+# "true_gradient": the all-reduce of a true-gradient step (ADCBootstrap's bootstrap and refresh steps).
+TRAFFIC_KINDS = ("hashes", "scalars", "true_gradient", "verification", "audit", "buffers", "setup")
 # One-time traffic that DDP pays too (the initial parameter broadcast): reported, but
 # left out of the per-step figures and of the compression ratio.
 _ONE_TIME_KINDS = ("setup",)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["HoloGradMetricsMixin", "PROGRESS_BAR_METRICS"]
+from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
+
+__all__ = ["HoloGradMetrics", "HoloGradMetricsMixin", "PROGRESS_BAR_METRICS", "SPARSE_METRICS"]
 
 # Shown in the progress bar; everything else goes to the loggers only.
 PROGRESS_BAR_METRICS = ("holograd/bytes_per_step", "holograd/compression")
@@ -14,22 +17,18 @@ SPARSE_METRICS = ("holograd/captured_energy",)
 
 
 class HoloGradMetricsMixin:
-    """Logs ``strategy.fresh_metrics`` once per optimizer step; the strategy adds it itself.
+    """Logs ``strategy.pop_step_metrics()`` once per optimizer step; the strategy adds
+    this callback itself.
 
     Metrics describe the shared step and are identical on every rank, so they are
-    logged without cross-rank reduction. Concrete ``Callback`` classes for
-    ``lightning.pytorch`` and ``pytorch_lightning`` are built in ``registration.py``.
+    logged without cross-rank reduction.
     """
 
+    @override
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self._log_fresh(trainer, pl_module)
-
-    @staticmethod
-    def _log_fresh(trainer: Any, pl_module: Any) -> None:
-        metrics = getattr(trainer.strategy, "fresh_metrics", None)
-        if not metrics:
+        metrics = trainer.strategy.pop_step_metrics()
+        if not metrics:  # not the last micro-batch of an optimizer step
             return
-        trainer.strategy.fresh_metrics = {}
         sparse = {name: value for name, value in metrics.items() if name in SPARSE_METRICS}
         if sparse and trainer.is_global_zero:
             for logger in trainer.loggers:
@@ -38,3 +37,7 @@ class HoloGradMetricsMixin:
             if name not in SPARSE_METRICS:
                 pl_module.log(name, value, on_step=True, on_epoch=False, prog_bar=name in PROGRESS_BAR_METRICS,
                               batch_size=1)
+
+
+class HoloGradMetrics(HoloGradMetricsMixin, Callback):
+    """The metrics callback for ``lightning.pytorch``."""

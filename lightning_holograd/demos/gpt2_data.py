@@ -1,4 +1,4 @@
-"""Token streams for the GPT-2 example, cut into fixed-length training sequences.
+"""Token streams for the GPT-2 demo (``examples/train_gpt2.py``), cut into fixed-length training sequences.
 
 Two sources, one DataModule:
 
@@ -30,6 +30,7 @@ import lightning.pytorch as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+from typing_extensions import override
 
 __all__ = ["GPT2DataModule", "TokenBlocks", "stdlib_files", "stdlib_corpus", "hf_corpus"]
 
@@ -122,6 +123,7 @@ class TokenBlocks(Dataset):
     def __len__(self) -> int:
         return len(self.tokens) // self.block_size
 
+    @override
     def __getitem__(self, i: int) -> torch.Tensor:
         start = i * self.block_size
         return self.tokens[start : start + self.block_size].long()  # (T,)
@@ -184,19 +186,23 @@ class GPT2DataModule(L.LightningDataModule):
         return hf_corpus(hp.dataset, hp.dataset_config, hp.data_files, hp.text_column, self.tokenizer,
                          hp.val_every, hp.cache_dir)
 
+    @override
     def prepare_data(self) -> None:
         """Rank 0 only: download and tokenise once, so the other ranks hit the ``datasets`` cache."""
         if self.hparams.dataset is not None:
             self.load_tokens()
 
+    @override
     def setup(self, stage: str) -> None:
         if self.train_tokens is None:
             self.train_tokens, self.val_tokens = self.load_tokens()
 
+    @override
     def train_dataloader(self) -> DataLoader:
         assert self.train_tokens is not None
         return self._loader(TokenBlocks(self.train_tokens, self.hparams.block_size), shuffle=True)
 
+    @override
     def val_dataloader(self) -> DataLoader:
         assert self.val_tokens is not None
         return self._loader(TokenBlocks(self.val_tokens, self.hparams.block_size), shuffle=False)

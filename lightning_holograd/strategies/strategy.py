@@ -8,9 +8,9 @@ gradient into K scalars, exchanges them and writes the same estimate g_hat into 
 rank's ``.grad``. ``on_after_backward``, gradient clipping and the optimizer then see
 g_hat, as they would see the all-reduced gradient under DDP.
 
-This module holds the package-independent logic (``HoloGradStrategyMixin``); the
-concrete classes for ``lightning.pytorch`` and ``pytorch_lightning`` are built in
-``registration.py``.
+``HoloGradStrategyMixin`` holds the Lightning lifecycle overrides, shared by the
+``lightning.pytorch`` class here and the ``pytorch_lightning`` twin (``pl.py``). What a
+claim is lives in ``claims.py``, the checkpoint format in ``checkpoint.py``.
 """
 
 from __future__ import annotations
@@ -19,26 +19,31 @@ import logging
 from collections.abc import Generator, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import Any, Callable, Literal
+from typing import Any, Callable, ClassVar, Literal
 
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.pytorch.strategies import DDPStrategy
 from torch.distributed.constants import default_pg_timeout
+from typing_extensions import override
 
+from ..engine import Comm, HoloGradExchange, StepContext, TrafficMeter
+from ..protocol import CommitmentChain, FamilyName, step_batch_hash
+from .checkpoint import STATE_KEY, exchange_state, protocol_state
+from .claims import Claims, flat_grad, write_grad
 from .config import AggregationName, HoloGradConfig, ProjectionName
-from .exchange import HoloGradExchange, StepContext
-from .jvp import _logging_disabled, jvp_scalars
-from .protocol import CommitmentChain, FamilyName, hash_batch
-from .traffic import TrafficMeter
+from .launcher import HoloGradLauncher
+from .metrics import HoloGradMetrics
 
-__all__ = ["HoloGradStrategyMixin", "CHECKPOINT_KEY"]
+__all__ = ["HoloGradStrategy", "HoloGradStrategyMixin", "STRATEGY_NAMES"]
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_KEY = "holograd"
+STRATEGY_NAMES = {"holograd": "popen", "holograd_spawn": "spawn", "holograd_fork": "fork"}
 
 
 class HoloGradStrategyMixin:
-    """Package-independent HoloGrad behaviour; placed before ``DDPStrategy`` in the MRO.
+    """HoloGrad data parallelism: K scalars per rank and step instead of a gradient all-reduce.
 
     Args (protocol; see README "Strategy settings"):
         num_directions: K, scalars each rank sends per optimizer step.
@@ -58,6 +63,10 @@ class HoloGradStrategyMixin:
         sync_buffers: broadcast module buffers from rank 0 after every optimizer step.
     Args (process group; as in ``DDPStrategy``): process_group_backend, timeout, start_method.
     """
+
+    # Set by each concrete class: the package's metrics callback and spawn/fork launcher.
+    metrics_callback_cls: ClassVar[type]
+    launcher_cls: ClassVar[type]
 
     def __init__(
         self,
@@ -92,37 +101,74 @@ class HoloGradStrategyMixin:
         )
         super().__init__(process_group_backend=process_group_backend, timeout=timeout, start_method=start_method,
                          **kwargs)
-        self.exchange: HoloGradExchange | None = None
-        self._pending_state: dict[str, Any] | None = None
+        self.exchange: HoloGradExchange | None = None  # built at setup, on every rank
+        # Rank 0's exchange state after a spawn/fork fit, in the process that called fit.
+        self.final_protocol_state: dict[str, Any] | None = None
+        self._claims: Claims | None = None
+        self._pending_state: dict[str, Any] | None = None  # from a checkpoint loaded before setup
         self._sync_blocked = False
         self._step_inputs: list[tuple[Any, int]] = []  # (batch, batch_idx) of this step's micro-batches
         self._true_gradient_requested = False
-        self.fresh_metrics: dict[str, float] = {}  # set after each optimizer step, logged by a callback
+        self._step_metrics: dict[str, float] = {}  # of the last optimizer step, until logged
+
+    # -- registration and launching -----------------------------------------------------------
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        """Register ``holograd`` (script launcher), ``holograd_spawn`` and ``holograd_fork``.
+
+        Registering again replaces only this package's own entries (a re-import, a module
+        reload); a name that another package registered is refused.
+        """
+        for name, start_method in STRATEGY_NAMES.items():
+            existing = strategy_registry[name]["strategy"] if name in strategy_registry else None
+            if existing is not None and (existing.__module__, existing.__qualname__) != (cls.__module__,
+                                                                                          cls.__qualname__):
+                raise ValueError(f"strategy name {name!r} is already registered to {existing.__module__}."
+                                 f"{existing.__qualname__}. HINT: pass HoloGradStrategy(...) as an instance.")
+            strategy_registry.register(name, cls, description=f"HoloGrad scalar exchange ({start_method} launcher)",
+                                       override=True, start_method=start_method)
+
+    @override
+    def _configure_launcher(self) -> None:
+        super()._configure_launcher()  # type: ignore[misc]
+        if self._start_method != "popen":  # type: ignore[attr-defined]
+            self._launcher = self.launcher_cls(self, start_method=self._start_method)  # type: ignore[attr-defined]
 
     # -- setup -----------------------------------------------------------------------------
+    @override
     def configure_ddp(self) -> None:
-        """Called by ``DDPStrategy.setup`` when fitting: build the exchange instead of DDP."""
+        """Called by ``DDPStrategy.setup`` when fitting: build the exchange instead of wrapping
+        the module in ``DistributedDataParallel`` (so ``DDPStrategy.configure_ddp`` is not called)."""
         self._check_supported()
-        module = self.lightning_module
-        params = self.trainable_parameters()
+        self.exchange = self._build_exchange()
+        self.exchange.comm.broadcast(self._module_state(), kind="setup")  # rank 0's init everywhere
+        if self._pending_state is not None:
+            self.exchange.load_state_dict(self._pending_state)
+            self._pending_state = None
+        trainer = self.lightning_module.trainer
+        if not any(isinstance(cb, self.metrics_callback_cls) for cb in trainer.callbacks):
+            trainer.callbacks.append(self.metrics_callback_cls())
+        family = self.exchange.family
+        log.info("HoloGrad: D=%d trainable coordinates, K=%d scalars/step, family=%s, world_size=%d",
+                 family.dim, family.num_directions, family.name, self.world_size)
+
+    def _build_exchange(self) -> HoloGradExchange:
+        params = [p for p in self.lightning_module.parameters() if p.requires_grad]
         if not params:
             raise ValueError("the LightningModule has no parameter with requires_grad=True: nothing to train.")
         dim = sum(p.numel() for p in params)
-        chain = CommitmentChain(self.config.seed)
         family = self.config.build_family(dim)
         if hasattr(family, "to"):
             family.to(self.root_device)
         comm_device = self.root_device if self._get_process_group_backend() == "nccl" else torch.device("cpu")
-        self.exchange = HoloGradExchange(family, self.config.build_aggregator(), chain,
-                                         TrafficMeter(self.world_size, dim), comm_device=comm_device)
-        self.exchange.broadcast(self._module_state(module), kind="setup")  # rank 0's init everywhere
-        if self._pending_state is not None:
-            self.exchange.load_state_dict(self._pending_state)
-            self._pending_state = None
-        self._install_logging_callback()
-        log.info("HoloGrad: D=%d trainable coordinates, K=%d scalars/step, family=%s, world_size=%d",
-                 dim, family.num_directions, family.name, self.world_size)
+        comm = Comm(TrafficMeter(self.world_size, dim), device=comm_device)
+        self._claims = Claims(self, family)
+        return HoloGradExchange(family, self.config.build_aggregator(), CommitmentChain(self.config.seed), comm,
+                                recompute=self._claims.recompute,
+                                to_cpu=lambda inputs: move_data_to_device(inputs, "cpu"))
 
+    @override
     def _register_ddp_hooks(self) -> None:
         """No DistributedDataParallel wrapper, so no DDP comm hooks."""
 
@@ -143,25 +189,14 @@ class HoloGradStrategyMixin:
                 "optimizers. HINT: use a single optimizer (parameter groups are fine)."
             )
 
-    # Set per Lightning package by registration.py: the Callback class logging our metrics.
-    metrics_callback_cls: type | None = None
-
-    def _install_logging_callback(self) -> None:
-        trainer = self.lightning_module.trainer
-        cls = self.metrics_callback_cls
-        if cls is not None and not any(isinstance(cb, cls) for cb in trainer.callbacks):
-            trainer.callbacks.append(cls())
-
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        """Parameters whose gradients are exchanged, in a fixed order (module order)."""
-        return [p for p in self.lightning_module.parameters() if p.requires_grad]
-
-    def _module_state(self, module: torch.nn.Module) -> Iterator[torch.Tensor]:
+    def _module_state(self) -> Iterator[torch.Tensor]:
+        module = self.lightning_module
         yield from (p.data for p in module.parameters())
         yield from module.buffers()
 
     # -- which micro-batch is the last one -------------------------------------------------
     @contextmanager
+    @override
     def block_backward_sync(self) -> Generator[None, None, None]:
         """Lightning enters this around every non-final micro-batch: no exchange there."""
         previous, self._sync_blocked = self._sync_blocked, True
@@ -170,14 +205,18 @@ class HoloGradStrategyMixin:
         finally:
             self._sync_blocked = previous
 
+    @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         if args:  # (batch, batch_idx): kept for the batch hash and for JVP projection
             self._step_inputs.append((args[0], int(args[1]) if len(args) > 1 else 0))
-        return super().training_step(*args, **kwargs)
+        return super().training_step(*args, **kwargs)  # type: ignore[misc]
 
     # -- the exchange ------------------------------------------------------------------------
+    @override
     def backward(self, closure_loss: torch.Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """``Strategy.backward`` with the exchange between the backward and ``on_after_backward``."""
+        """``Strategy.backward`` with the exchange between the local backward and
+        ``precision_plugin.post_backward`` (which calls ``on_after_backward``); with
+        ``projection="jvp"`` there is no local backward. ``test_hook_order`` pins the order."""
         module = self.lightning_module
         self.pre_backward(closure_loss)
         closure_loss = self.precision_plugin.pre_backward(closure_loss, module)
@@ -190,134 +229,84 @@ class HoloGradStrategyMixin:
         self.post_backward(closure_loss)
         return closure_loss
 
+    @override
     def optimizer_step(self, optimizer: Any, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
-        module = self.lightning_module
-        if self.exchange is not None and not module.automatic_optimization:
+        if self.exchange is not None and not self.lightning_module.automatic_optimization:
             self.exchange_gradients()  # manual optimization: exchange what manual_backward accumulated
-        output = super().optimizer_step(optimizer, closure, model, **kwargs)
+        output = super().optimizer_step(optimizer, closure, model, **kwargs)  # type: ignore[misc]
         if self.exchange is not None:
             self._after_optimizer_step()
         return output
 
     def request_true_gradient(self) -> None:
-        """Make the next exchange a bootstrap/refresh step (true all-reduced gradient)."""
+        """Make the next exchange a true-gradient step (the all-reduced mean gradient)."""
         self._true_gradient_requested = True
 
     @torch.no_grad()
     def exchange_gradients(self) -> StepContext:
-        """Run one HoloGrad step on every rank and write g_hat into ``.grad``."""
-        assert self.exchange is not None
+        """Run one HoloGrad step on every rank and write g_hat into ``.grad``.
+
+        Call contract: every rank calls it once per optimizer step (blocking collectives).
+        """
+        assert self.exchange is not None and self._claims is not None
         if not self._step_inputs:
             raise RuntimeError("HoloGrad found no training batch for this step. HINT: training_step must run "
                                "(and return a loss) on every rank for every optimizer step.")
         inputs, self._step_inputs = self._step_inputs, []
-        batches = [batch for batch, _ in inputs]
-        batch_hash = hash_batch(batches[0] if len(batches) == 1 else batches)
-        params = self.trainable_parameters()
+        batch_hash = step_batch_hash([batch for batch, _ in inputs])
+        params = self._claims.parameters()
         if self._true_gradient_requested:
             self._true_gradient_requested = False
-            estimate = self.exchange.true_gradient_step(self._flat_grad(params), batch_hash)
+            estimate = self.exchange.true_gradient_step(flat_grad(params), batch_hash)
         else:
-            project = (self._jvp_projector(inputs) if self.config.projection == "jvp"
-                       else self.exchange.project_gradient(self._flat_grad(params)))
-            estimate = self.exchange.step(batch_hash, project, extras={"inputs": inputs})
-        self._write_grad(params, estimate)
-        ctx = self.exchange.last_context
-        assert ctx is not None
-        return ctx
-
-    @torch.no_grad()
-    def recompute_claim(self, inputs: list[tuple[Any, int]], seeds: list[int]) -> torch.Tensor:
-        """Recompute the (K,) scalars an honest rank would submit for ``inputs`` at the
-        current parameters (theta_t): the same training_step, loss scaling and projection.
-
-        Used by verifier ranks inside the exchange, before the update. It overwrites this
-        rank's ``.grad``, which the exchange replaces with g_hat right after.
-        """
-        assert self.exchange is not None
-        module, params = self.lightning_module, self.trainable_parameters()
-        if self.config.projection == "jvp":
-            return jvp_scalars(module, params, inputs, module.trainer.accumulate_grad_batches,
-                               self.exchange.family, seeds)
-        for param in params:
-            param.grad = None
-        scale = module.trainer.accumulate_grad_batches if module.automatic_optimization else 1
-        # Leave no trace: buffers (BatchNorm statistics) and the RNG stream stay as they were.
-        buffers = [buffer.detach().clone() for buffer in module.buffers()]
-        with torch.enable_grad(), _logging_disabled(module), torch.random.fork_rng(devices=self._rng_devices()):
-            for batch, batch_idx in inputs:
-                with self.precision_plugin.train_step_context():
-                    output = module.training_step(batch, batch_idx)
-                loss = output["loss"] if isinstance(output, dict) else output
-                if loss is None:
-                    raise RuntimeError("verification needs training_step to return the loss; with manual "
-                                       "optimization return the loss passed to manual_backward.")
-                (loss / scale).backward()
-        for buffer, saved in zip(module.buffers(), buffers):
-            buffer.copy_(saved)
-        return self.exchange.family.project(self._flat_grad(params), seeds)
-
-    def _rng_devices(self) -> list[int]:
-        return [self.root_device.index or 0] if self.root_device.type == "cuda" else []
-
-    def _jvp_projector(self, inputs: list[tuple[Any, int]]) -> Callable[[list[int]], torch.Tensor]:
-        assert self.exchange is not None
-        family, module, params = self.exchange.family, self.lightning_module, self.trainable_parameters()
-        accumulate = module.trainer.accumulate_grad_batches
-        return lambda seeds: jvp_scalars(module, params, inputs, accumulate, family, seeds)
-
-    @staticmethod
-    def _flat_grad(params: list[torch.nn.Parameter]) -> torch.Tensor:
-        grads = [p.grad.reshape(-1).to(torch.float32) if p.grad is not None
-                 else torch.zeros(p.numel(), dtype=torch.float32, device=p.device) for p in params]
-        return torch.cat(grads)
-
-    @staticmethod
-    def _write_grad(params: list[torch.nn.Parameter], flat: torch.Tensor) -> None:
-        offset = 0
-        for param in params:
-            piece = flat[offset : offset + param.numel()].view_as(param)
-            if param.grad is None:
-                param.grad = piece.to(param.dtype).clone()
-            else:
-                param.grad.copy_(piece)
-            offset += param.numel()
+            estimate = self.exchange.step(batch_hash, self._claims.projector(inputs), extras={"inputs": inputs})
+        write_grad(params, estimate)
+        assert self.exchange.last_context is not None
+        return self.exchange.last_context
 
     def _after_optimizer_step(self) -> None:
         assert self.exchange is not None
-        module = self.lightning_module
         if self.config.sync_buffers:
-            buffers = list(module.buffers())
+            buffers = list(self.lightning_module.buffers())
             if buffers:
-                self.exchange.broadcast(buffers, kind="buffers")
+                self.exchange.comm.broadcast(buffers, kind="buffers")
         step = self.exchange.chain.step
         if self.config.audit_every and step % self.config.audit_every == 0:
-            self.exchange.audit(self._module_state(module), step)
-        if self.exchange.last_context is not None:  # metrics of the whole step, logged at batch end
-            self.fresh_metrics = self._step_metrics(self.exchange.last_context)
+            self.exchange.audit(self._module_state(), step)
+        ctx = self.exchange.last_context
+        if ctx is not None:  # metrics of the whole step, logged at batch end
+            self._step_metrics = self.exchange.traffic.metrics()
+            self._step_metrics["holograd/true_gradient_step"] = float(ctx.true_gradient)
+            self._step_metrics["holograd/slashed_ranks"] = float(len(self.exchange.slashing.slashed))
+            if "captured_energy" in ctx.extras:
+                self._step_metrics["holograd/captured_energy"] = float(ctx.extras["captured_energy"])
 
-    def _step_metrics(self, ctx: StepContext) -> dict[str, float]:
-        assert self.exchange is not None
-        metrics = self.exchange.traffic.metrics()
-        metrics["holograd/true_gradient_step"] = float(ctx.true_gradient)
-        metrics["holograd/excluded_ranks"] = float(len(self.exchange.excluded))
-        if "captured_energy" in ctx.extras:
-            metrics["holograd/captured_energy"] = float(ctx.extras["captured_energy"])
+    def pop_step_metrics(self) -> dict[str, float]:
+        """The metrics of the last optimizer step, once (empty until the next step ends)."""
+        metrics, self._step_metrics = self._step_metrics, {}
         return metrics
 
     # -- checkpoints ---------------------------------------------------------------------------
+    @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
         if self.exchange is not None:
-            checkpoint[CHECKPOINT_KEY] = {"config": self.config.as_dict(), "exchange": self.exchange.state_dict()}
-        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+            checkpoint[STATE_KEY] = protocol_state(self.config.as_dict(), self.exchange.state_dict())
+        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)  # type: ignore[misc]
 
+    @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         """Runs before ``setup``: stash the protocol state, applied in ``configure_ddp``."""
-        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
-        state = checkpoint.get(CHECKPOINT_KEY)
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)  # type: ignore[misc]
+        state = exchange_state(checkpoint)
         if state is not None:
-            self._pending_state = state["exchange"]
+            self._pending_state = state
             if self.exchange is not None:  # already set up (e.g. restore after setup)
-                self.exchange.load_state_dict(self._pending_state)
+                self.exchange.load_state_dict(state)
                 self._pending_state = None
         return checkpoint
+
+
+class HoloGradStrategy(HoloGradStrategyMixin, DDPStrategy):
+    __doc__ = HoloGradStrategyMixin.__doc__
+    metrics_callback_cls = HoloGradMetrics
+    launcher_cls = HoloGradLauncher

@@ -1,0 +1,71 @@
+"""Checkpoints of earlier versions resume exactly (fork launcher, gloo, CPU).
+
+``tests/fixtures/v1`` holds what lightning-holograd 0.1.0 (commit 99511df, state version 1:
+the protocol state under ``"holograd"``) wrote for the toy task with Adam on 2 ranks:
+``<family>_last.ckpt`` after one epoch (8 steps) with ``ProofVerifier(p_verify=0.5,
+ledger_path=...)``, the ledger file of that epoch, and rank 0's parameters and exchange
+state after 2 uninterrupted epochs of the same run (``*_expected_*.pt``). Resuming the
+checkpoint for the second epoch must give those parameters bit for bit, the same chain
+and traffic totals, and a ledger whose chain verifies across the resume.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from replicas import assert_identical_replicas
+
+from lightning_holograd import HoloGradStrategy, ProofVerifier
+from lightning_holograd.demos import ToyModule, fit
+from lightning_holograd.protocol import Ledger
+from lightning_holograd.strategies.checkpoint import STATE_KEY, exchange_state
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "v1"
+FAMILIES = {"identity": {"directions": "identity"}, "sketch": {"directions": "sketch", "num_directions": 8}}
+
+
+@pytest.mark.multiprocess
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_version_1_checkpoint_resumes_bitwise(tmp_path, family):
+    checkpoint = tmp_path / "last.ckpt"
+    shutil.copy(FIXTURES / f"{family}_last.ckpt", checkpoint)
+    ledger_path = tmp_path / "ledger.jsonl"
+    shutil.copy(FIXTURES / f"{family}_ledger.jsonl", ledger_path)  # as the first run left it
+    strategy = HoloGradStrategy(start_method="fork", **FAMILIES[family])
+    states = fit(ToyModule(adam=True), strategy, tmp_path / "ranks", max_epochs=2, max_steps=-1,
+                 ckpt_path=str(checkpoint), callbacks=[ProofVerifier(p_verify=0.5, ledger_path=str(ledger_path))])
+    assert_identical_replicas(states)
+    expected = torch.load(FIXTURES / f"{family}_expected_params.pt", weights_only=True)
+    assert states[0]["params"].keys() == expected.keys()
+    assert all(torch.equal(states[0]["params"][name], tensor) for name, tensor in expected.items())
+    expected_exchange = torch.load(FIXTURES / f"{family}_expected_exchange.pt", weights_only=True)
+    assert states[0]["exchange"]["chain"] == expected_exchange["chain"]
+    assert states[0]["exchange"]["traffic"] == expected_exchange["traffic"]
+    assert states[0]["exchange"]["slashed"] == expected_exchange["excluded"] == []
+    first = Ledger.load(FIXTURES / f"{family}_ledger.jsonl").records
+    resumed = Ledger.load(ledger_path).records  # verifies the chain across the resume
+    assert resumed[: len(first)] == first and len(resumed) > len(first)
+    assert {r.step for r in resumed[len(first):]} <= set(range(9, 17))
+
+
+def test_version_1_state_is_migrated():
+    checkpoint = torch.load(FIXTURES / "identity_last.ckpt", weights_only=True)
+    old = checkpoint["holograd"]["exchange"]
+    old["excluded"] = [3]
+    old["traffic"]["total_payload"]["bootstrap"] = 10
+    state = exchange_state(checkpoint)
+    assert state is not None and state["slashed"] == [3] and "excluded" not in state
+    assert state["traffic"]["total_payload"]["true_gradient"] == 10
+    assert "bootstrap" not in state["traffic"]["total_payload"]
+    assert state["chain"] == old["chain"] and state["family"] == old["family"]
+    assert exchange_state({STATE_KEY: {"config": {}, "exchange": state}}) == state
+    assert exchange_state({"state_dict": {}}) is None
+
+
+def test_a_newer_state_version_is_refused_with_a_hint():
+    with pytest.raises(ValueError, match=r"HoloGradStrategy\{'version': 99\}.*HINT: upgrade"):
+        exchange_state({"HoloGradStrategy{'version': 99}": {"config": {}, "exchange": {}}})

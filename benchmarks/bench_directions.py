@@ -5,8 +5,8 @@ For every (family, D, K) it times ``family.project(g, seeds)`` and
 ``family.synthesize(a, seeds)`` separately (median of ``--repeats`` after ``--warmup``
 untimed calls; ``torch.cuda.synchronize`` around every call on a GPU) and compares them
 with the raw random-number throughput of the device, measured first, so that
-"generation versus RNG limit" can be read off (PROTOCOL.md section 3,
-LIGHTNING_NOTES.md "Projection cost").
+"generation versus RNG limit" can be read off (docs/PROTOCOL.md §3: generating the
+directions, not the dot products, dominates the cost).
 
 Families (rows):
   gaussian, rademacher   dense, O(D K) per call
@@ -27,9 +27,9 @@ from the measured RNG rates, rescaled by the measured/estimated ratio of the las
 configuration of the same family that did run (configurations run in increasing D, K).
 
 Examples:
-  python benchmarks/bench_directions.py                      # defaults, ~1.5 min on 2 CPU cores
-  python benchmarks/bench_directions.py --dims 1000000 --ks 64 --families gaussian,sketch
-  python benchmarks/bench_directions.py --device cuda --dims 1000000,10000000
+  python -m benchmarks.bench_directions                      # defaults, ~1.5 min on 2 CPU cores
+  python -m benchmarks.bench_directions --dims 1000000 --ks 64 --families gaussian,sketch
+  python -m benchmarks.bench_directions --device cuda --dims 1000000,10000000
 """
 
 from __future__ import annotations
@@ -51,9 +51,6 @@ from typing import Any
 import torch
 
 _BENCH_DIR = Path(__file__).resolve().parent
-_REPO_ROOT = _BENCH_DIR.parent
-if str(_REPO_ROOT) not in sys.path:  # run from a checkout without installing the package
-    sys.path.insert(0, str(_REPO_ROOT))
 
 from lightning_holograd.protocol import direction_seeds, make_family  # noqa: E402
 
@@ -130,7 +127,7 @@ def measure_rng(device: torch.device, repeats: int, block: int = 8192) -> dict[s
     out["int64_random_Mps"] = rate(lambda: i64.random_(0, 256, generator=gen), n)
     del i64, u8
 
-    # The families' actual pattern: re-seed a generator, fill one block (PROTOCOL section 3).
+    # The families' actual pattern: re-seed a generator, fill one block (docs/PROTOCOL.md §3).
     nblocks = min(1024, n // block)
     blk = f32[:block]
 

@@ -38,9 +38,9 @@ Ranks write JSON files; this script aggregates them (max over ranks) into a Mark
 table and a JSON file with every step time.
 
 Examples:
-  python benchmarks/bench_strategy.py                           # all runs, 60 steps, ~4-5 min on 2 cores
-  python benchmarks/bench_strategy.py --steps 30 --runs sketch-4096,identity
-  python benchmarks/bench_strategy.py --out /tmp/strategy.md    # JSON written next to it
+  python -m benchmarks.bench_strategy                           # all runs, 60 steps, ~4-5 min on 2 cores
+  python -m benchmarks.bench_strategy --steps 30 --runs sketch-4096,identity
+  python -m benchmarks.bench_strategy --out /tmp/strategy.md    # JSON written next to it
 """
 
 from __future__ import annotations
@@ -70,7 +70,6 @@ from typing import Any  # noqa: E402
 
 _BENCH_DIR = Path(__file__).resolve().parent
 _REPO_ROOT = _BENCH_DIR.parent
-_EXAMPLES_DIR = _REPO_ROOT / "examples"
 
 WORLD_SIZE = 2
 SEED = 1337
@@ -190,13 +189,9 @@ def worker(run: str, steps: int, warmup: int, max_bytes: int, result_dir: Path) 
     import lightning.pytorch as L
     from lightning.pytorch.strategies import DDPStrategy
 
-    if str(_REPO_ROOT) not in sys.path:  # run from a checkout without installing the package
-        sys.path.insert(0, str(_REPO_ROOT))
-    sys.path.insert(0, str(_EXAMPLES_DIR))
-    from gpt2_data import GPT2DataModule  # noqa: E402
-    from gpt2_module import GPT2Module  # noqa: E402
-
-    from lightning_holograd import ADCBootstrap, HoloGradStrategy  # noqa: E402
+    from lightning_holograd import ADCBootstrap, HoloGradStrategy
+    from lightning_holograd.demos.gpt2_data import GPT2DataModule
+    from lightning_holograd.demos.gpt2_module import GPT2Module
 
     spec = dict(RUNS[run])
     bootstrap = spec.pop("bootstrap", 0)
@@ -257,11 +252,12 @@ def run_one(run: str, label: str, args: argparse.Namespace, result_dir: Path) ->
         stale.unlink()
     row: dict[str, Any] = {"run": label, "setting": run, "strategy": "ddp" if run == "ddp" else "holograd",
                            "config": {k: v for k, v in RUNS[run].items()}, "loadavg_start": _loadavg()}
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--_worker", run, "--steps", str(args.steps),
+    cmd = [sys.executable, "-m", "benchmarks.bench_strategy", "--_worker", run, "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--max-bytes", str(args.max_bytes), "--_result-dir", str(result_dir)]
     t0 = time.perf_counter()
     # Own process group, so that a timed-out run's rank processes (fork children) go too.
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(cmd, cwd=_REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     rc: int | str
     try:
         _, err = proc.communicate(timeout=args.timeout)

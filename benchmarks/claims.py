@@ -6,7 +6,7 @@ one-line verdict ("holds" / "does not hold", with the numbers).
 
   c1   cos(g_hat, g) ~ sqrt(K/D) for the dense families and the sketch: K/D sweep over
        D in {1e3, 1e4, 1e5}, mean over >= 20 seed draws, a random g (fixed seed) and the
-       real flat gradient of the toy module of tests/strategy/toy.py (D = 178). For the
+       real flat gradient of the toy module of lightning_holograd.demos (D = 178). For the
        gaussian family the exact expectation is known: cos^2 ~ Beta(K/2, (D-1)/2), so
        E[cos] = B(K/2 + 1/2, (D-1)/2) / B(K/2, (D-1)/2) (tests/protocol/test_directions.py).
   c6   unbiasedness: ||mean of M estimates - g|| / ||g|| versus its expectation
@@ -29,9 +29,9 @@ one-line verdict ("holds" / "does not hold", with the numbers).
   all  every claim above (~12-15 min on 2 CPU cores; c2-c5 share one exact trajectory).
 
 Examples:
-  python benchmarks/claims.py all
-  python benchmarks/claims.py c1 --seeds 20 --max-values 2e9
-  python benchmarks/claims.py c8 --ranks 4 --steps 200
+  python -m benchmarks.claims all
+  python -m benchmarks.claims c1 --seeds 20 --max-values 2e9
+  python -m benchmarks.claims c8 --ranks 4 --steps 200
 """
 
 from __future__ import annotations
@@ -58,10 +58,6 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 _BENCH_DIR = Path(__file__).resolve().parent
-_REPO_ROOT = _BENCH_DIR.parent
-for _p in (_REPO_ROOT, _REPO_ROOT / "tests" / "strategy"):  # run from a checkout; reuse toy.py
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
 
 from lightning_holograd.protocol import direction_seeds, genesis_commitment, make_family  # noqa: E402
 
@@ -99,8 +95,8 @@ def expected_cos_gaussian(dim: int, k: int) -> float:
 
 
 def toy_gradient() -> torch.Tensor:
-    """Flat gradient of the toy module (tests/strategy/toy.py) on its first batch at init."""
-    from toy import ToyModule
+    """Flat gradient of the toy module (lightning_holograd.demos) on its first batch at init."""
+    from lightning_holograd.demos import ToyModule
 
     module = ToyModule()
     x, y = next(iter(module.train_dataloader()))
@@ -122,7 +118,7 @@ def _header(title: str, meta: dict[str, Any]) -> list[str]:
 
 def _meta(start: float, load_start: float | None) -> dict[str, Any]:
     return {
-        "command": "python benchmarks/claims.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "command": "python -m benchmarks.claims " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "host": platform.node() or "?",
         "torch": torch.__version__,
@@ -202,7 +198,7 @@ def claim_c1(args: argparse.Namespace) -> str:
 
     body = [
         "Claim C1: cos(g_hat, g) is about sqrt(K/D) for the dense families (and the sketch), so they",
-        "only learn when K/D is not tiny (PROTOCOL.md section 3).",
+        "only learn when K/D is not tiny (docs/PROTOCOL.md §3).",
         "",
         f"**Verdict:** {verdict}.",
         "",
@@ -214,7 +210,7 @@ def claim_c1(args: argparse.Namespace) -> str:
         "",
         f"Mean over >= {args.seeds} seed draws (distinct commitments; {args.cheap_seeds} where a cell draws at most",
         f"{args.cheap_values:.0e} random values then), random g = randn(D) with seed 0, and the",
-        "flat gradient of `ToyModule` (tests/strategy/toy.py) on its first batch at init (D = 178).",
+        "flat gradient of `ToyModule` (lightning_holograd.demos) on its first batch at init (D = 178).",
         f"Dense cells that would draw more than {args.max_values:.1e} random values are skipped (`--max-values`).",
         "",
         "| input | family | D | K | K/D | draws | mean cos (sd) | sqrt(K/D) | ratio | exact E cos (gaussian) | ratio to exact (z) |",
@@ -292,7 +288,7 @@ def claim_c6(args: argparse.Namespace) -> str:
                f"(limit sqrt(2)); the bugs sit >= {bug_a:.1f}x (sqrt(K/D) scaling) and >= {bug_b:.1f}x "
                f"(collapsed seeds) above it")
     body = [
-        "Claim C6: the estimate is unbiased, E[g_hat] = g (PROTOCOL.md section 3), with per-draw",
+        "Claim C6: the estimate is unbiased, E[g_hat] = g (docs/PROTOCOL.md §3), with per-draw",
         "variance v = E||g_hat - g||^2 / ||g||^2 = (D+1)/K (gaussian), (D-1)/K (rademacher, sketch).",
         "",
         f"**Verdict:** {verdict}.",
@@ -333,7 +329,7 @@ def _quantile(values: list[float], q: float) -> float:
 def claim_c8(args: argparse.Namespace) -> str:
     start, load0 = time.perf_counter(), _loadavg()
     import lightning_holograd
-    from toy import ToyModule, fit
+    from lightning_holograd.demos import ToyModule, fit
 
     with tempfile.TemporaryDirectory(prefix="claims-c8-") as tmp:
         ledger_path = Path(tmp) / "ledger.jsonl"
@@ -371,7 +367,7 @@ def claim_c8(args: argparse.Namespace) -> str:
         "",
         f"**Verdict:** {verdict}.",
         "",
-        f"Run: `ToyModule` of tests/strategy/toy.py (MLP 8-16-2, D = 178, SGD lr 0.05), {args.ranks} CPU ranks",
+        f"Run: `ToyModule` of lightning_holograd.demos (MLP 8-16-2, D = 178, SGD lr 0.05), {args.ranks} CPU ranks",
         f"(fork launcher, gloo), HoloGradStrategy(directions={args.family!r}, num_directions={args.k}),",
         "ProofVerifier(p_verify=1.0, slash=False, rtol=0, atol=0) with rank 0 verifying every other rank's",
         f"claim on every step; {args.steps} steps requested, {steps_done} done, fit {fit_seconds:.1f} s.",

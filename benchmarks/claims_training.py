@@ -8,9 +8,9 @@ the exact minibatch gradient g, or a direction family's g_hat = reconstruct(proj
 (one rank: the protocol's maths without the wire). Validation loss: the first 8 x 16
 windows of the validation split.
 
-C7 simulates N ranks of the toy regression task of ``tests/strategy/toy.py`` in one
+C7 simulates N ranks of the toy regression task of ``lightning_holograd.demos`` in one
 process (each rank its own batches), f of them Byzantine with the attacks of
-``lightning_holograd.callbacks.byzantine.attack_row``, aggregated per direction by the
+``lightning_holograd.protocol.attack_row``, aggregated per direction by the
 protocol's own aggregators. The multi-process path is covered by ``bench_byzantine.py``
 and the tests; this sweep needs N = 10 to express 0-30 %.
 """
@@ -19,25 +19,16 @@ from __future__ import annotations
 
 import math
 import statistics
-import sys
 from collections.abc import Callable
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn.utils import parameters_to_vector
 
-_BENCH_DIR = Path(__file__).resolve().parent
-_REPO_ROOT = _BENCH_DIR.parent
-for _p in (_BENCH_DIR, _REPO_ROOT, _REPO_ROOT / "examples", _REPO_ROOT / "tests" / "strategy"):
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
-
-from torch.nn.utils import parameters_to_vector  # noqa: E402
-
-from bench_strategy import MODEL_KW  # noqa: E402  the tiny GPT-2 of configs/gpt2-tiny-cpu.yaml
-from lightning_holograd.protocol import direction_seeds, genesis_commitment, make_family  # noqa: E402
-from lightning_holograd.protocol.aggregators import make_aggregator  # noqa: E402
+from benchmarks.bench_strategy import MODEL_KW  # the tiny GPT-2 of configs/gpt2-tiny-cpu.yaml
+from lightning_holograd.protocol import attack_row, direction_seeds, genesis_commitment, make_family
+from lightning_holograd.protocol.aggregators import make_aggregator
 
 BATCH = 16
 VAL_BATCHES = 8
@@ -57,7 +48,7 @@ def random_abs_cos(dim: int) -> float:
 # ============================================================================ GPT-2 harness
 @lru_cache(maxsize=1)
 def _corpus() -> tuple[torch.Tensor, torch.Tensor]:
-    from gpt2_data import stdlib_corpus
+    from lightning_holograd.demos.gpt2_data import stdlib_corpus
 
     return stdlib_corpus(4_000_000, 10)
 
@@ -65,7 +56,7 @@ def _corpus() -> tuple[torch.Tensor, torch.Tensor]:
 @lru_cache(maxsize=1)
 def tiny_gpt2_dim() -> int:
     """D of the tiny GPT-2 (trainable parameters), for families built before a harness."""
-    from gpt2_module import GPT2Module
+    from lightning_holograd.demos.gpt2_module import GPT2Module
 
     return sum(p.numel() for p in GPT2Module(**MODEL_KW).parameters() if p.requires_grad)
 
@@ -74,8 +65,8 @@ class GPT2Harness:
     """Model at the example's init (seed), seeded batches, flat gradients, validation loss."""
 
     def __init__(self, seed: int = 1337) -> None:
-        from gpt2_data import TokenBlocks
-        from gpt2_module import GPT2Module
+        from lightning_holograd.demos.gpt2_data import TokenBlocks
+        from lightning_holograd.demos.gpt2_module import GPT2Module
 
         torch.manual_seed(seed)
         self.module = GPT2Module(**MODEL_KW)
@@ -398,7 +389,7 @@ ATTACKS = ("random", "scale", "sign_flip", "alie", "ipm")
 
 
 def _toy_problem(ranks: int):
-    from toy import ToyModule, make_dataset
+    from lightning_holograd.demos import ToyModule, make_dataset
 
     data = make_dataset(num_samples=ranks * BATCH * 8, seed=0)
     x, y = data.tensors
@@ -417,8 +408,6 @@ def _toy_problem(ranks: int):
 def simulate(ranks: int, byzantine: int, attack: str | None, aggregation: str, steps: int, k: int = 64,
              lr: float = 0.05, trim_ratio: float = 0.3) -> float:
     """Final full-data MSE of N simulated HoloGrad ranks (Gaussian directions, K = k, SGD)."""
-    from lightning_holograd.callbacks.byzantine import attack_row
-
     fresh, batch, (x, y) = _toy_problem(ranks)
     model = fresh()
     params = list(model.parameters())

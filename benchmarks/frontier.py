@@ -18,10 +18,10 @@ and peak RSS as ratios to DDP (the mean of a DDP run first and a DDP run last). 
 keeps the runs already in the JSON.
 
 Examples:
-  python benchmarks/frontier.py                       # every run (~35-40 min on 2 cores)
-  python benchmarks/frontier.py --runs ddp,sketch-4096,powersgd-r1 --steps 100
-  python benchmarks/frontier.py --resume              # finish an interrupted invocation
-  python benchmarks/frontier.py --report-only         # redraw table and plots from the JSON
+  python -m benchmarks.frontier                       # every run (~35-40 min on 2 cores)
+  python -m benchmarks.frontier --runs ddp,sketch-4096,powersgd-r1 --steps 100
+  python -m benchmarks.frontier --resume              # finish an interrupted invocation
+  python -m benchmarks.frontier --report-only         # redraw table and plots from the JSON
 """
 
 from __future__ import annotations
@@ -39,13 +39,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.bench_strategy import _cpu_name, _ring_allreduce_bytes, _version
+from benchmarks.netns import TwoNodeLink
+
 _BENCH_DIR = Path(__file__).resolve().parent
-sys.path.insert(0, str(_BENCH_DIR))
-
-from bench_strategy import _cpu_name, _ring_allreduce_bytes, _version  # noqa: E402
-from netns import TwoNodeLink  # noqa: E402
-
-WORKER = _BENCH_DIR / "netbench_worker.py"
+WORKER = "benchmarks.netbench_worker"  # run by torchrun as a module, from the repository root
 RESULTS = _BENCH_DIR / "results"
 
 
@@ -416,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     done = {r["run"] for r in payload["rows"] if r.get("status") == "ok"}
     payload["rows"] = [r for r in payload["rows"] if r["run"] in done]
     start = time.perf_counter() - payload.get("meta", {}).get("total_wall_s", 0.0)
-    command = "python benchmarks/frontier.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    command = "python -m benchmarks.frontier " + shlex.join(argv if argv is not None else sys.argv[1:])
     prior_commands = payload.get("meta", {}).get("command", "").split("; ") if payload["rows"] else []
     prior_commands = [c for c in prior_commands if c]
     names = [n for n in args.runs.split(",")]

@@ -40,23 +40,17 @@ import json  # noqa: E402
 import math  # noqa: E402
 import resource  # noqa: E402
 import statistics  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
-
-_REPO_ROOT = Path(__file__).resolve().parent.parent
-for _path in (_REPO_ROOT, _REPO_ROOT / "examples"):
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
 
 import lightning.pytorch as L  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from lightning.pytorch.strategies import DDPStrategy  # noqa: E402
 
-from bench_strategy import DATA_KW as _STRATEGY_DATA_KW  # noqa: E402  (this file's directory is on sys.path)
-from bench_strategy import MODEL_KW, SEED  # noqa: E402  the tiny GPT-2 of configs/gpt2-tiny-cpu.yaml
+from benchmarks.bench_strategy import DATA_KW as _STRATEGY_DATA_KW  # noqa: E402
+from benchmarks.bench_strategy import MODEL_KW, SEED  # noqa: E402  the tiny GPT-2 of configs/gpt2-tiny-cpu.yaml
 
 DATA_KW = {**_STRATEGY_DATA_KW, "max_bytes": 4_000_000}
 
@@ -263,8 +257,8 @@ def main(argv: list[str] | None = None) -> None:
     spec = json.loads(args.spec)
 
     torch.set_num_threads(1)
-    from gpt2_data import GPT2DataModule
-    from gpt2_module import GPT2Module
+    from lightning_holograd.demos.gpt2_data import GPT2DataModule
+    from lightning_holograd.demos.gpt2_module import GPT2Module
 
     import lightning_holograd  # noqa: F401
 

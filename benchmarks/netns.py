@@ -1,7 +1,7 @@
 """Two "nodes" on one machine: network namespaces joined by a veth pair (needs root).
 
     with TwoNodeLink(rate="100mbit") as link:          # rate=None: no shaping
-        result = link.run_torchrun(script, args, timeout=600)
+        result = link.run_torchrun("benchmarks.netbench_worker", args, timeout=600)
 
 Each namespace holds one end of a veth pair (10.213.<n>.1 and .2, /24) and its own
 loopback; nothing is routed out of them, so the run's traffic stays between the two.
@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+_REPO_ROOT = Path(__file__).resolve().parent.parent  # torchrun runs modules of the repository from here
 _SUBNET_COUNTER = [0]
 
 
@@ -108,9 +109,10 @@ class TwoNodeLink:
             out.append(int(stats["tx"]["bytes"]))
         return out[0], out[1]
 
-    def run_torchrun(self, script: Path, script_args: list[str], timeout: float, port: int = 29517,
+    def run_torchrun(self, module: str, script_args: list[str], timeout: float, port: int = 29517,
                      env: dict[str, str] | None = None) -> dict[str, Any]:
-        """Run ``script`` as a 2-node torchrun job, one process per namespace."""
+        """Run the Python ``module`` (from the repository root) as a 2-node torchrun job, one
+        process per namespace."""
         before = self.tx_bytes()
         procs = []
         t0 = time.perf_counter()
@@ -119,9 +121,9 @@ class TwoNodeLink:
                         "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
             cmd = ["ip", "netns", "exec", ns, sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
                    "--nproc-per-node", "1", "--node-rank", str(node), "--master-addr", self.addr[0],
-                   "--master-port", str(port), str(script), *script_args, "--iface", dev]
-            procs.append(subprocess.Popen(cmd, env=node_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                          text=True, start_new_session=True))
+                   "--master-port", str(port), "--module", module, *script_args, "--iface", dev]
+            procs.append(subprocess.Popen(cmd, cwd=_REPO_ROOT, env=node_env, stdout=subprocess.PIPE,
+                                          stderr=subprocess.STDOUT, text=True, start_new_session=True))
         outputs, codes = [], []
         deadline = t0 + timeout
 

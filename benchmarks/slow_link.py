@@ -17,8 +17,8 @@ The namespaces are created and deleted by the script (also on Ctrl-C), traffic s
 between them, and every run has a time limit (``--timeout``).
 
 Examples:
-  python benchmarks/slow_link.py                         # none, 1gbit, 100mbit, 20mbit (~13 min)
-  python benchmarks/slow_link.py --rates 100mbit,20mbit --steps 150 --target 2.6
+  python -m benchmarks.slow_link                         # none, 1gbit, 100mbit, 20mbit (~13 min)
+  python -m benchmarks.slow_link --rates 100mbit,20mbit --steps 150 --target 2.6
 """
 
 from __future__ import annotations
@@ -33,11 +33,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-_BENCH_DIR = Path(__file__).resolve().parent
-sys.path.insert(0, str(_BENCH_DIR))
-
-from bench_strategy import _version  # noqa: E402
-from frontier import RESULTS, RUNS, run_one, tbf_burst  # noqa: E402
+from benchmarks.bench_strategy import _version
+from benchmarks.frontier import RESULTS, RUNS, run_one, tbf_burst
 
 STRATEGIES = {"ddp": RUNS["ddp"], "holograd-sketch-4096": RUNS["sketch-4096"]}
 
@@ -130,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"torch": _version("torch"), "lightning": _version("lightning"), "steps": args.steps,
             "val_every": args.val_every, "target": args.target,
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "command": "python benchmarks/slow_link.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
+            "command": "python -m benchmarks.slow_link " + shlex.join(argv if argv is not None else sys.argv[1:]),
             "total_wall_s": time.perf_counter() - start}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -7,19 +7,13 @@ import json
 import math
 import os
 import shutil
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-_BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
-sys.path.insert(0, str(_BENCH))
-sys.path.insert(0, str(_BENCH.parent / "tests" / "strategy"))  # toy.free_port
-
-import frontier  # noqa: E402
-from claims_training import random_abs_cos  # noqa: E402
-from slow_link import time_to_target  # noqa: E402
+from benchmarks import frontier  # the repository root is on sys.path (pyproject: pytest pythonpath)
+from benchmarks.claims_training import random_abs_cos
+from benchmarks.slow_link import time_to_target
 
 D_TINY = 445_952  # parameters of configs/gpt2-tiny-cpu.yaml
 
@@ -67,7 +61,7 @@ def test_tbf_burst_is_ten_ms_of_rate_with_a_floor():
 
 
 def test_iface_tx_bytes_reads_the_transmit_column(tmp_path):
-    from netbench_worker import iface_tx_bytes
+    from benchmarks.netbench_worker import iface_tx_bytes
 
     dev = tmp_path / "dev"
     dev.write_text(
@@ -98,7 +92,7 @@ def test_random_abs_cos_matches_monte_carlo():
 def _diloco_rank(rank: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
-    from netbench_worker import DiLoCoAverager
+    from benchmarks.netbench_worker import DiLoCoAverager
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
@@ -120,7 +114,7 @@ def _diloco_rank(rank: int, port: int, out: str) -> None:
 @pytest.mark.multiprocess
 def test_diloco_outer_step_is_nesterov_on_the_mean_pseudo_gradient(tmp_path):
     import torch.multiprocessing as mp
-    from toy import free_port
+    from lightning_holograd.demos import free_port
 
     mp.start_processes(_diloco_rank, args=(free_port(), str(tmp_path)), nprocs=2, start_method="fork")
     res = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
@@ -168,8 +162,7 @@ def test_frontier_measures_ddp_and_holograd_bytes_at_the_interface(tmp_path):
 
 
 def test_bad_arguments_are_refused_before_any_run(capsys):
-    import claims
-    import slow_link
+    from benchmarks import claims, slow_link
 
     with pytest.raises(SystemExit) as exc:
         slow_link.main(["--rates", "none,fast"])

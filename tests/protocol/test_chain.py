@@ -1,4 +1,4 @@
-"""Commitment chain, batch hashing and direction seeds (PROTOCOL.md section 2)."""
+"""Commitment chain, batch hashing and direction seeds (docs/PROTOCOL.md §2)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Seed-generated direction families (PROTOCOL.md section 3).
+"""Seed-generated direction families (docs/PROTOCOL.md §3).
 
 Notation: D coordinates, K directions per step, M independent steps (seed draws),
 g a fixed gradient, g_hat = synthesize(project(g, seeds), seeds).

@@ -1,4 +1,4 @@
-"""Codebook (ADC) and momentum-centric families (PROTOCOL.md sections 5 and 7).
+"""Codebook (ADC) and momentum-centric families (docs/PROTOCOL.md §5 and §7).
 
 Notation: D coordinates, r codebook columns, e exploration directions, U (D, r) the
 shared basis, P a planted (D, r) orthonormal basis that generates the gradient stream.

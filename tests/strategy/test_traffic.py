@@ -128,7 +128,7 @@ def test_no_collective_carries_more_than_scalars_and_hashes(tmp_path, counted_co
 
 def test_ddp_gradient_traffic_is_invisible_to_python_wrappers(tmp_path, counted_collectives):
     """Why this test counts HoloGrad only: DDP's bucketed all-reduce is issued from C++, so
-    wrapping torch.distributed sees none of it (LIGHTNING_NOTES). Shown here so that the
+    wrapping torch.distributed sees none of it. Shown here so that the
     benchmarks measure DDP traffic with a comm hook or interface counters instead."""
     fit(ToyModule(), "ddp_fork", tmp_path, max_steps=4, callbacks=[_MarkSteps(tmp_path)])
     per_step = _per_step(torch.load(tmp_path / "collectives0.pt"))

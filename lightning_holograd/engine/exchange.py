@@ -108,7 +108,11 @@ class HoloGradExchange:
 
     # -- one step ------------------------------------------------------------------------
     def commit(self, batch_hash: bytes, true_gradient: bool = False) -> StepContext:
-        """Exchange batch hashes, advance the chain and derive this step's seeds."""
+        """Exchange batch hashes, advance the chain and derive this step's seeds.
+
+        Call contract: a blocking collective, once per step on every rank (``step`` and
+        ``true_gradient_step`` call it first).
+        """
         self.traffic.start_step()
         local = torch.frombuffer(bytearray(batch_hash), dtype=torch.uint8)
         hashes = self.comm.all_gather(local, "hashes").cpu()

@@ -13,6 +13,7 @@ from .aggregators import (
 )
 from .chain import CommitmentChain, direction_seeds, genesis_commitment, hash_batch, scalars_digest
 from .directions import (
+    DIRECTION_VERSION,
     DirectionFamily,
     GaussianDirections,
     IdentityDirections,
@@ -26,6 +27,7 @@ from .verification import Reason, Verdict, claim_digest, draw_claims, judge_clai
 
 __all__ = [
     "AGGREGATION_NAMES",
+    "DIRECTION_VERSION",
     "AggregationResult",
     "Aggregator",
     "CodebookDirections",

@@ -18,7 +18,7 @@ every chunk size.
   (j mod 32) of word(s_{floor(j/32)}, d) is 0, else -1.
 - gaussian (one seed per direction): coordinate d of direction j is the Gaussian table's
   atom at the 16-bit half (low for even d, high for odd d) of word(s_j, floor(d/2)).
-``chunk_size`` only sets how many coordinates are materialised at once; the old
+``chunk_size`` (optional) caps how many coordinates are materialised at once; the old
 ``block_size`` (DIRECTION_VERSION 1: one torch.Generator per block) is accepted and
 ignored.
 """
@@ -50,9 +50,13 @@ __all__ = [
 ]
 
 DEFAULT_BLOCK_SIZE = 8192  # accepted for compatibility; no effect since DIRECTION_VERSION 2
-DEFAULT_CHUNK_SIZE = 32768
+DEFAULT_CHUNK_SIZE = None  # no cap beyond the device's working set
 _GRANULE = 64  # chunk boundaries are multiples of this (even: Gaussian pairs never split)
-_WORK_ELEMENTS = 1 << 17  # cap on a chunk's largest temporary (elements): about an L2 cache
+# Cap on a chunk's largest temporary, in elements, by device type: about an L2 cache on a
+# CPU (measured fastest), large on an accelerator so that kernel launches stay few
+# (2^23 int64 elements = 64 MiB per temporary, a few alive at once).
+_WORK_ELEMENTS = {"cpu": 1 << 17}
+_WORK_ELEMENTS_ACCELERATOR = 1 << 23
 
 
 def _check_positive(name: str, value: int) -> None:
@@ -164,19 +168,23 @@ class _HashedFamily(DirectionFamily):
         dim: int,
         num_directions: int,
         block_size: int = DEFAULT_BLOCK_SIZE,
-        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        chunk_size: int | None = DEFAULT_CHUNK_SIZE,
     ) -> None:
         super().__init__(dim, num_directions)
         _check_positive("block_size", block_size)  # accepted and ignored (see module docstring)
-        _check_positive("chunk_size", chunk_size)
+        if chunk_size is not None:
+            _check_positive("chunk_size", chunk_size)
         self.chunk_size = chunk_size
         self._tables: dict[tuple[str, str], torch.Tensor] = {}
 
-    def _chunks(self, per_coordinate: int) -> Iterator[tuple[int, int]]:
-        """[start, stop) ranges covering [0, D): at most ``chunk_size`` coordinates (rounded up
-        to a multiple of 64), fewer when ``per_coordinate`` temporaries per coordinate would
-        exceed the cache-sized working set."""
-        size = min(self.chunk_size, max(_GRANULE, _WORK_ELEMENTS // max(1, per_coordinate)))
+    def _chunks(self, per_coordinate: int, device: torch.device) -> Iterator[tuple[int, int]]:
+        """[start, stop) ranges covering [0, D): as many coordinates as keep ``per_coordinate``
+        temporaries per coordinate within the device's working set, at most ``chunk_size``
+        (None: no cap), rounded up to a multiple of 64."""
+        work = _WORK_ELEMENTS.get(device.type, _WORK_ELEMENTS_ACCELERATOR)
+        size = max(_GRANULE, work // max(1, per_coordinate))
+        if self.chunk_size is not None:
+            size = min(size, self.chunk_size)
         size = -(-size // _GRANULE) * _GRANULE
         for start in range(0, self.dim, size):
             yield start, min(start + size, self.dim)
@@ -213,7 +221,7 @@ class GaussianDirections(_HashedFamily):
         grad = self._check_grad(flat_grad)
         seeds = self._check_seeds(seeds)
         scalars = torch.zeros(len(seeds), dtype=torch.float32, device=grad.device)
-        for start, stop in self._chunks(len(seeds)):
+        for start, stop in self._chunks(len(seeds), grad.device):
             values = self._values(seeds, start, stop, grad.device)
             odd = grad[start + 1 : stop : 2]
             scalars += values[0] @ grad[start:stop:2]
@@ -225,7 +233,7 @@ class GaussianDirections(_HashedFamily):
         seeds = self._check_seeds(seeds)
         weights = scalars / self.num_directions
         out = torch.empty(self.dim, dtype=torch.float32, device=scalars.device)
-        for start, stop in self._chunks(len(seeds)):
+        for start, stop in self._chunks(len(seeds), scalars.device):
             values = self._values(seeds, start, stop, scalars.device)
             odd = out[start + 1 : stop : 2]
             out[start:stop:2] = weights @ values[0]
@@ -237,7 +245,7 @@ class GaussianDirections(_HashedFamily):
         self._check_index(index)
         device = torch.device(device)
         out = torch.empty(self.dim, dtype=torch.float32, device=device)
-        for start, stop in self._chunks(2):
+        for start, stop in self._chunks(2, device):
             values = self._values(seeds[index : index + 1], start, stop, device)  # (2, 1, w)
             out[start:stop] = values[:, 0].T.reshape(-1)[: stop - start]  # interleave even/odd
         return out
@@ -276,7 +284,7 @@ class RademacherDirections(_HashedFamily):
         rows = 4 * len(seeds)
         # hist[4g + q, v] = sum of g_d over coordinates whose byte q of word(s_g, d) is v.
         hist = torch.zeros(rows, 256, dtype=torch.float64, device=grad.device)
-        for start, stop in self._chunks(rows):
+        for start, stop in self._chunks(rows, grad.device):
             part = grad[start:stop].to(torch.float64)
             hist.scatter_add_(1, self._bytes(seeds, start, stop, grad.device), part.expand(rows, -1))
         signs = self._table("signs", grad.device).to(torch.float64)  # (256, 8)
@@ -291,7 +299,7 @@ class RademacherDirections(_HashedFamily):
         # table[4g + q, v] = sum_i weights[32g + 8q + i] * sign(bit i of v).
         table = weights.view(rows, 8) @ self._table("signs", scalars.device).T  # (4 G, 256)
         out = torch.empty(self.dim, dtype=torch.float32, device=scalars.device)
-        for start, stop in self._chunks(rows):
+        for start, stop in self._chunks(rows, scalars.device):
             codes = self._bytes(seeds, start, stop, scalars.device)
             torch.sum(table.gather(1, codes), dim=0, out=out[start:stop])
         return out
@@ -302,7 +310,7 @@ class RademacherDirections(_HashedFamily):
         group, bit = divmod(index, self.SIGNS_PER_SEED)
         device = torch.device(device)
         out = torch.empty(self.dim, dtype=torch.float32, device=device)
-        for start, stop in self._chunks(1):
+        for start, stop in self._chunks(1, device):
             base, hi_term = index_base(start, stop, device)
             words = keyed_words(base, hi_term, *seed_keys(seeds[group : group + 1], device))[0]
             out[start:stop] = 1 - 2 * ((words >> bit) & 1)
@@ -326,7 +334,7 @@ class SketchDirections(_HashedFamily):
         dim: int,
         num_directions: int,
         block_size: int = DEFAULT_BLOCK_SIZE,
-        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        chunk_size: int | None = DEFAULT_CHUNK_SIZE,
     ) -> None:
         super().__init__(dim, num_directions, block_size, chunk_size)
         if num_directions > 1 << 32:
@@ -348,7 +356,7 @@ class SketchDirections(_HashedFamily):
         grad = self._check_grad(flat_grad)
         (seed,) = self._check_seeds(seeds)
         sums = torch.zeros(2 * self.num_directions, dtype=torch.float64, device=grad.device)  # (2K,)
-        for start, stop in self._chunks(1):
+        for start, stop in self._chunks(1, grad.device):
             sums.index_add_(0, self._slots(seed, start, stop, grad.device), grad[start:stop].to(torch.float64))
         return (sums[0::2] - sums[1::2]).to(torch.float32)
 
@@ -357,7 +365,7 @@ class SketchDirections(_HashedFamily):
         (seed,) = self._check_seeds(seeds)
         signed = torch.stack((scalars, -scalars), dim=1).reshape(-1)  # (2K,): slot -> s(d) a_h(d)
         out = torch.empty(self.dim, dtype=torch.float32, device=scalars.device)
-        for start, stop in self._chunks(1):
+        for start, stop in self._chunks(1, scalars.device):
             torch.index_select(signed, 0, self._slots(seed, start, stop, scalars.device), out=out[start:stop])
         return out
 

@@ -230,13 +230,14 @@ def test_sketch_directions_partition_the_coordinates():
 def test_directions_reproducible_across_calls_and_chunk_sizes(name, num_directions):
     """Same seeds -> bitwise the same directions, whatever the chunk size (D = 70001 is odd and
     not a multiple of any chunk, so a short, odd last chunk is exercised; 1000 is not a
-    multiple of the 64-coordinate granule; 100000 > D is a single chunk; chunk_size = 1 is
-    in test_families_match_the_python_reference). K = 40 spans two rademacher seeds."""
+    multiple of the 64-coordinate granule; None and 100000 > D leave only the working-set cap;
+    chunk_size = 1 is in test_families_match_the_python_reference). K = 40 spans two
+    rademacher seeds."""
     dim = 70001
     seeds = _seeds(f"chunks/{name}", 0, num_directions)
     grad = _grad(dim)
     results = []
-    for chunk in (1000, 8192, 65536, 100_000):
+    for chunk in (None, 1000, 8192, 65536, 100_000):
         family = make_family(name, dim, num_directions, chunk_size=chunk)
         used = seeds[: family.num_seeds]
         directions = torch.stack([family.direction(used, j) for j in range(num_directions)])
@@ -253,6 +254,25 @@ def test_directions_reproducible_across_calls_and_chunk_sizes(name, num_directio
     for directions, scalars in results[1:]:
         assert torch.equal(directions, results[0][0])
         torch.testing.assert_close(scalars, results[0][1], rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])  # only computes ranges: no CUDA needed
+@pytest.mark.parametrize("chunk_size", [None, 1, 1000, 10**9])
+def test_chunks_tile_the_coordinates(device, chunk_size):
+    """Chunks are contiguous, cover [0, D) once, start on multiples of 64 (Gaussian pairs never
+    split), respect chunk_size (rounded up to 64) and the device's working-set cap."""
+    from lightning_holograd.protocol import directions
+
+    dim, num_directions = 1_000_003, 4096
+    family = GaussianDirections(dim, num_directions, chunk_size=chunk_size)
+    device = torch.device(device)
+    cap = directions._WORK_ELEMENTS.get(device.type, directions._WORK_ELEMENTS_ACCELERATOR) // num_directions
+    ranges = list(family._chunks(num_directions, device))
+    assert ranges[0][0] == 0 and ranges[-1][1] == dim
+    assert all(stop == start for (_, stop), (start, _) in zip(ranges, ranges[1:]))
+    assert all(start % 64 == 0 for start, _ in ranges)
+    limit = max(64, min(cap, chunk_size or cap))
+    assert max(stop - start for start, stop in ranges) == -(-limit // 64) * 64
 
 
 @pytest.mark.parametrize("name", UNBIASED)

@@ -76,31 +76,48 @@ def seed_keys(seeds: Sequence[int], device: torch.device | str) -> tuple[torch.T
     return k0, k1
 
 
-def index_base(start: int, stop: int, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor | None]:
+def index_base(
+    start: int,
+    stop: int,
+    device: torch.device | str,
+    out: torch.Tensor | None = None,
+    scratch: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Key-independent part for indices [start, stop): (b (n,), hi term (n,) or None).
 
-    The hi term is (hi * MUL_HI) mod 2^32, needed only where an index is >= 2^32.
+    The hi term is (hi * MUL_HI) mod 2^32, needed only where an index is >= 2^32. ``out``
+    and ``scratch`` ((n,) int64, optional) are reused instead of allocating: fresh memory
+    chunk after chunk costs page faults on a CPU.
     """
-    index = torch.arange(start, stop, dtype=torch.int64, device=device)
+    index = torch.arange(start, stop, dtype=torch.int64, device=device, out=out)
     hi_term = None
     if stop > 1 << 32:
         hi_term = (index >> 32).mul_(_MUL_HI_S).bitwise_and_(MASK32)
         index.bitwise_and_(MASK32)
     base = index.mul_(_WEYL_S).bitwise_and_(MASK32)
-    return base.bitwise_xor_(base >> 16), hi_term
+    return base.bitwise_xor_(torch.bitwise_right_shift(base, 16, out=scratch)), hi_term
 
 
 def keyed_words(
-    base: torch.Tensor, hi_term: torch.Tensor | None, k0: torch.Tensor, k1: torch.Tensor
+    base: torch.Tensor,
+    hi_term: torch.Tensor | None,
+    k0: torch.Tensor,
+    k1: torch.Tensor,
+    out: torch.Tensor | None = None,
+    scratch: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """word(s, e) for every key (rows) and index (columns): (len(k0), n) int64 in [0, 2^32)."""
-    x = torch.bitwise_xor(base, k0)  # (G, n)
+    """word(s, e) for every key (rows) and index (columns): (len(k0), n) int64 in [0, 2^32).
+
+    ``out`` and ``scratch`` ((len(k0), n) int64, optional) are reused instead of allocating.
+    """
+    x = torch.bitwise_xor(base, k0, out=out)  # (G, n)
+    tmp = torch.empty_like(x) if scratch is None else scratch
     x.mul_(_MUL1_S).bitwise_and_(MASK32)
-    x.bitwise_xor_(x >> 15).bitwise_xor_(k1)
+    x.bitwise_xor_(torch.bitwise_right_shift(x, 15, out=tmp)).bitwise_xor_(k1)
     if hi_term is not None:
         x.bitwise_xor_(hi_term)
     x.mul_(_MUL2_S).bitwise_and_(MASK32)
-    return x.bitwise_xor_(x >> 16)
+    return x.bitwise_xor_(torch.bitwise_right_shift(x, 16, out=tmp))
 
 
 def hash_words(seeds: Sequence[int], start: int, stop: int, device: torch.device | str = "cpu") -> torch.Tensor:

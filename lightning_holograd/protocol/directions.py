@@ -26,6 +26,7 @@ ignored.
 from __future__ import annotations
 
 import abc
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -52,10 +53,10 @@ __all__ = [
 DEFAULT_BLOCK_SIZE = 8192  # accepted for compatibility; no effect since DIRECTION_VERSION 2
 DEFAULT_CHUNK_SIZE = None  # no cap beyond the device's working set
 _GRANULE = 64  # chunk boundaries are multiples of this (even: Gaussian pairs never split)
-# Cap on a chunk's largest temporary, in elements, by device type: about an L2 cache on a
+# Cap on a chunk's largest temporary, in elements, by device type: a few L2 caches on a
 # CPU (measured fastest), large on an accelerator so that kernel launches stay few
 # (2^23 int64 elements = 64 MiB per temporary, a few alive at once).
-_WORK_ELEMENTS = {"cpu": 1 << 17}
+_WORK_ELEMENTS = {"cpu": 1 << 18}
 _WORK_ELEMENTS_ACCELERATOR = 1 << 23
 
 
@@ -160,6 +161,30 @@ class DirectionFamily(abc.ABC):
             raise IndexError(f"index={index} out of range [0, {self.num_directions}).")
 
 
+class _Buffers:
+    """Flat buffers reused chunk after chunk within one call: views of the requested shape.
+
+    Fresh CPU memory for every chunk would cost page faults (a third of the sketch's time).
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._flat: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, *shape: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+        size = math.prod(shape)
+        flat = self._flat.get(name)
+        if flat is None or flat.numel() < size:
+            flat = self._flat[name] = torch.empty(size, dtype=dtype, device=self.device)
+        return flat[:size].view(shape)
+
+    def words(self, keys: tuple[torch.Tensor, torch.Tensor], start: int, stop: int) -> torch.Tensor:
+        """word(s, e) for each key (``seed_keys``) and e in [start, stop): (G, n) int64."""
+        rows, n = keys[0].shape[0], stop - start
+        base, hi_term = index_base(start, stop, self.device, self.get("base", n), self.get("scratch", n))
+        return keyed_words(base, hi_term, *keys, out=self.get("words", rows, n), scratch=self.get("scratch", rows, n))
+
+
 class _HashedFamily(DirectionFamily):
     """Shared chunking for families whose values come from ``direction_hash``."""
 
@@ -207,22 +232,23 @@ class GaussianDirections(_HashedFamily):
     name = "gaussian"
     unbiased = True
 
-    def _values(self, seeds: Sequence[int], start: int, stop: int, device: torch.device) -> torch.Tensor:
+    def _values(self, keys: tuple[torch.Tensor, torch.Tensor], start: int, stop: int, buf: _Buffers) -> torch.Tensor:
         """(2, R, w) float32: [0] at even coordinates start, start + 2, ..., [1] at odd ones."""
-        base, hi_term = index_base(start // 2, (stop + 1) // 2, device)
-        words = keyed_words(base, hi_term, *seed_keys(seeds, device))  # (R, w)
-        halves = torch.empty((2, *words.shape), dtype=torch.int64, device=device)
+        words = buf.words(keys, start // 2, (stop + 1) // 2)  # (R, w)
+        halves = buf.get("halves", 2, *words.shape)
         torch.bitwise_and(words, 0xFFFF, out=halves[0])
         torch.bitwise_right_shift(words, 16, out=halves[1])
-        table = self._table("gaussian", device)
-        return torch.index_select(table, 0, halves.view(-1)).view(halves.shape)
+        values = buf.get("values", *halves.shape, dtype=torch.float32)
+        torch.index_select(self._table("gaussian", buf.device), 0, halves.view(-1), out=values.view(-1))
+        return values
 
     def project(self, flat_grad: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
         grad = self._check_grad(flat_grad)
-        seeds = self._check_seeds(seeds)
-        scalars = torch.zeros(len(seeds), dtype=torch.float32, device=grad.device)
-        for start, stop in self._chunks(len(seeds), grad.device):
-            values = self._values(seeds, start, stop, grad.device)
+        keys = seed_keys(self._check_seeds(seeds), grad.device)
+        buf = _Buffers(grad.device)
+        scalars = torch.zeros(self.num_directions, dtype=torch.float32, device=grad.device)
+        for start, stop in self._chunks(self.num_directions, grad.device):
+            values = self._values(keys, start, stop, buf)
             odd = grad[start + 1 : stop : 2]
             scalars += values[0] @ grad[start:stop:2]
             scalars += values[1, :, : odd.numel()] @ odd
@@ -230,11 +256,12 @@ class GaussianDirections(_HashedFamily):
 
     def synthesize(self, scalars: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
         scalars = self._check_scalars(scalars)
-        seeds = self._check_seeds(seeds)
+        keys = seed_keys(self._check_seeds(seeds), scalars.device)
+        buf = _Buffers(scalars.device)
         weights = scalars / self.num_directions
         out = torch.empty(self.dim, dtype=torch.float32, device=scalars.device)
-        for start, stop in self._chunks(len(seeds), scalars.device):
-            values = self._values(seeds, start, stop, scalars.device)
+        for start, stop in self._chunks(self.num_directions, scalars.device):
+            values = self._values(keys, start, stop, buf)
             odd = out[start + 1 : stop : 2]
             out[start:stop:2] = weights @ values[0]
             odd.copy_(weights @ values[1, :, : odd.numel()])
@@ -244,9 +271,10 @@ class GaussianDirections(_HashedFamily):
         seeds = self._check_seeds(seeds)
         self._check_index(index)
         device = torch.device(device)
+        keys, buf = seed_keys(seeds[index : index + 1], device), _Buffers(device)
         out = torch.empty(self.dim, dtype=torch.float32, device=device)
         for start, stop in self._chunks(2, device):
-            values = self._values(seeds[index : index + 1], start, stop, device)  # (2, 1, w)
+            values = self._values(keys, start, stop, buf)  # (2, 1, w)
             out[start:stop] = values[:, 0].T.reshape(-1)[: stop - start]  # interleave even/odd
         return out
 
@@ -268,11 +296,10 @@ class RademacherDirections(_HashedFamily):
     def num_seeds(self) -> int:
         return -(-self.num_directions // self.SIGNS_PER_SEED)
 
-    def _bytes(self, seeds: Sequence[int], start: int, stop: int, device: torch.device) -> torch.Tensor:
+    def _bytes(self, keys: tuple[torch.Tensor, torch.Tensor], start: int, stop: int, buf: _Buffers) -> torch.Tensor:
         """(4 G, n) int64: row 4g + q holds byte q of word(s_g, d) for d in [start, stop)."""
-        base, hi_term = index_base(start, stop, device)
-        words = keyed_words(base, hi_term, *seed_keys(seeds, device))  # (G, n)
-        out = torch.empty((words.shape[0], 4, words.shape[1]), dtype=torch.int64, device=device)
+        words = buf.words(keys, start, stop)  # (G, n)
+        out = buf.get("bytes", words.shape[0], 4, words.shape[1])
         for q in range(4):
             torch.bitwise_right_shift(words, 8 * q, out=out[:, q])
         out[:, :3].bitwise_and_(0xFF)  # byte 3 is already < 256 (words < 2^32)
@@ -280,28 +307,31 @@ class RademacherDirections(_HashedFamily):
 
     def project(self, flat_grad: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
         grad = self._check_grad(flat_grad)
-        seeds = self._check_seeds(seeds)
-        rows = 4 * len(seeds)
+        keys = seed_keys(self._check_seeds(seeds), grad.device)
+        buf = _Buffers(grad.device)
+        rows = 4 * self.num_seeds
         # hist[4g + q, v] = sum of g_d over coordinates whose byte q of word(s_g, d) is v.
         hist = torch.zeros(rows, 256, dtype=torch.float64, device=grad.device)
         for start, stop in self._chunks(rows, grad.device):
-            part = grad[start:stop].to(torch.float64)
-            hist.scatter_add_(1, self._bytes(seeds, start, stop, grad.device), part.expand(rows, -1))
+            part = buf.get("part", stop - start, dtype=torch.float64).copy_(grad[start:stop])
+            hist.scatter_add_(1, self._bytes(keys, start, stop, buf), part.expand(rows, -1))
         signs = self._table("signs", grad.device).to(torch.float64)  # (256, 8)
         return (hist @ signs).reshape(-1)[: self.num_directions].to(torch.float32)
 
     def synthesize(self, scalars: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
         scalars = self._check_scalars(scalars)
-        seeds = self._check_seeds(seeds)
-        rows = 4 * len(seeds)
+        keys = seed_keys(self._check_seeds(seeds), scalars.device)
+        buf = _Buffers(scalars.device)
+        rows = 4 * self.num_seeds
         weights = torch.zeros(rows * 8, dtype=torch.float32, device=scalars.device)
         weights[: self.num_directions] = scalars / self.num_directions
         # table[4g + q, v] = sum_i weights[32g + 8q + i] * sign(bit i of v).
         table = weights.view(rows, 8) @ self._table("signs", scalars.device).T  # (4 G, 256)
         out = torch.empty(self.dim, dtype=torch.float32, device=scalars.device)
         for start, stop in self._chunks(rows, scalars.device):
-            codes = self._bytes(seeds, start, stop, scalars.device)
-            torch.sum(table.gather(1, codes), dim=0, out=out[start:stop])
+            codes = self._bytes(keys, start, stop, buf)
+            values = torch.gather(table, 1, codes, out=buf.get("values", *codes.shape, dtype=torch.float32))
+            torch.sum(values, dim=0, out=out[start:stop])
         return out
 
     def direction(self, seeds: Sequence[int], index: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -309,10 +339,10 @@ class RademacherDirections(_HashedFamily):
         self._check_index(index)
         group, bit = divmod(index, self.SIGNS_PER_SEED)
         device = torch.device(device)
+        keys, buf = seed_keys(seeds[group : group + 1], device), _Buffers(device)
         out = torch.empty(self.dim, dtype=torch.float32, device=device)
         for start, stop in self._chunks(1, device):
-            base, hi_term = index_base(start, stop, device)
-            words = keyed_words(base, hi_term, *seed_keys(seeds[group : group + 1], device))[0]
+            words = buf.words(keys, start, stop)[0]
             out[start:stop] = 1 - 2 * ((words >> bit) & 1)
         return out
 
@@ -344,29 +374,32 @@ class SketchDirections(_HashedFamily):
     def num_seeds(self) -> int:
         return 1
 
-    def _slots(self, seed: int, start: int, stop: int, device: torch.device) -> torch.Tensor:
+    def _slots(self, keys: tuple[torch.Tensor, torch.Tensor], start: int, stop: int, buf: _Buffers) -> torch.Tensor:
         """(n,) int64 slot 2 h(d) + (1 if s(d) = -1 else 0) for d in [start, stop)."""
-        base, hi_term = index_base(start, stop, device)
-        words = keyed_words(base, hi_term, *seed_keys([seed], device))[0]
+        words = buf.words(keys, start, stop)[0]
         # (word >> 1) < 2^31 and K <= 2^32: the product stays below 2^63.
-        slots = (words >> 1).mul_(self.num_directions).bitwise_right_shift_(31).bitwise_left_shift_(1)
+        slots = torch.bitwise_right_shift(words, 1, out=buf.get("slots", stop - start))
+        slots.mul_(self.num_directions).bitwise_right_shift_(31).bitwise_left_shift_(1)
         return slots.bitwise_or_(words.bitwise_and_(1))
 
     def project(self, flat_grad: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
         grad = self._check_grad(flat_grad)
-        (seed,) = self._check_seeds(seeds)
+        keys = seed_keys(self._check_seeds(seeds), grad.device)
+        buf = _Buffers(grad.device)
         sums = torch.zeros(2 * self.num_directions, dtype=torch.float64, device=grad.device)  # (2K,)
         for start, stop in self._chunks(1, grad.device):
-            sums.index_add_(0, self._slots(seed, start, stop, grad.device), grad[start:stop].to(torch.float64))
+            part = buf.get("part", stop - start, dtype=torch.float64).copy_(grad[start:stop])
+            sums.index_add_(0, self._slots(keys, start, stop, buf), part)
         return (sums[0::2] - sums[1::2]).to(torch.float32)
 
     def synthesize(self, scalars: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
         scalars = self._check_scalars(scalars)
-        (seed,) = self._check_seeds(seeds)
+        keys = seed_keys(self._check_seeds(seeds), scalars.device)
+        buf = _Buffers(scalars.device)
         signed = torch.stack((scalars, -scalars), dim=1).reshape(-1)  # (2K,): slot -> s(d) a_h(d)
         out = torch.empty(self.dim, dtype=torch.float32, device=scalars.device)
         for start, stop in self._chunks(1, scalars.device):
-            torch.index_select(signed, 0, self._slots(seed, start, stop, scalars.device), out=out[start:stop])
+            torch.index_select(signed, 0, self._slots(keys, start, stop, buf), out=out[start:stop])
         return out
 
     def direction(self, seeds: Sequence[int], index: int, device: torch.device | str = "cpu") -> torch.Tensor:

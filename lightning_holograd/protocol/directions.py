@@ -162,7 +162,7 @@ class DirectionFamily(abc.ABC):
 
 
 class _Buffers:
-    """Flat buffers reused chunk after chunk within one call: views of the requested shape.
+    """Flat buffers reused chunk after chunk: views of the requested shape.
 
     Fresh CPU memory for every chunk would cost page faults (a third of the sketch's time).
     """
@@ -201,6 +201,7 @@ class _HashedFamily(DirectionFamily):
             _check_positive("chunk_size", chunk_size)
         self.chunk_size = chunk_size
         self._tables: dict[tuple[str, str], torch.Tensor] = {}
+        self._cpu_buffers: _Buffers | None = None
 
     def _chunks(self, per_coordinate: int, device: torch.device) -> Iterator[tuple[int, int]]:
         """[start, stop) ranges covering [0, D): as many coordinates as keep ``per_coordinate``
@@ -213,6 +214,15 @@ class _HashedFamily(DirectionFamily):
         size = -(-size // _GRANULE) * _GRANULE
         for start in range(0, self.dim, size):
             yield start, min(start + size, self.dim)
+
+    def _buffers(self, device: torch.device) -> _Buffers:
+        """Chunk buffers: kept across calls on a CPU (fresh pages cost page faults there, a
+        few MiB at most), new per call elsewhere (a caching allocator reuses the memory)."""
+        if device.type != "cpu":
+            return _Buffers(device)
+        if self._cpu_buffers is None:
+            self._cpu_buffers = _Buffers(device)
+        return self._cpu_buffers
 
     def _table(self, kind: str, device: torch.device) -> torch.Tensor:
         """A constant table on ``device``, moved there once."""
@@ -245,7 +255,7 @@ class GaussianDirections(_HashedFamily):
     def project(self, flat_grad: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
         grad = self._check_grad(flat_grad)
         keys = seed_keys(self._check_seeds(seeds), grad.device)
-        buf = _Buffers(grad.device)
+        buf = self._buffers(grad.device)
         scalars = torch.zeros(self.num_directions, dtype=torch.float32, device=grad.device)
         for start, stop in self._chunks(self.num_directions, grad.device):
             values = self._values(keys, start, stop, buf)
@@ -257,7 +267,7 @@ class GaussianDirections(_HashedFamily):
     def synthesize(self, scalars: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
         scalars = self._check_scalars(scalars)
         keys = seed_keys(self._check_seeds(seeds), scalars.device)
-        buf = _Buffers(scalars.device)
+        buf = self._buffers(scalars.device)
         weights = scalars / self.num_directions
         out = torch.empty(self.dim, dtype=torch.float32, device=scalars.device)
         for start, stop in self._chunks(self.num_directions, scalars.device):
@@ -271,7 +281,7 @@ class GaussianDirections(_HashedFamily):
         seeds = self._check_seeds(seeds)
         self._check_index(index)
         device = torch.device(device)
-        keys, buf = seed_keys(seeds[index : index + 1], device), _Buffers(device)
+        keys, buf = seed_keys(seeds[index : index + 1], device), self._buffers(device)
         out = torch.empty(self.dim, dtype=torch.float32, device=device)
         for start, stop in self._chunks(2, device):
             values = self._values(keys, start, stop, buf)  # (2, 1, w)
@@ -308,7 +318,7 @@ class RademacherDirections(_HashedFamily):
     def project(self, flat_grad: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
         grad = self._check_grad(flat_grad)
         keys = seed_keys(self._check_seeds(seeds), grad.device)
-        buf = _Buffers(grad.device)
+        buf = self._buffers(grad.device)
         rows = 4 * self.num_seeds
         # hist[4g + q, v] = sum of g_d over coordinates whose byte q of word(s_g, d) is v.
         hist = torch.zeros(rows, 256, dtype=torch.float64, device=grad.device)
@@ -321,7 +331,7 @@ class RademacherDirections(_HashedFamily):
     def synthesize(self, scalars: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
         scalars = self._check_scalars(scalars)
         keys = seed_keys(self._check_seeds(seeds), scalars.device)
-        buf = _Buffers(scalars.device)
+        buf = self._buffers(scalars.device)
         rows = 4 * self.num_seeds
         weights = torch.zeros(rows * 8, dtype=torch.float32, device=scalars.device)
         weights[: self.num_directions] = scalars / self.num_directions
@@ -339,7 +349,7 @@ class RademacherDirections(_HashedFamily):
         self._check_index(index)
         group, bit = divmod(index, self.SIGNS_PER_SEED)
         device = torch.device(device)
-        keys, buf = seed_keys(seeds[group : group + 1], device), _Buffers(device)
+        keys, buf = seed_keys(seeds[group : group + 1], device), self._buffers(device)
         out = torch.empty(self.dim, dtype=torch.float32, device=device)
         for start, stop in self._chunks(1, device):
             words = buf.words(keys, start, stop)[0]
@@ -385,7 +395,7 @@ class SketchDirections(_HashedFamily):
     def project(self, flat_grad: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
         grad = self._check_grad(flat_grad)
         keys = seed_keys(self._check_seeds(seeds), grad.device)
-        buf = _Buffers(grad.device)
+        buf = self._buffers(grad.device)
         sums = torch.zeros(2 * self.num_directions, dtype=torch.float64, device=grad.device)  # (2K,)
         for start, stop in self._chunks(1, grad.device):
             part = buf.get("part", stop - start, dtype=torch.float64).copy_(grad[start:stop])
@@ -395,7 +405,7 @@ class SketchDirections(_HashedFamily):
     def synthesize(self, scalars: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
         scalars = self._check_scalars(scalars)
         keys = seed_keys(self._check_seeds(seeds), scalars.device)
-        buf = _Buffers(scalars.device)
+        buf = self._buffers(scalars.device)
         signed = torch.stack((scalars, -scalars), dim=1).reshape(-1)  # (2K,): slot -> s(d) a_h(d)
         out = torch.empty(self.dim, dtype=torch.float32, device=scalars.device)
         for start, stop in self._chunks(1, scalars.device):

@@ -419,6 +419,36 @@ def test_hash_words_match_the_python_reference_at_the_edges():
     assert words.tolist() == [[_ref_word(s, e) for e in range((1 << 32) - 3, (1 << 32) + 3)] for s in _EDGE_SEEDS[:2]]
 
 
+# The reference values printed in docs/directions.md (seed, index, word).
+_DOCUMENTED_WORDS = [
+    (0x0000000000000000, 1, 0x01FCE552),
+    (0x0000000000000000, 1 << 32, 0x2D6C6775),
+    (0x0123456789ABCDEF, 0, 0xF9C391F8),
+    (0x0123456789ABCDEF, 1, 0x22643025),
+    (0x0123456789ABCDEF, 2, 0x24FAAB35),
+    (0x0123456789ABCDEF, 1 << 32, 0xD58D5CB3),
+    (0x0123456789ABCDEF, (1 << 40) + 5, 0xFFB53F7B),
+    (0xFFFFFFFFFFFFFFFF, 0, 0x44A8431F),
+    (0xFFFFFFFFFFFFFFFF, (1 << 40) + 5, 0xCA03FECA),
+]
+
+
+def test_documented_reference_values():
+    """The words and family values docs/directions.md prints for outside verifiers."""
+    for seed, index, word in _DOCUMENTED_WORDS:
+        assert _ref_word(seed, index) == word
+        assert int(hash_words([seed], index, index + 1)[0, 0]) == word
+    seed = 0x0123456789ABCDEF
+    sketch = SketchDirections(4, 64)
+    buckets = {j: sketch.direction([seed], j) for j in (62, 8, 9, 5)}
+    assert [float(buckets[j][d]) for d, j in enumerate((62, 8, 9, 5))] == [1.0, -1.0, -1.0, 1.0]
+    rademacher = RademacherDirections(4, 64)
+    assert rademacher.direction([seed, 0], 0).tolist() == [1.0, -1.0, -1.0, 1.0]
+    assert rademacher.direction([seed, 0], 3).tolist() == [-1.0, 1.0, 1.0, 1.0]
+    table = gaussian_table("cpu")
+    assert torch.equal(GaussianDirections(4, 1).direction([seed], 0), table[[37368, 63939, 12325, 8804]])
+
+
 @pytest.mark.parametrize("name", UNBIASED)
 def test_families_match_the_python_reference(name):
     """Every direction of a step (K = 70: three rademacher seeds, the last one partial) at

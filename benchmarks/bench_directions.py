@@ -5,7 +5,7 @@ For every (family, D, K) it times ``family.project(g, seeds)`` and
 ``family.synthesize(a, seeds)`` separately (median of ``--repeats`` after ``--warmup``
 untimed calls; ``torch.cuda.synchronize`` around every call on a GPU) and divides them by
 reference costs measured first on the same device, so the tables read as ratios
-(docs/PROTOCOL.md section 3):
+(docs/PROTOCOL.md §3):
   x copy       one pass over D floats (``dst.copy_(src)``, D float32)
   x index_add  one random-index ``index_add_`` of D floats into K bins (the sketch's floor)
   x K randn    K ``torch.randn(D)`` draws, i.e. one generator draw per (direction,
@@ -385,8 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[bench] device={device} ({device_name}) torch={torch.__version__} threads={meta['threads']}", flush=True)
     refs = measure_references(device, sorted(args.dims), sorted(args.ks), args.repeats)
     for dim in sorted(args.dims):
-        print(f"[bench] D={dim:,}: copy_ {refs['copy_s'][dim] * 1e3:.2f} ms, randn {refs['randn_s'][dim] * 1e3:.2f} ms, "
-              f"hash words {refs['hash_s'][dim] * 1e3:.2f} ms", flush=True)
+        print(f"[bench] D={dim:,}: copy_ {refs['copy_s'][dim] * 1e3:.2f} ms, "
+              f"randn {refs['randn_s'][dim] * 1e3:.2f} ms, hash words {refs['hash_s'][dim] * 1e3:.2f} ms", flush=True)
 
     rows: list[dict[str, Any]] = []
     scale: dict[str, dict[str, float]] = {}  # variant -> measured/prior ratio per op, from the last run config

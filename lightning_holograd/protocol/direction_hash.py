@@ -1,4 +1,4 @@
-"""Counter-based hash that defines every direction value (docs/PROTOCOL.md section 3).
+"""Counter-based hash that defines every direction value (docs/PROTOCOL.md §3).
 
 A direction's coordinate is a pure integer function of a 64-bit seed and an index, so
 any device computes the same bits: a CPU verifier can check a GPU worker. This module
@@ -36,6 +36,7 @@ import torch
 
 __all__ = [
     "DIRECTION_VERSION",
+    "ChunkBuffers",
     "GAUSSIAN_TABLE_BITS",
     "GAUSSIAN_TABLE_SHA256",
     "gaussian_table",
@@ -127,6 +128,30 @@ def hash_words(seeds: Sequence[int], start: int, stop: int, device: torch.device
     base, hi_term = index_base(start, stop, device)
     k0, k1 = seed_keys(seeds, device)
     return keyed_words(base, hi_term, k0, k1)
+
+
+class ChunkBuffers:
+    """Flat buffers reused chunk after chunk: views of the requested shape.
+
+    Fresh CPU memory for every chunk would cost page faults (a third of the sketch's time).
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._flat: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, *shape: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+        size = math.prod(shape)
+        flat = self._flat.get(name)
+        if flat is None or flat.numel() < size:
+            flat = self._flat[name] = torch.empty(size, dtype=dtype, device=self.device)
+        return flat[:size].view(shape)
+
+    def words(self, keys: tuple[torch.Tensor, torch.Tensor], start: int, stop: int) -> torch.Tensor:
+        """word(s, e) for each key (``seed_keys``) and e in [start, stop): (G, n) int64."""
+        rows, n = keys[0].shape[0], stop - start
+        base, hi_term = index_base(start, stop, self.device, self.get("base", n), self.get("scratch", n))
+        return keyed_words(base, hi_term, *keys, out=self.get("words", rows, n), scratch=self.get("scratch", rows, n))
 
 
 @functools.cache

@@ -1,4 +1,4 @@
-"""Seed-generated direction families (docs/PROTOCOL.md section 3).
+"""Seed-generated direction families (docs/PROTOCOL.md §3).
 
 Symbols: D is the number of gradient coordinates (``dim``), K the number of
 directions per step (``num_directions``), a (K,) the scalars a_j = <g, v_j>.
@@ -8,7 +8,7 @@ scalars back to an estimate g_hat (D,) with ``synthesize``. Random directions ar
 never stored as a K x D matrix: they are regenerated chunk by chunk, on the gradient's
 device, with no Python loop per coordinate block.
 
-How a direction is defined (DIRECTION_VERSION 2; docs/PROTOCOL.md section 3 has every
+How a direction is defined (DIRECTION_VERSION 2; docs/PROTOCOL.md §3 has every
 constant): each value is a pure integer function of a 64-bit seed and an index,
 ``word(s, e)`` in ``direction_hash``, so the bits are the same on every device and for
 every chunk size.
@@ -26,20 +26,12 @@ ignored.
 from __future__ import annotations
 
 import abc
-import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
 
-from .direction_hash import (
-    DIRECTION_VERSION,
-    gaussian_table,
-    index_base,
-    keyed_words,
-    seed_keys,
-    sign_table,
-)
+from .direction_hash import DIRECTION_VERSION, ChunkBuffers, gaussian_table, seed_keys, sign_table
 
 __all__ = [
     "DIRECTION_VERSION",
@@ -58,6 +50,7 @@ _GRANULE = 64  # chunk boundaries are multiples of this (even: Gaussian pairs ne
 # (2^23 int64 elements = 64 MiB per temporary, a few alive at once).
 _WORK_ELEMENTS = {"cpu": 1 << 18}
 _WORK_ELEMENTS_ACCELERATOR = 1 << 23
+_Keys = tuple[torch.Tensor, torch.Tensor]  # (k0, k1) from seed_keys
 
 
 def _check_positive(name: str, value: int) -> None:
@@ -161,30 +154,6 @@ class DirectionFamily(abc.ABC):
             raise IndexError(f"index={index} out of range [0, {self.num_directions}).")
 
 
-class _Buffers:
-    """Flat buffers reused chunk after chunk: views of the requested shape.
-
-    Fresh CPU memory for every chunk would cost page faults (a third of the sketch's time).
-    """
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self._flat: dict[str, torch.Tensor] = {}
-
-    def get(self, name: str, *shape: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
-        size = math.prod(shape)
-        flat = self._flat.get(name)
-        if flat is None or flat.numel() < size:
-            flat = self._flat[name] = torch.empty(size, dtype=dtype, device=self.device)
-        return flat[:size].view(shape)
-
-    def words(self, keys: tuple[torch.Tensor, torch.Tensor], start: int, stop: int) -> torch.Tensor:
-        """word(s, e) for each key (``seed_keys``) and e in [start, stop): (G, n) int64."""
-        rows, n = keys[0].shape[0], stop - start
-        base, hi_term = index_base(start, stop, self.device, self.get("base", n), self.get("scratch", n))
-        return keyed_words(base, hi_term, *keys, out=self.get("words", rows, n), scratch=self.get("scratch", rows, n))
-
-
 class _HashedFamily(DirectionFamily):
     """Shared chunking for families whose values come from ``direction_hash``."""
 
@@ -201,7 +170,7 @@ class _HashedFamily(DirectionFamily):
             _check_positive("chunk_size", chunk_size)
         self.chunk_size = chunk_size
         self._tables: dict[tuple[str, str], torch.Tensor] = {}
-        self._cpu_buffers: _Buffers | None = None
+        self._cpu_buffers: ChunkBuffers | None = None
 
     def _chunks(self, per_coordinate: int, device: torch.device) -> Iterator[tuple[int, int]]:
         """[start, stop) ranges covering [0, D): as many coordinates as keep ``per_coordinate``
@@ -215,13 +184,13 @@ class _HashedFamily(DirectionFamily):
         for start in range(0, self.dim, size):
             yield start, min(start + size, self.dim)
 
-    def _buffers(self, device: torch.device) -> _Buffers:
+    def _buffers(self, device: torch.device) -> ChunkBuffers:
         """Chunk buffers: kept across calls on a CPU (fresh pages cost page faults there, a
         few MiB at most), new per call elsewhere (a caching allocator reuses the memory)."""
         if device.type != "cpu":
-            return _Buffers(device)
+            return ChunkBuffers(device)
         if self._cpu_buffers is None:
-            self._cpu_buffers = _Buffers(device)
+            self._cpu_buffers = ChunkBuffers(device)
         return self._cpu_buffers
 
     def _table(self, kind: str, device: torch.device) -> torch.Tensor:
@@ -242,7 +211,7 @@ class GaussianDirections(_HashedFamily):
     name = "gaussian"
     unbiased = True
 
-    def _values(self, keys: tuple[torch.Tensor, torch.Tensor], start: int, stop: int, buf: _Buffers) -> torch.Tensor:
+    def _values(self, keys: _Keys, start: int, stop: int, buf: ChunkBuffers) -> torch.Tensor:
         """(2, R, w) float32: [0] at even coordinates start, start + 2, ..., [1] at odd ones."""
         words = buf.words(keys, start // 2, (stop + 1) // 2)  # (R, w)
         halves = buf.get("halves", 2, *words.shape)
@@ -306,7 +275,7 @@ class RademacherDirections(_HashedFamily):
     def num_seeds(self) -> int:
         return -(-self.num_directions // self.SIGNS_PER_SEED)
 
-    def _bytes(self, keys: tuple[torch.Tensor, torch.Tensor], start: int, stop: int, buf: _Buffers) -> torch.Tensor:
+    def _bytes(self, keys: _Keys, start: int, stop: int, buf: ChunkBuffers) -> torch.Tensor:
         """(4 G, n) int64: row 4g + q holds byte q of word(s_g, d) for d in [start, stop)."""
         words = buf.words(keys, start, stop)  # (G, n)
         out = buf.get("bytes", words.shape[0], 4, words.shape[1])
@@ -384,7 +353,7 @@ class SketchDirections(_HashedFamily):
     def num_seeds(self) -> int:
         return 1
 
-    def _slots(self, keys: tuple[torch.Tensor, torch.Tensor], start: int, stop: int, buf: _Buffers) -> torch.Tensor:
+    def _slots(self, keys: _Keys, start: int, stop: int, buf: ChunkBuffers) -> torch.Tensor:
         """(n,) int64 slot 2 h(d) + (1 if s(d) = -1 else 0) for d in [start, stop)."""
         words = buf.words(keys, start, stop)[0]
         # (word >> 1) < 2^31 and K <= 2^32: the product stays below 2^63.

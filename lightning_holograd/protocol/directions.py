@@ -186,7 +186,8 @@ class _HashedFamily(DirectionFamily):
 
     def _buffers(self, device: torch.device) -> ChunkBuffers:
         """Chunk buffers: kept across calls on a CPU (fresh pages cost page faults there, a
-        few MiB at most), new per call elsewhere (a caching allocator reuses the memory)."""
+        few MiB at most), new per call elsewhere (a caching allocator reuses the memory).
+        So one family instance must not run two calls at once from two threads."""
         if device.type != "cpu":
             return ChunkBuffers(device)
         if self._cpu_buffers is None:

@@ -3,13 +3,19 @@
 
 For every (family, D, K) it times ``family.project(g, seeds)`` and
 ``family.synthesize(a, seeds)`` separately (median of ``--repeats`` after ``--warmup``
-untimed calls; ``torch.cuda.synchronize`` around every call on a GPU) and compares them
-with the raw random-number throughput of the device, measured first, so that
-"generation versus RNG limit" can be read off (docs/PROTOCOL.md §3: generating the
-directions, not the dot products, dominates the cost).
+untimed calls; ``torch.cuda.synchronize`` around every call on a GPU) and divides them by
+reference costs measured first on the same device, so the tables read as ratios
+(docs/PROTOCOL.md §3):
+  x copy       one pass over D floats (``dst.copy_(src)``, D float32)
+  x index_add  one random-index ``index_add_`` of D floats into K bins (the sketch's floor)
+  x K randn    K ``torch.randn(D)`` draws, i.e. one generator draw per (direction,
+               coordinate): what the dense families would cost with a plain generator
+The header also reports the throughput of the direction hash itself (``hash_words``,
+one 32-bit word per coordinate), the primitive every family's values come from.
 
 Families (rows):
-  gaussian, rademacher   dense, O(D K) per call
+  gaussian               O(D K) table lookups, one hash word per 2 values
+  rademacher             O(D K / 8): 32 directions per hash word, byte tables
   sketch                 count sketch, O(D) per call for any K
   codebook               codebook_rank = K, no exploration (pure U^T g / U a)
   codebook-halfexp       codebook_rank = K/2 plus K - K/2 Gaussian exploration directions
@@ -23,13 +29,17 @@ Their construction (seeded basis + QR, on the CPU) is reported as "setup".
 
 Configurations whose estimated cost (setup + (warmup + repeats) calls) exceeds
 ``--max-seconds`` are not run and are reported as "skipped (budget)". Estimates come
-from the measured RNG rates, rescaled by the measured/estimated ratio of the last
+from the reference costs, rescaled by the measured/estimated ratio of the last
 configuration of the same family that did run (configurations run in increasing D, K).
 
 Examples:
-  python -m benchmarks.bench_directions                      # defaults, ~1.5 min on 2 CPU cores
-  python -m benchmarks.bench_directions --dims 1000000 --ks 64 --families gaussian,sketch
-  python -m benchmarks.bench_directions --device cuda --dims 1000000,10000000
+  python -m benchmarks.bench_directions                      # defaults, ~1 min on 2 CPU cores
+  python -m benchmarks.bench_directions --dims 445952 --ks 64,4096   # the tiny GPT-2's D
+  python -m benchmarks.bench_directions --dims 1000 --ks 16 --repeats 1   # smoke test
+  python -m benchmarks.bench_directions --device cuda --dims 1000000,10000000,100000000
+On CUDA every value is computed by the same integer kernels as on the CPU (bitwise the
+same directions); chunks are sized by the device's working-set cap
+(``lightning_holograd.protocol.directions._WORK_ELEMENTS``).
 """
 
 from __future__ import annotations
@@ -52,13 +62,18 @@ import torch
 
 _BENCH_DIR = Path(__file__).resolve().parent
 
-from lightning_holograd.protocol import direction_seeds, make_family  # noqa: E402
+from lightning_holograd.protocol import DIRECTION_VERSION, direction_seeds, make_family  # noqa: E402
+from lightning_holograd.protocol.direction_hash import hash_words  # noqa: E402
 
 FAMILIES = ("gaussian", "rademacher", "sketch", "codebook", "momentum")
 STATEFUL = ("codebook", "codebook-halfexp", "momentum")
 # Assumed single-thread CPU QR rate (flop/s) for the first codebook setup estimate only;
 # later estimates are rescaled by what was measured.
 _QR_FLOPS_PRIOR = 5e9
+# First-guess cost of one call, in units of the references (rescaled by what is measured):
+# gaussian about one randn per value, rademacher about an eighth, the sketch a few index_adds.
+_PRIOR_X_RANDN = {"gaussian": 1.0, "rademacher": 0.15}
+_PRIOR_SKETCH_X_INDEX_ADD = 3.0
 
 
 # --------------------------------------------------------------------------- helpers
@@ -109,73 +124,60 @@ def _time_call(fn: Callable[[], Any], device: torch.device, warmup: int, repeats
     return times
 
 
-def measure_rng(device: torch.device, repeats: int, block: int = 8192) -> dict[str, float]:
-    """Raw generator throughput in M values/s for the draws the families make."""
-    n = (1 << 27) if device.type == "cuda" else (1 << 22)
+def measure_references(device: torch.device, dims: list[int], ks: list[int], repeats: int) -> dict[str, Any]:
+    """Reference costs in seconds: per D a copy_, one randn(D) and one hash word per
+    coordinate; per (D, K) a random-index index_add_ of D floats into K bins."""
     gen = torch.Generator(device=device)
     gen.manual_seed(0)
-    out: dict[str, float] = {"buffer_elements": float(n)}
+    refs: dict[str, Any] = {"copy_s": {}, "randn_s": {}, "hash_s": {}, "index_add_s": {}}
 
-    def rate(fn: Callable[[], Any], count: int) -> float:
-        return count / statistics.median(_time_call(fn, device, 1, max(3, repeats))) / 1e6
+    def median(fn: Callable[[], Any]) -> float:
+        return statistics.median(_time_call(fn, device, 1, max(3, repeats)))
 
-    f32 = torch.empty(n, dtype=torch.float32, device=device)
-    out["randn_Mps"] = rate(lambda: f32.normal_(generator=gen), n)
-    u8 = torch.empty(n, dtype=torch.uint8, device=device)
-    out["uint8_random_Mps"] = rate(lambda: u8.random_(0, 256, generator=gen), n)
-    i64 = torch.empty(n, dtype=torch.int64, device=device)
-    out["int64_random_Mps"] = rate(lambda: i64.random_(0, 256, generator=gen), n)
-    del i64, u8
-
-    # The families' actual pattern: re-seed a generator, fill one block (docs/PROTOCOL.md §3).
-    nblocks = min(1024, n // block)
-    blk = f32[:block]
-
-    def blocked() -> None:
-        for b in range(nblocks):
-            gen.manual_seed(b + 1)
-            blk.normal_(generator=gen)
-
-    out["randn_blocked_Mps"] = rate(blocked, nblocks * block)
-    out["block_size"] = float(block)
-    return out
+    for dim in dims:
+        src = torch.randn(dim, generator=gen, device=device)
+        dst = torch.empty_like(src)
+        refs["copy_s"][dim] = median(lambda: dst.copy_(src))
+        refs["randn_s"][dim] = median(lambda: dst.normal_(generator=gen))
+        refs["hash_s"][dim] = median(lambda: hash_words([12345], 0, dim, device))
+        for k in ks:
+            index = torch.randint(0, k, (dim,), generator=gen, device=device)
+            acc = torch.zeros(k, device=device)
+            refs["index_add_s"][f"{dim},{k}"] = median(lambda: acc.index_add_(0, index, src))
+        del src, dst
+    return refs
 
 
-# --------------------------------------------------------------------------- cost model
-def _draws(variant: str, dim: int, k: int, rank: int) -> dict[str, float]:
-    """Random values one regenerating call draws, by kind."""
-    if variant == "gaussian":
-        return {"randn": dim * k}
-    if variant == "rademacher":
-        return {"uint8": dim * k / 8}
+def _reference(variant: str, dim: int, k: int, refs: dict[str, Any]) -> tuple[str, float]:
+    """The reference a family's time is divided by (besides the copy): name, seconds."""
     if variant == "sketch":
-        return {"int64": dim, "uint8": dim / 8}
-    if variant in STATEFUL:
-        return {"randn": dim * (k - rank)}
-    raise ValueError(variant)
-
-
-def _rng_bound_s(draws: dict[str, float], rng: dict[str, float]) -> float:
-    key = {"randn": "randn_Mps", "uint8": "uint8_random_Mps", "int64": "int64_random_Mps"}
-    return sum(count / (rng[key[kind]] * 1e6) for kind, count in draws.items())
+        return "index_add", refs["index_add_s"][f"{dim},{k}"]
+    directions = k - _rank(variant, k) if variant in STATEFUL else k
+    if directions == 0:
+        return "copy", refs["copy_s"][dim]
+    return f"{directions} randn", directions * refs["randn_s"][dim]
 
 
 def _rank(variant: str, k: int) -> int:
     return {"codebook": k, "codebook-halfexp": k // 2, "momentum": 1}.get(variant, 0)
 
 
-def _prior_estimates(variant: str, dim: int, k: int, rng: dict[str, float]) -> dict[str, float]:
+def _prior_estimates(variant: str, dim: int, k: int, refs: dict[str, Any]) -> dict[str, float]:
     """Rough seconds per call (project / synthesize / full_estimate) and for setup."""
     rank = _rank(variant, k)
-    gen = _rng_bound_s(_draws(variant, dim, k, rank), rng)
+    _, ref_s = _reference(variant, dim, k, refs)
     matvec = 2 * dim * max(rank, 1) / 2e9 + dim * 4 / 5e9  # small matrix-vector work + one pass
-    est = {"project": 1.5 * gen + matvec, "synthesize": 1.5 * gen + matvec, "full_estimate": 0.0, "setup": 0.0}
+    if variant == "sketch":
+        gen = _PRIOR_SKETCH_X_INDEX_ADD * ref_s
+    else:
+        gen = _PRIOR_X_RANDN.get(variant, _PRIOR_X_RANDN["gaussian"]) * ref_s
+    est = {"project": gen + matvec, "synthesize": gen + matvec, "full_estimate": 0.0, "setup": 0.0}
     if variant in STATEFUL:
         est["synthesize"] = matvec
-        est["full_estimate"] = 1.5 * gen + 3 * matvec
-        init_gen = dim * rank / (rng["randn_Mps"] * 1e6)
+        est["full_estimate"] = gen + 3 * matvec
+        init_gen = rank * refs["randn_s"][dim]
         qr = 2 * dim * rank * rank / _QR_FLOPS_PRIOR if variant != "momentum" else 0.0
-        est["setup"] = 1.5 * init_gen + qr
+        est["setup"] = init_gen + qr
     return est
 
 
@@ -192,7 +194,7 @@ def build_family(variant: str, dim: int, k: int, device: torch.device):
     return fam
 
 
-def run_config(variant: str, dim: int, k: int, device: torch.device, args, rng: dict[str, float]) -> dict[str, Any]:
+def run_config(variant: str, dim: int, k: int, device: torch.device, args, refs: dict[str, Any]) -> dict[str, Any]:
     row: dict[str, Any] = {"family": variant, "D": dim, "K": k, "status": "ok"}
     _sync(device)
     t0 = time.perf_counter()
@@ -218,19 +220,13 @@ def run_config(variant: str, dim: int, k: int, device: torch.device, args, rng: 
         row[f"{name}_times_s"] = times
         row[f"{name}_s"] = statistics.median(times)
 
-    work = dim if variant == "sketch" else dim * k  # coordinates (x directions) touched per call
-    row["work_unit"] = "D" if variant == "sketch" else "D*K"
-    row["work"] = work
-    row["project_Mps"] = work / row["project_s"] / 1e6
-    row["synthesize_Mps"] = work / row["synthesize_s"] / 1e6
-    rank = _rank(variant, k)
-    row["rng_bound_s"] = _rng_bound_s(_draws(variant, dim, k, rank), rng)
-    regen_synth = row.get("full_estimate_s", row["synthesize_s"])
-    if row["rng_bound_s"] > 0:
-        row["project_x_rng"] = row["project_s"] / row["rng_bound_s"]
-        row["synthesize_x_rng"] = regen_synth / row["rng_bound_s"]
-    else:
-        row["project_x_rng"] = row["synthesize_x_rng"] = None
+    synth_s = row.get("full_estimate_s", row["synthesize_s"])  # what a step pays to synthesise
+    row["copy_s"] = refs["copy_s"][dim]
+    row["project_x_copy"] = row["project_s"] / row["copy_s"]
+    row["synthesize_x_copy"] = synth_s / row["copy_s"]
+    row["reference"], row["reference_s"] = _reference(variant, dim, k, refs)
+    row["project_x_ref"] = row["project_s"] / row["reference_s"]
+    row["synthesize_x_ref"] = synth_s / row["reference_s"]
     del fam, grad, scalars
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -254,12 +250,28 @@ def _ms(seconds: float | None) -> str:
     return "-" if seconds is None else _fmt(seconds * 1e3)
 
 
-def render_markdown(meta: dict[str, Any], rng: dict[str, float], rows: list[dict[str, Any]]) -> str:
+def _reference_lines(refs: dict[str, Any]) -> list[str]:
+    lines = [
+        "Reference costs on this device (ms; one call each):",
+        "",
+        "| D | copy_ (one pass) | randn(D) | hash word per coordinate | index_add_ into K bins |",
+        "|---:|---:|---:|---:|---|",
+    ]
+    for dim in refs["copy_s"]:
+        adds = ", ".join(f"K={key.split(',')[1]}: {_ms(value)}" for key, value in refs["index_add_s"].items()
+                         if int(key.split(",")[0]) == dim)
+        lines.append(f"| {dim:,} | {_ms(refs['copy_s'][dim])} | {_ms(refs['randn_s'][dim])} "
+                     f"| {_ms(refs['hash_s'][dim])} | {adds} |")
+    return lines
+
+
+def render_markdown(meta: dict[str, Any], refs: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     lines = [
         f"# Direction generation micro-benchmark ({meta['device']})",
         "",
         f"- device: `{meta['device']}` ({meta['device_name']})",
         f"- torch {meta['torch']}, python {meta['python']}, threads {meta['threads']}",
+        f"- direction definition: DIRECTION_VERSION {meta['direction_version']} (counter-based hash)",
         f"- date: {meta['date']}",
         f"- command: `{meta['command']}`",
         f"- repeats {meta['repeats']} (median reported), warmup {meta['warmup']}, "
@@ -267,17 +279,11 @@ def render_markdown(meta: dict[str, Any], rng: dict[str, float], rows: list[dict
         f"- load average (1 min) at start / end: {meta['loadavg_start']} / {meta['loadavg_end']} "
         f"(on a shared machine, other processes inflate the times; the JSON keeps every repeat)",
         "",
-        "Raw RNG throughput on this device (M values/s; "
-        f"{int(rng['buffer_elements']):,}-element preallocated buffer):",
+        *_reference_lines(refs),
         "",
-        "| torch.randn (normal_) | normal_ in re-seeded 8192 blocks | uint8 random_ | int64 random_ |",
-        "|---|---|---|---|",
-        f"| {rng['randn_Mps']:.0f} | {rng['randn_blocked_Mps']:.0f} | {rng['uint8_random_Mps']:.0f} "
-        f"| {rng['int64_random_Mps']:.0f} |",
-        "",
-        "| family | D | K | setup s | project ms | synthesize ms | full_est ms | project M/s | "
-        "synthesize M/s | RNG-bound ms | project x RNG | synth x RNG | status |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| family | D | K | setup s | project ms | synthesize ms | full_est ms | project x copy | "
+        "synth x copy | reference | project x ref | synth x ref | status |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---|",
     ]
     for r in rows:
         label = r["family"] + (" (O(D))" if r["family"] == "sketch" else "")
@@ -289,24 +295,23 @@ def render_markdown(meta: dict[str, Any], rng: dict[str, float], rows: list[dict
         setup = "-" if r.get("setup_s") is None else f"{r['setup_s']:.2f}"
         lines.append(
             f"| {label} | {r['D']:,} | {r['K']} | {setup} | {_ms(r['project_s'])} | {_ms(r['synthesize_s'])} "
-            f"| {_ms(r.get('full_estimate_s'))} | {_fmt(r['project_Mps'])} | {_fmt(r['synthesize_Mps'])} "
-            f"| {_ms(r['rng_bound_s']) if r['rng_bound_s'] else '-'} | {_fmt(r['project_x_rng'])} "
-            f"| {_fmt(r['synthesize_x_rng'])} | ok |"
+            f"| {_ms(r.get('full_estimate_s'))} | {_fmt(r['project_x_copy'])} | {_fmt(r['synthesize_x_copy'])} "
+            f"| {r['reference']} | {_fmt(r['project_x_ref'])} | {_fmt(r['synthesize_x_ref'])} | ok |"
         )
     lines += [
         "",
         "Columns:",
-        "- *M/s*: throughput in M coordinates x directions per second (D*K / time); for the sketch "
-        "(O(D) for any K) in M coordinates per second (D / time).",
-        "- *RNG-bound ms*: time the random draws of one regenerating call would take at the raw "
-        "rates above (gaussian and exploration directions: D*K' normals; rademacher: D*K/8 bytes; "
-        "sketch: D int64 buckets + D/8 bytes). *x RNG* = measured / RNG-bound (1.0 = generation "
-        "runs at the raw RNG limit). codebook without exploration draws nothing.",
+        "- *x copy*: time / one `copy_` of D float32 (one pass over the gradient).",
+        "- *reference*, *x ref*: time / the family's own floor. sketch: one random-index "
+        "`index_add_` of D floats into K bins. gaussian, rademacher: K `torch.randn(D)` draws, one "
+        "generator value per (direction, coordinate); subspace families: K' randn(D) for their K' "
+        "exploration directions (copy when there are none). Below 1 for rademacher means cheaper "
+        "than drawing each sign; the gaussian pays a hash per 2 values and a table lookup per value.",
+        "- *synth* ratios use full_est for the subspace families (what reconstruct/update pay).",
         "- codebook: codebook_rank = K, no exploration. codebook-halfexp: rank K/2 plus K/2 Gaussian "
         "exploration directions. momentum: 1 momentum direction + K-1 exploration directions. "
-        "*full_est* is full_estimate (U a_U + P x, what reconstruct/update pay every step); their "
-        "*synth x RNG* uses it. With exploration_weight = 0 (default) *synthesize* returns U a_U but "
-        "still synthesises the exploration part (hence about the same time as full_est).",
+        "*full_est* is full_estimate (U a_U + P x, what reconstruct/update pay every step). With "
+        "exploration_weight = 0 (default) *synthesize* returns U a_U.",
         "- *setup*: building the subspace family (seeded basis + QR on the CPU). The codebook repeats "
         "that O(D r^2) QR every qr_every (default 50) basis updates.",
     ]
@@ -370,12 +375,15 @@ def main(argv: list[str] | None = None) -> int:
         "dims": args.dims,
         "ks": args.ks,
         "families": variants,
+        "direction_version": DIRECTION_VERSION,
     }
     meta["loadavg_start"] = _loadavg()
     wall0 = time.perf_counter()
     print(f"[bench] device={device} ({device_name}) torch={torch.__version__} threads={meta['threads']}", flush=True)
-    rng = measure_rng(device, args.repeats)
-    print("[bench] RNG M/s: " + ", ".join(f"{k}={v:.0f}" for k, v in rng.items() if k.endswith("Mps")), flush=True)
+    refs = measure_references(device, sorted(args.dims), sorted(args.ks), args.repeats)
+    for dim in sorted(args.dims):
+        print(f"[bench] D={dim:,}: copy_ {refs['copy_s'][dim] * 1e3:.2f} ms, "
+              f"randn {refs['randn_s'][dim] * 1e3:.2f} ms, hash words {refs['hash_s'][dim] * 1e3:.2f} ms", flush=True)
 
     rows: list[dict[str, Any]] = []
     scale: dict[str, dict[str, float]] = {}  # variant -> measured/prior ratio per op, from the last run config
@@ -386,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
                 if variant in ("codebook-halfexp", "momentum") and k < 2:
                     rows.append({"family": variant, "D": dim, "K": k, "status": "skipped (needs K >= 2)"})
                     continue
-                prior = _prior_estimates(variant, dim, k, rng)
+                prior = _prior_estimates(variant, dim, k, refs)
                 ratio = scale.get(variant, {})
                 est = {op: prior[op] * ratio.get(op, 1.0) for op in prior}
                 total_est = est["setup"] + calls * (est["project"] + est["synthesize"] + est["full_estimate"])
@@ -397,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
                                  "estimated_s": total_est})
                     continue
                 try:
-                    row = run_config(variant, dim, k, device, args, rng)
+                    row = run_config(variant, dim, k, device, args, refs)
                 except Exception as exc:  # keep going: one broken config should not lose the table
                     print(f"[bench] {tag}  error: {exc!r}", flush=True)
                     rows.append({"family": variant, "D": dim, "K": k, "status": f"error: {type(exc).__name__}"})
@@ -417,8 +425,8 @@ def main(argv: list[str] | None = None) -> int:
 
     meta["total_wall_s"] = time.perf_counter() - wall0
     meta["loadavg_end"] = _loadavg()
-    out_md.write_text(render_markdown(meta, rng, rows))
-    out_json.write_text(json.dumps({"meta": meta, "rng": rng, "results": rows}, indent=2) + "\n")
+    out_md.write_text(render_markdown(meta, refs, rows))
+    out_json.write_text(json.dumps({"meta": meta, "references": refs, "results": rows}, indent=2) + "\n")
     print(f"[bench] wrote {out_md} and {out_json} ({meta['total_wall_s']:.0f} s)", flush=True)
     return 0
 

@@ -254,16 +254,17 @@ def claim_c6(args: argparse.Namespace) -> str:
         grad = torch.randn(dim, generator=torch.Generator().manual_seed(0))
         for name in FAMILIES:
             family = make_family(name, dim, k)
-            # Collapse: K copies of one seed (dense); the sketch has one seed per step, its
-            # collapse is every coordinate in one bucket, i.e. the K = 1 sketch.
-            collapsed = make_family(name, dim, 1) if name == "sketch" else family
+            # Collapse: K copies of one direction, i.e. z z^T g. Gaussian: one seed repeated K
+            # times. The sketch (one seed per step) and rademacher (one seed per 32 directions)
+            # share seeds between directions: their collapse is the K = 1 family.
+            collapsed = make_family(name, dim, 1) if name in ("sketch", "rademacher") else family
             total = torch.zeros(dim, dtype=torch.float64)
             total_collapsed = torch.zeros(dim, dtype=torch.float64)
             t0 = time.perf_counter()
             for draw in range(draws):
                 seeds = _seeds(f"c6/{name}/{dim}/{k}", draw, family.num_seeds)
                 total += _estimate(family, grad, seeds).double()
-                same = seeds if name == "sketch" else seeds[:1] * family.num_seeds
+                same = seeds[:1] * collapsed.num_seeds
                 total_collapsed += _estimate(collapsed, grad, same).double()
             mean = total / draws
             bound = math.sqrt(PER_DRAW_VARIANCE[name](dim, k) / draws)

@@ -18,6 +18,7 @@ from .aggregators import (
 from .attacks import ATTACK_NAMES, AttackName, attack_generator, attack_row, evasive_liars
 from .chain import CommitmentChain, direction_seeds, genesis_commitment, hash_batch, scalars_digest, step_batch_hash
 from .directions import (
+    DIRECTION_VERSION,
     DirectionFamily,
     GaussianDirections,
     IdentityDirections,
@@ -33,6 +34,7 @@ __all__ = [
     "AGGREGATION_NAMES",
     "ATTACK_NAMES",
     "AttackName",
+    "DIRECTION_VERSION",
     "AggregationResult",
     "Aggregator",
     "CodebookDirections",

@@ -3,7 +3,9 @@
 Symbols: N is the number of ranks, K the number of directions per step, t the step
 index (1 for the first step), c_t the step commitment (32 bytes).
 
-- Genesis: c_0 = SHA256("holograd/v1" || S_0), S_0 the run's seed string.
+- Genesis: c_0 = SHA256("holograd/v2/dirs2" || S_0), S_0 the run's seed string. The tag
+  names the direction-function version (DIRECTION_VERSION), so runs whose directions are
+  defined differently never share a chain.
 - Step: c_t = SHA256(c_{t-1} || t || h_{t,0} || ... || h_{t,N-1} || d_{t-1}), where t is
   encoded as 8 bytes little-endian, h_{t,i} is rank i's batch hash and d_{t-1} the
   digest of the aggregated scalars of step t-1 (d_0 is 32 zero bytes).
@@ -23,6 +25,8 @@ from typing import Any
 
 import torch
 
+from .direction_hash import DIRECTION_VERSION
+
 __all__ = [
     "DIGEST_SIZE",
     "GENESIS_TAG",
@@ -34,7 +38,7 @@ __all__ = [
     "genesis_commitment",
 ]
 
-GENESIS_TAG = b"holograd/v1"
+GENESIS_TAG = f"holograd/v2/dirs{DIRECTION_VERSION}".encode()  # b"holograd/v2/dirs2"
 DIGEST_SIZE = 32
 _ZERO_DIGEST = bytes(DIGEST_SIZE)
 
@@ -44,7 +48,7 @@ def _u64(value: int) -> bytes:
 
 
 def genesis_commitment(seed: str) -> bytes:
-    """c_0 = SHA256("holograd/v1" || seed)."""
+    """c_0 = SHA256(GENESIS_TAG || seed), GENESIS_TAG = "holograd/v2/dirs2"."""
     if not isinstance(seed, str):
         raise TypeError(f"seed={seed!r} must be a str. HINT: pass the run's seed string, e.g. seed='run-1'.")
     return hashlib.sha256(GENESIS_TAG + seed.encode("utf-8")).digest()
@@ -159,6 +163,7 @@ class CommitmentChain:
 
     def state_dict(self) -> dict[str, Any]:
         return {
+            "genesis_tag": GENESIS_TAG.decode(),
             "seed": self.seed,
             "head": self.head.hex(),
             "step": self.step,
@@ -166,6 +171,14 @@ class CommitmentChain:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        tag = state.get("genesis_tag")
+        if tag != GENESIS_TAG.decode():
+            written = "lightning-holograd 0.1.x, genesis tag 'holograd/v1'" if tag is None else f"genesis tag {tag!r}"
+            raise ValueError(
+                f"checkpoint chain has genesis_tag={tag!r} (written by {written}); this version's chain "
+                f"starts from {GENESIS_TAG.decode()!r} and defines directions differently. "
+                "HINT: resume it with lightning-holograd 0.1.x, or start a new run."
+            )
         if state["seed"] != self.seed:
             raise ValueError(
                 f"checkpoint chain seed={state['seed']!r} differs from this run's seed={self.seed!r}. "

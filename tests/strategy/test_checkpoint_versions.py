@@ -29,6 +29,7 @@ FAMILIES = {"identity": {"directions": "identity"}, "sketch": {"directions": "sk
 
 @pytest.mark.multiprocess
 @pytest.mark.timeout(120)
+@pytest.mark.xfail(strict=True, reason="direction definition 1 support for resume is being restored after issue 12")
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_version_1_checkpoint_resumes_bitwise(tmp_path, family):
     checkpoint = tmp_path / "last.ckpt"

@@ -317,7 +317,7 @@ def test_audit_names_the_step_and_the_diverging_rank(tmp_path):
         ({"directions": "codebook", "num_directions": 8, "codebook_rank": 9}, "codebook_rank=9"),
         ({"directions": "codebook", "codebook_rank": 0}, "codebook_rank=0"),
         ({"directions": "momentum", "num_directions": 1}, "num_directions=1"),
-        ({"chunk_size": 10000}, "chunk_size=10000"),
+        ({"chunk_size": 0}, "chunk_size=0"),  # any positive chunk_size is valid since DIRECTION_VERSION 2
         ({"seed": ""}, "seed=''"),
         ({"audit_every": -1}, "audit_every=-1"),
     ],

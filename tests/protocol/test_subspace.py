@@ -66,7 +66,8 @@ def test_basis_stays_orthonormal(qr_every, oja_lr):
     tests the O(D r) rank-one re-orthonormalisation alone: without it, one update would
     leave U^T U = I + (2 alpha + alpha^2) b b^T, an error of order alpha (0.1 .. 3)."""
     dim, rank = 512, 16
-    codebook = CodebookDirections(dim, rank, oja_lr=oja_lr, qr_every=qr_every, block_size=512, chunk_size=512)
+    codebook = CodebookDirections(dim, rank, oja_lr=oja_lr, qr_every=qr_every, block_size=512, chunk_size=512,
+                                  fit="oja")
     assert _orthonormality_error(codebook.basis) < 1e-5
     gen = torch.Generator().manual_seed(3)
     for step in range(200):
@@ -82,7 +83,7 @@ def test_rank_one_update_equals_qr_of_oja_step():
     """The rank-one correction must span the same subspace as QR of the raw Oja step
     U + alpha u_hat (u_hat^T U); compare projectors after one update."""
     dim, rank, oja_lr = 256, 8, 0.5
-    codebook = CodebookDirections(dim, rank, oja_lr=oja_lr, qr_every=10**9, block_size=256, chunk_size=256)
+    codebook = CodebookDirections(dim, rank, oja_lr=oja_lr, qr_every=10**9, block_size=256, chunk_size=256, fit="oja")
     before = codebook.basis.clone()
     grad = before @ torch.arange(1.0, rank + 1) + torch.randn(dim, generator=torch.Generator().manual_seed(0))
     codebook.observe_gradient(grad)
@@ -102,7 +103,8 @@ def test_periodic_qr_does_not_change_the_basis():
     grads = [next(stream) for _ in range(60)]
     bases = []
     for qr_every in (1, 10**9):
-        codebook = CodebookDirections(dim, rank, oja_lr=0.3, qr_every=qr_every, block_size=512, chunk_size=512)
+        codebook = CodebookDirections(dim, rank, oja_lr=0.3, qr_every=qr_every, block_size=512, chunk_size=512,
+                                      fit="oja")
         for grad in grads:
             codebook.observe_gradient(grad)
         bases.append(codebook.basis)
@@ -139,7 +141,7 @@ def test_oja_converges_to_planted_subspace_from_true_gradients():
     (ceiling 0.987, see PlantedStream); a random basis captures about r/D = 0.008."""
     dim, rank = 512, 4
     stream = PlantedStream(dim, rank, noise_std=0.01)
-    codebook = CodebookDirections(dim, rank, oja_lr=0.2, qr_every=50, block_size=512, chunk_size=512)
+    codebook = CodebookDirections(dim, rank, oja_lr=0.2, qr_every=50, block_size=512, chunk_size=512, fit="oja")
     assert stream.mean_captured_energy(codebook.basis) < 0.05
     for _ in range(300):
         codebook.observe_gradient(stream.sample())
@@ -162,7 +164,8 @@ def test_exploration_estimates_rotate_the_basis_toward_the_planted_subspace():
     dim, rank, num_exploration = 256, 4, 32
     stream = PlantedStream(dim, rank, noise_std=0.01, seed=1)
     codebook = CodebookDirections(
-        dim, rank, num_exploration=num_exploration, oja_lr=0.3, qr_every=50, block_size=256, chunk_size=256
+        dim, rank, num_exploration=num_exploration, oja_lr=0.3, qr_every=50, block_size=256, chunk_size=256,
+        fit="oja",
     )
     fresh = [stream.sample() for _ in range(100)]
     initial = sum(codebook.captured_energy(g) for g in fresh) / len(fresh)
@@ -183,7 +186,7 @@ def test_estimate_inside_span_cannot_rotate_the_basis():
     every column in span(U): the subspace never moves, however many steps are taken."""
     dim, rank = 256, 4
     stream = PlantedStream(dim, rank, noise_std=0.01, seed=2)
-    codebook = CodebookDirections(dim, rank, oja_lr=0.5, qr_every=10, block_size=256, chunk_size=256)
+    codebook = CodebookDirections(dim, rank, oja_lr=0.5, qr_every=10, block_size=256, chunk_size=256, fit="oja")
     projector = codebook.basis @ codebook.basis.T
     for _ in range(100):
         codebook.reconstruct(codebook.project(stream.sample(), []), [])
@@ -242,10 +245,11 @@ def test_codebook_directions_and_scalars():
 def test_codebook_state_dict_round_trip_continues_identically():
     stream = PlantedStream(128, 4, noise_std=0.1, seed=5)
     grads = [stream.sample() for _ in range(20)]
-    original = CodebookDirections(128, 4, oja_lr=0.3, qr_every=3, block_size=128, chunk_size=128)
+    original = CodebookDirections(128, 4, oja_lr=0.3, qr_every=3, block_size=128, chunk_size=128, fit="oja")
     for grad in grads[:7]:
         original.observe_gradient(grad)
-    resumed = CodebookDirections(128, 4, oja_lr=0.3, qr_every=3, init_seed=99, block_size=128, chunk_size=128)
+    resumed = CodebookDirections(128, 4, oja_lr=0.3, qr_every=3, init_seed=99, block_size=128, chunk_size=128,
+                                   fit="oja")
     resumed.load_state_dict(original.state_dict())
     assert resumed.num_updates == 7
     for grad in grads[7:]:
@@ -253,7 +257,7 @@ def test_codebook_state_dict_round_trip_continues_identically():
         resumed.observe_gradient(grad)
     assert torch.equal(resumed.basis, original.basis)
     with pytest.raises(ValueError, match="num_directions=4.*num_directions=5"):
-        CodebookDirections(128, 5, block_size=128, chunk_size=128).load_state_dict(original.state_dict())
+        CodebookDirections(128, 5, block_size=128, chunk_size=128, fit="oja").load_state_dict(original.state_dict())
 
 
 # -- momentum --------------------------------------------------------------------------

@@ -174,8 +174,8 @@ class CodebookDirections(_SubspaceFamily):
     ``factor`` (per-matrix left/right bases with k^2 scalars, 1-D parameters as column
     blocks); ``param_shapes`` lists the trainable parameters' shapes in the order their
     gradients are concatenated (without it, g is one 1-D parameter and every structure
-    is dense). Memory: dense D r floats; block about D r / #parameters; factor
-    sum over matrices of (m + n) k.
+    is dense). Memory: dense D r floats; block sum_b d_b k_b (at most D r); factor
+    sum over matrices of (m + n) k plus the 1-D columns; the sketch D ``sketch_size``.
 
     ``fit="sketch"`` (default): ``observe_gradient`` (bootstrap/refresh steps) stores the
     true gradient in a ``sketch_size``-column sketch and the basis is refitted from it, at

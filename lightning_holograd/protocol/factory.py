@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal, get_args
 
 from .directions import (
@@ -34,13 +35,22 @@ def make_family(
     init_seed: int = 0,
     block_size: int = DEFAULT_BLOCK_SIZE,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    codebook_structure: str = "dense",
+    param_shapes: Sequence[Sequence[int]] | None = None,
+    codebook_fit: str = "sketch",
+    sketch_size: int = 16,
+    sketch_decay: float = 1.0,
+    tracking_lr: float = 0.0,
 ) -> DirectionFamily:
     """Family ``name`` over ``dim`` coordinates using ``num_directions`` scalars per step.
 
     codebook: ``codebook_rank`` basis columns (default: all of num_directions) and
     num_directions - codebook_rank exploration directions. momentum: one momentum
     direction and num_directions - 1 exploration directions. identity: num_directions
-    must equal dim (debug family).
+    must equal dim (debug family). The codebook's ``codebook_structure``, ``codebook_fit``,
+    ``sketch_size``, ``sketch_decay``, ``tracking_lr`` and ``param_shapes`` are
+    ``CodebookDirections``' structure, fit, sketch_size, sketch_decay, tracking_lr and
+    param_shapes.
     """
     blocks = {"block_size": block_size, "chunk_size": chunk_size}
     if name == "gaussian":
@@ -59,7 +69,9 @@ def make_family(
                 "num_directions counts the codebook columns plus the exploration directions."
             )
         return CodebookDirections(dim, rank, num_directions - rank, oja_lr=oja_lr, qr_every=qr_every,
-                                  exploration_weight=exploration_weight, init_seed=init_seed, **blocks)
+                                  exploration_weight=exploration_weight, init_seed=init_seed, **blocks,
+                                  structure=codebook_structure, param_shapes=param_shapes, fit=codebook_fit,
+                                  sketch_size=sketch_size, sketch_decay=sketch_decay, tracking_lr=tracking_lr)
     if name == "momentum":
         return MomentumDirections(dim, num_directions - 1, beta=momentum_beta,
                                   exploration_weight=exploration_weight, init_seed=init_seed, **blocks)

@@ -115,7 +115,6 @@ def test_forbidden_reference_finder():
 # -- the package's references -----------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="references are being moved to docs/PROTOCOL.md on the arch branch")
 def test_package_cites_only_docs_protocol():
     offenders = {}
     for path in _package_text_files():

@@ -40,8 +40,7 @@ class HoloGradConfig:
     qr_every: int = 50
     exploration_weight: float = 0.0
     momentum_beta: float = 0.9
-    block_size: int = 8192
-    chunk_size: int = 32768
+    chunk_size: int | None = None  # coordinates materialised at once (None: sized to the device)
     projection: str = "backward"
     audit_every: int = 100
     sync_buffers: bool = True
@@ -74,9 +73,8 @@ class HoloGradConfig:
                              "HINT: use projection='backward' for the identity debug family.")
         _int_at_least("qr_every", self.qr_every, 1)
         _int_at_least("audit_every", self.audit_every, 0, "0 disables the replica audit.")
-        _int_at_least("block_size", self.block_size, 8)
-        _int_at_least("chunk_size", self.chunk_size, self.block_size,
-                      f"a multiple of block_size={self.block_size}.")
+        if self.chunk_size is not None:
+            _int_at_least("chunk_size", self.chunk_size, 1, "None sizes chunks to the device's working set.")
         # Remaining range checks (oja_lr, exploration_weight, momentum_beta, chunk multiple)
         # are done by the family constructors; build a tiny one now so they fail here.
         self.build_family(dim=max(self.num_directions, 1))
@@ -93,7 +91,7 @@ class HoloGradConfig:
         return make_family(
             self.directions, dim, self.num_directions, codebook_rank=self.codebook_rank, oja_lr=self.oja_lr,
             qr_every=self.qr_every, exploration_weight=self.exploration_weight, momentum_beta=self.momentum_beta,
-            init_seed=init_seed, block_size=self.block_size, chunk_size=self.chunk_size,
+            init_seed=init_seed, chunk_size=self.chunk_size,
         )
 
     def build_aggregator(self) -> Aggregator:

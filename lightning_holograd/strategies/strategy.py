@@ -57,7 +57,8 @@ class HoloGradStrategyMixin:
         clip_row_norms: scale rows above the median row norm down to it before aggregating.
         seed: the run's global seed string S_0 (all ranks must agree).
         codebook_rank, oja_lr, qr_every, exploration_weight, momentum_beta: family knobs.
-        block_size, chunk_size: direction generation (block_size defines the directions).
+        chunk_size: coordinates of a direction materialised at once (None: sized to the device;
+            speed and memory only, never the values).
         projection: ``backward`` (local backward + dot products) or ``jvp`` (forward-mode).
         audit_every: compare a parameter digest across ranks every N steps (0: never).
         sync_buffers: broadcast module buffers from rank 0 after every optimizer step.
@@ -82,8 +83,7 @@ class HoloGradStrategyMixin:
         qr_every: int = 50,
         exploration_weight: float = 0.0,
         momentum_beta: float = 0.9,
-        block_size: int = 8192,
-        chunk_size: int = 32768,
+        chunk_size: int | None = None,
         projection: ProjectionName = "backward",
         audit_every: int = 100,
         sync_buffers: bool = True,
@@ -96,7 +96,7 @@ class HoloGradStrategyMixin:
             num_directions=num_directions, directions=directions, aggregation=aggregation, trim_ratio=trim_ratio,
             krum_byzantine=krum_byzantine, clip_row_norms=clip_row_norms,
             seed=seed, codebook_rank=codebook_rank, oja_lr=oja_lr, qr_every=qr_every,
-            exploration_weight=exploration_weight, momentum_beta=momentum_beta, block_size=block_size,
+            exploration_weight=exploration_weight, momentum_beta=momentum_beta,
             chunk_size=chunk_size, projection=projection, audit_every=audit_every, sync_buffers=sync_buffers,
         )
         super().__init__(process_group_backend=process_group_backend, timeout=timeout, start_method=start_method,

@@ -21,6 +21,7 @@ from .directions import (
 )
 from .families import FAMILY_NAMES, FamilyName, make_family
 from .ledger import Ledger, LedgerRecord, LedgerTamperError
+from .codebook_fit import CODEBOOK_FITS, CODEBOOK_STRUCTURES, CodebookFit, CodebookStructure
 from .subspace import CodebookDirections, MomentumDirections, captured_energy
 from .verification import Reason, Verdict, claim_digest, draw_claims, judge_claim
 
@@ -28,6 +29,10 @@ __all__ = [
     "AGGREGATION_NAMES",
     "AggregationResult",
     "Aggregator",
+    "CODEBOOK_FITS",
+    "CODEBOOK_STRUCTURES",
+    "CodebookFit",
+    "CodebookStructure",
     "CodebookDirections",
     "CommitmentChain",
     "DirectionFamily",

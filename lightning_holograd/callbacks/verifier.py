@@ -15,8 +15,9 @@ aggregated, so before the update of step t), on every rank:
 4. a rejected claim, a batch that does not match its hash, or a missing batch slashes
    the claimant (``Slashing.slash``): its row is left out of this step's aggregation on
    every rank, and of every later step.
-Every verification and slash is appended to a hash-chained ledger (JSONL written by
-global rank 0, identical in memory on all ranks, saved in checkpoints).
+Every verification and slash, and every true-gradient step (bootstrap/refresh, which
+cannot be verified), is appended to a hash-chained ledger (JSONL written by global rank 0,
+identical in memory on all ranks, saved in checkpoints).
 """
 
 from __future__ import annotations
@@ -162,6 +163,9 @@ class ProofVerifier(Callback):
             served = ctx.result.kept_ranks if ctx.result is not None else exchange.slashing.honest_ranks()
             for rank in served:
                 self.steps_served[rank] += 1
+            if ctx.true_gradient:  # not verifiable, but on the record (docs/PROTOCOL.md §6.9)
+                self.ledger.append(ctx.step, -1, "true_gradient", ranks=list(served),
+                                   gradient_digest=exchange.chain.last_scalars_digest.hex())
         pl_module.log_dict({
             "holograd/verified": float(self.verified),
             "holograd/slashed": float(len(self.slashed)),

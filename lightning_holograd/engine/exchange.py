@@ -126,15 +126,20 @@ class HoloGradExchange:
         batch_hash: bytes,
         project: Callable[[list[int]], torch.Tensor],
         extras: Mapping[str, Any] | None = None,
+        diagnostic: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Exchange one step's claims and return g_hat (D,), identical on every rank.
 
         ``project(seeds)`` returns this rank's (K,) scalars (the family's projection of the
         local gradient, or a forward-mode equivalent). ``extras`` (e.g. this rank's
         micro-batches under ``"inputs"``) are handed to the hooks via the context.
+        ``diagnostic``: this rank's local gradient (D,) on a diagnostic step (every rank
+        passes one, or none): see ``measure_energy``.
         """
         ctx = self.commit(batch_hash)
         ctx.extras.update(extras or {})
+        if diagnostic is not None:
+            ctx.extras["captured_energy"] = self.measure_energy(diagnostic)
         scalars = project(ctx.seeds)
         for hook in self.claim_hooks:
             scalars = hook(ctx, scalars)
@@ -149,6 +154,20 @@ class HoloGradExchange:
         self.chain.record_scalars(ctx.result.scalars)
         self._finish(ctx)
         return estimate
+
+    def measure_energy(self, flat_grad: torch.Tensor) -> float:
+        """gamma of the family's basis against the mean true gradient of the honest ranks.
+
+        A diagnostic, not part of the protocol: one all-reduce of 4D bytes counted as
+        ``diagnostic`` traffic (outside the per-step figures and the compression), the family
+        left untouched. Call contract: a blocking collective, on every rank at the same step,
+        before the step's update (``step(diagnostic=...)`` calls it there).
+        """
+        honest = self.slashing.honest_ranks()
+        local = flat_grad.to(torch.float32)
+        contribution = local if self.comm.rank in honest else torch.zeros_like(local)
+        grad = (self.comm.all_reduce_sum(contribution, "diagnostic") / max(len(honest), 1)).to(flat_grad.device)
+        return float(self.family.captured_energy(grad))  # type: ignore[attr-defined]
 
     def true_gradient_step(self, flat_grad: torch.Tensor, batch_hash: bytes) -> torch.Tensor:
         """A true-gradient step: all-reduce the mean gradient (D,) of the honest ranks.

@@ -33,7 +33,7 @@ class LedgerRecord:
     seq: int  # 0-based position in the ledger
     step: int  # optimizer step the event belongs to
     rank: int  # rank the event is about (-1 for run-wide events)
-    event: str  # e.g. "verify", "slash", "bootstrap"
+    event: str  # "verify", "slash" or "true_gradient"
     data: dict[str, Any] = field(default_factory=dict)
     prev: str = GENESIS_HASH
     hash: str = ""

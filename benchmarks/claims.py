@@ -427,7 +427,7 @@ def _training_claim(name: str):
     """A claim of claims_training.py, written like the others (Markdown + JSON, verdict line)."""
 
     def run(args: argparse.Namespace) -> str:
-        import claims_training
+        from benchmarks import claims_training
 
         start, load0 = time.perf_counter(), _loadavg()
         verdict, body, payload = getattr(claims_training, name)(args)

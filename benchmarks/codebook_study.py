@@ -25,8 +25,8 @@ Times are the family's own calls in exact mode, measured on a shared 2-core mach
 indicative only.
 
 Usage (one CPU-heavy process at a time on a shared machine):
-  nice -n 10 python benchmarks/codebook_study.py                       # both modes, ~30 min
-  nice -n 10 python benchmarks/codebook_study.py --mode exact --variants dense,factor
+  nice -n 10 python -m benchmarks.codebook_study                       # both modes, ~30 min
+  nice -n 10 python -m benchmarks.codebook_study --mode exact --variants dense,factor
 """
 
 from __future__ import annotations
@@ -50,9 +50,7 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 _BENCH_DIR = Path(__file__).resolve().parent
-sys.path.insert(0, str(_BENCH_DIR))
-
-from claims_training import GPT2Harness, cos  # noqa: E402
+from benchmarks.claims_training import GPT2Harness, cos  # noqa: E402
 from lightning_holograd.protocol import direction_seeds, genesis_commitment, make_family  # noqa: E402
 
 K = 64
@@ -244,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{', '.join(VARIANTS)}, steps and bootstrap >= 1")
     total, start, load_start = args.bootstrap + args.steps, time.time(), os.getloadavg()[0]
     exact = own = None
-    meta: dict[str, Any] = {"command": "python benchmarks/codebook_study.py " + " ".join(argv or sys.argv[1:]),
+    meta: dict[str, Any] = {"command": "python -m benchmarks.codebook_study " + " ".join(argv or sys.argv[1:]),
                             "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                             "host": platform.node(), "torch": torch.__version__, "bootstrap": args.bootstrap,
                             "steps": args.steps, "load_start": round(load_start, 2)}

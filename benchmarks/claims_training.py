@@ -1,6 +1,7 @@
-"""Claims C2-C5 (GPT-2 example, one process) and C7 (simulated ranks), for ``claims.py``.
+"""Claims C2-C4 (GPT-2 example, one process) and C7 (simulated ranks), for ``claims.py``;
+C5 (the codebook) lives in ``claims_codebook.py`` on the same harness.
 
-C2-C5 train the tiny GPT-2 of ``configs/gpt2-tiny-cpu.yaml`` (D = 445,952) in one process
+C2-C4 train the tiny GPT-2 of ``configs/gpt2-tiny-cpu.yaml`` (D = 445,952) in one process
 with the example's AdamW and learning-rate schedule, drawing 16 x 128-token batches from
 the embedded stdlib corpus with a seeded generator, so every trajectory sees the same
 init and the same batches. A trajectory differs only in the gradient handed to AdamW:
@@ -328,60 +329,6 @@ def c4(args: Any) -> tuple[str, list[str], dict[str, Any]]:
     return verdict, lines, {"exact_curve": exact["curve"], "runs": {n: {k: v for k, v in r.items()}
                                                                    for n, r in runs.items()},
                             "fractions": fractions, "holds": holds}
-
-
-# ============================================================================ C5
-C5_RUNS = {
-    "r64, bootstrap 10": {"codebook_rank": 64, "k": 64, "bootstrap": 10, "refresh": 0},
-    "r64, bootstrap 10, refresh 50": {"codebook_rank": 64, "k": 64, "bootstrap": 10, "refresh": 50},
-    "r32 + 32 exploration, bootstrap 10": {"codebook_rank": 32, "k": 64, "bootstrap": 10, "refresh": 0},
-}
-
-
-def c5(args: Any) -> tuple[str, list[str], dict[str, Any]]:
-    steps, dim = args.train_steps, tiny_gpt2_dim()
-    checkpoints = [s for s in (0, 9, 10, 20, 50, 100, 200, steps - 1) if s < steps]
-    results = {}
-    for label, cfg in C5_RUNS.items():
-        est, fam = family_estimator("codebook", dim, cfg["k"], tag=f"c5/{label}", bootstrap=cfg["bootstrap"],
-                                    refresh=cfg["refresh"], codebook_rank=cfg["codebook_rank"])
-        gamma: list[float] = []
-
-        # gamma must be measured with the basis *used* at the step, before its update: wrap the estimator.
-        def measured(step: int, grad: torch.Tensor, est: Estimator = est, fam: Any = fam,
-                     gamma: list = gamma) -> torch.Tensor:
-            gamma.append(fam.captured_energy(grad))
-            return est(step, grad)
-
-        run = trajectory(steps, measured)
-        results[label] = {"gamma": gamma, "final_val": run["final_val"], "curve": run["curve"], **cfg}
-    lines = [
-        f"Claim C5: the codebook (ADC) basis captures a large share of the true gradient's energy, "
-        f"gamma_t = ||U^T g_t||^2 / ||g_t||^2, measured against the exact minibatch gradient g_t with the basis "
-        f"used at step t (before its update). {steps} AdamW steps of the GPT-2 example; bootstrap steps use the "
-        f"true gradient and feed Oja (lr 0.1); a random r-dimensional subspace captures r/D = {64 / dim:.1e} (r = 64).",
-        "",
-        "| run | " + " | ".join(f"gamma at step {s}" for s in checkpoints) + " | mean after bootstrap | final val loss |",
-        "|---|" + "---:|" * (len(checkpoints) + 2),
-    ]
-    for label, r in results.items():
-        after = statistics.fmean(r["gamma"][r["bootstrap"]:])
-        r["mean_after_bootstrap"] = after
-        lines.append(f"| {label} | " + " | ".join(f"{r['gamma'][s]:.2e}" for s in checkpoints)
-                     + f" | {after:.2e} | {r['final_val']:.4f} |")
-    exact = exact_run(steps)
-    lines.append(f"| exact gradient (reference) | " + " | ".join("-" for _ in checkpoints)
-                 + f" | - | {exact['curve'][-1][1]:.4f} |")
-    main = results["r64, bootstrap 10"]
-    refresh = results["r64, bootstrap 10, refresh 50"]
-    holds = main["mean_after_bootstrap"] > 100 * 64 / dim
-    verdict = (f"C5 {'holds' if holds else 'does not hold'} against a random subspace (criterion: > 100 r/D): "
-               f"gamma after bootstrap {main['gamma'][10]:.2e} at step 10, mean {main['mean_after_bootstrap']:.2e} "
-               f"(with refresh every 50: {refresh['mean_after_bootstrap']:.2e}), vs r/D = {64 / dim:.1e}; "
-               + ("without refresh it decays to " if main["gamma"][-1] < 0.5 * main["gamma"][10] else
-                  "without refresh it stays at ") + f"{main['gamma'][-1]:.2e} by step {steps - 1}")
-    lines += ["", f"Verdict: {verdict}."]
-    return verdict, lines, {"runs": results, "holds": holds}
 
 
 # ============================================================================ C7

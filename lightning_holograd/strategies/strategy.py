@@ -28,7 +28,7 @@ from torch.distributed.constants import default_pg_timeout
 from typing_extensions import override
 
 from ..engine import Comm, HoloGradExchange, StepContext, TrafficMeter
-from ..protocol import CommitmentChain, FamilyName, step_batch_hash
+from ..protocol import CodebookFit, CodebookStructure, CommitmentChain, FamilyName, step_batch_hash
 from .checkpoint import STATE_KEY, exchange_state, protocol_state
 from .claims import Claims, flat_grad, write_grad
 from .config import AggregationName, HoloGradConfig, ProjectionName
@@ -88,8 +88,8 @@ class HoloGradStrategyMixin:
         qr_every: int = 50,
         exploration_weight: float = 0.0,
         momentum_beta: float = 0.9,
-        codebook_structure: str = "factor",
-        codebook_fit: str = "sketch",
+        codebook_structure: CodebookStructure = "factor",
+        codebook_fit: CodebookFit = "sketch",
         sketch_size: int = 16,
         sketch_decay: float = 1.0,
         tracking_lr: float = 0.0,

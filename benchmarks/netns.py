@@ -6,7 +6,8 @@
 Topology: a hub namespace holds a Linux bridge; every node namespace holds one end of a
 veth pair (10.213.<o>.<i + 1>/24) whose other end is a port of the bridge. Nothing is
 routed out, so a run's traffic stays between the nodes. ``rate`` shapes, with
-``tc ... tbf`` (a token bucket: ``burst`` bytes may go at line rate, then ``rate``), both
+``tc ... tbf`` (a token bucket: ``burst`` bytes, by default 10 ms of the rate, may go at
+line rate, then ``rate``), both
 the node's egress and the hub's egress towards the node, so each node's link has that
 bandwidth in each direction. ``TwoNodeLink`` is the two-node case. Namespaces are deleted
 on exit, on error and on SIGINT/SIGTERM.
@@ -24,10 +25,10 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-_REPO_ROOT = Path(__file__).resolve().parent.parent  # torchrun runs modules of the repository from here
+from benchmarks.harness import start_process, wait_all
+
 _COUNTER = [0]
 
 
@@ -43,6 +44,21 @@ def _tbf(ns: str, dev: str, rate: str, burst: str, latency: str) -> None:
                     "latency", latency], check=True, capture_output=True)
 
 
+def tbf_burst(rate: str | None) -> str:
+    """tbf bucket: 10 ms worth of ``rate`` ("100mbit", "1gbit", ...), at least 32 KiB."""
+    if not rate:
+        return "256kb"
+    units = {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "bit": 1.0}
+    for unit, scale in units.items():
+        if rate.endswith(unit):
+            try:
+                bits = float(rate[: -len(unit)]) * scale
+            except ValueError:
+                break
+            return f"{max(int(bits / 8 * 0.01), 32 * 1024)}b"
+    raise ValueError(f"rate={rate!r}: expected a number with kbit, mbit or gbit. HINT: e.g. 100mbit or 1gbit.")
+
+
 def check_privileges() -> None:
     """Raise a clear error when namespaces cannot be created here."""
     if os.geteuid() != 0:
@@ -56,11 +72,12 @@ def check_privileges() -> None:
 class Cluster:
     """``num_nodes`` namespaces on a private bridge, optionally rate-limited (see the module docstring)."""
 
-    def __init__(self, num_nodes: int = 2, rate: str | None = None, burst: str = "256kb", latency: str = "200ms",
-                 tag: str | None = None) -> None:
+    def __init__(self, num_nodes: int = 2, rate: str | None = None, burst: str | None = None,
+                 latency: str = "200ms", tag: str | None = None) -> None:
         if isinstance(num_nodes, bool) or not isinstance(num_nodes, int) or not 2 <= num_nodes <= 200:
-            raise ValueError(f"num_nodes={num_nodes!r} must be an integer in [2, 200].")
-        self.num_nodes, self.rate, self.burst, self.latency = num_nodes, rate, burst, latency
+            raise ValueError(f"num_nodes={num_nodes!r} must be an integer in [2, 200]. HINT: one node per rank.")
+        self.num_nodes, self.rate, self.latency = num_nodes, rate, latency
+        self.burst = burst or tbf_burst(rate)  # default: 10 ms of the rate
         tag = tag or f"{os.getpid() % 10000}{_COUNTER[0]}"
         _COUNTER[0] += 1
         self.hub = f"hgH{tag}"
@@ -154,47 +171,16 @@ class Cluster:
         for node in range(self.num_nodes):
             node_env = {**os.environ, **(env or {}), "GLOO_SOCKET_IFNAME": self.dev[node], "OMP_NUM_THREADS": "1",
                         "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-            procs.append(subprocess.Popen(self._node_command(node, module, script_args, port), cwd=_REPO_ROOT,
-                                          env=node_env,
-                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                          start_new_session=True))
-        outputs, codes = _wait_all(procs, t0 + timeout)
+            procs.append(start_process(self._node_command(node, module, script_args, port), env=node_env))
+        outputs, codes = wait_all(procs, t0 + timeout)
         after = self.tx_bytes()
         return {"returncodes": codes, "wall_s": time.perf_counter() - t0,
                 "job_tx_bytes": [a - b for a, b in zip(after, before)], "output_tails": [o[-4000:] for o in outputs]}
 
 
-def _wait_all(procs: list[subprocess.Popen], deadline: float) -> tuple[list[str], list[Any]]:
-    """Outputs and return codes of ``procs``; every process group is killed at ``deadline``,
-    on Ctrl-C / SIGTERM, or when one node fails (no rank may outlive the namespaces)."""
-
-    def kill_all() -> None:
-        for p in procs:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-    outputs, codes = [], []
-    try:
-        for proc in procs:
-            try:
-                out, _ = proc.communicate(timeout=max(deadline - time.perf_counter(), 1.0))
-                codes.append(proc.returncode)
-            except subprocess.TimeoutExpired:
-                kill_all()
-                out, _ = proc.communicate()
-                codes.append("timeout")
-            outputs.append(out)
-    except BaseException:
-        kill_all()
-        raise
-    return outputs, codes
-
-
 class TwoNodeLink(Cluster):
     """The two-node case of ``Cluster`` (kept for the two-node benchmarks)."""
 
-    def __init__(self, rate: str | None = None, burst: str = "256kb", latency: str = "200ms",
+    def __init__(self, rate: str | None = None, burst: str | None = None, latency: str = "200ms",
                  tag: str | None = None) -> None:
         super().__init__(2, rate=rate, burst=burst, latency=latency, tag=tag)

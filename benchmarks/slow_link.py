@@ -24,17 +24,16 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import json
-import shlex
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.bench_strategy import _version
-from benchmarks.frontier import RESULTS, RUNS, run_one, tbf_burst
+from benchmarks.frontier_runs import RUNS, run_one
+from benchmarks.harness import (RESULTS, csv_items, finish_metadata, make_parser, read_report, run_metadata,
+                                write_report)
+from benchmarks.netns import tbf_burst
 
 STRATEGIES = {"ddp": RUNS["ddp"], "holograd-sketch-4096": RUNS["sketch-4096"]}
 
@@ -58,7 +57,8 @@ def render(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     lines = [
         "# Slow link: DDP vs HoloGrad wall clock (cpu, two network namespaces, tbf-shaped veth)",
         "",
-        f"- torch {meta['torch']}, lightning {meta['lightning']}; date {meta['date']}",
+        f"- torch {meta['torch']}, lightning {meta['lightning']}; date {meta['date']}"
+        + (f"; commit `{meta['commit']}`" if meta.get("commit") else ""),
         f"- command: `{meta['command']}`; total wall {meta['total_wall_s'] / 60:.1f} min",
         f"- model: tiny GPT-2 of `configs/gpt2-tiny-cpu.yaml` (D = 445,952), {meta['steps']} steps, 16 x 128 tokens "
         "per rank and step; 2 ranks = two-node torchrun (gloo), one process per namespace, 1 thread each",
@@ -86,9 +86,8 @@ def render(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = make_parser(__doc__)
     p.add_argument("--rates", default="none,1gbit,100mbit,20mbit", help="comma-separated tbf rates; 'none' = unshaped")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--val-every", type=int, default=25)
@@ -98,42 +97,52 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per run")
     p.add_argument("--port", type=int, default=29527)
     p.add_argument("--out", default=str(RESULTS / "slow_link_cpu.md"))
+    p.add_argument("--report-only", action="store_true", help="rebuild the table from the JSON")
     args = p.parse_args(argv)
-    rates = [r.strip() for r in args.rates.split(",") if r.strip()]
-    for rate in rates:  # refuse a bad rate before any run starts
+    args.rate_list = csv_items(args.rates)
+    for rate in args.rate_list:  # refuse a bad rate before any run starts
         if rate != "none":
             try:
                 tbf_burst(rate)
             except ValueError as err:
                 p.error(f"--rates: {err}")
-    start = time.perf_counter()
-    rows: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="holograd-slowlink-") as tmp:
-        for rate in rates:
-            shaped = None if rate == "none" else rate
-            by_name = {}
-            for name, spec in STRATEGIES.items():
-                row = run_one(f"{name}@{rate}", spec, args, Path(tmp), rate=shaped)
-                row.update({"rate": rate, "strategy": name})
-                if row.get("status") == "ok":
-                    row["time_to_target_s"] = time_to_target(row["curve"], args.target)
-                by_name[name] = row
-                rows.append(row)
-            ddp, hg = by_name["ddp"], by_name["holograd-sketch-4096"]
-            if ddp.get("status") == "ok" and hg.get("status") == "ok":
-                hg["step_speedup"] = ddp["step_median_s"] / hg["step_median_s"]
-                if ddp["time_to_target_s"] and hg["time_to_target_s"]:
-                    hg["target_speedup"] = ddp["time_to_target_s"] / hg["time_to_target_s"]
-    meta = {"torch": _version("torch"), "lightning": _version("lightning"), "steps": args.steps,
-            "val_every": args.val_every, "target": args.target,
-            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "command": "python -m benchmarks.slow_link " + shlex.join(argv if argv is not None else sys.argv[1:]),
-            "total_wall_s": time.perf_counter() - start}
+    return args
+
+
+def race_at(rate: str, args: argparse.Namespace, out_dir: Path) -> list[dict[str, Any]]:
+    """DDP and HoloGrad over one link; the HoloGrad row gets the DDP / HoloGrad ratios."""
+    by_name = {}
+    for name, spec in STRATEGIES.items():
+        row = run_one(f"{name}@{rate}", spec, args, out_dir, rate=None if rate == "none" else rate, tag="slow_link")
+        row.update({"rate": rate, "strategy": name})
+        if row.get("status") == "ok":
+            row["time_to_target_s"] = time_to_target(row["curve"], args.target)
+        by_name[name] = row
+    ddp, hg = by_name["ddp"], by_name["holograd-sketch-4096"]
+    if ddp.get("status") == "ok" and hg.get("status") == "ok":
+        hg["step_speedup"] = ddp["step_median_s"] / hg["step_median_s"]
+        if ddp["time_to_target_s"] and hg["time_to_target_s"]:
+            hg["target_speedup"] = ddp["time_to_target_s"] / hg["time_to_target_s"]
+    return list(by_name.values())
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render(meta, rows))
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    print(render(meta, rows))
+    if args.report_only:
+        payload = read_report(out)
+        meta, rows = payload["meta"], payload["rows"]
+    else:
+        start = time.perf_counter()
+        meta = run_metadata("slow_link", argv, steps=args.steps, val_every=args.val_every, target=args.target)
+        rows = []
+        with tempfile.TemporaryDirectory(prefix="holograd-slowlink-") as tmp:
+            for rate in args.rate_list:
+                rows += race_at(rate, args, Path(tmp))
+        finish_metadata(meta, start)
+    text = render(meta, rows)
+    write_report(out, text, {"meta": meta, "rows": rows})
+    print(text)
     return 0
 
 

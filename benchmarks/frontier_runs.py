@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness import read_rank_files, remove_stale
+from benchmarks.harness import read_rank_files, remove_stale, run_metadata
 from benchmarks.netns import Cluster
 
 WORKER = "benchmarks.netbench_worker"  # run by torchrun as a module, from the repository root
@@ -63,7 +63,27 @@ HOLOGRAD: dict[str, dict[str, Any]] = {
     "rademacher-256": holograd_spec("rademacher", 256),
     "gaussian-256": holograd_spec("gaussian", 256),
 }
-RUNS: dict[str, dict[str, Any]] = {**PEERS, **HOLOGRAD}
+# Independent directions per rank (issue 11 §1) and local steps with a sketched pseudo-gradient
+# (§2): strategy arguments built on branch `slowlink`; skipped ("pending") until they exist.
+# Payload per rank and step at N = 2: (32 + 4K) / H bytes, i.e. about 1,740x at K = 4096,
+# H = 16 and at K = 16384, H = 64, and 435x at K = 1024 (per step) or K = 16384, H = 16.
+SLOWLINK: dict[str, dict[str, Any]] = {
+    "sketch-256-perrank": holograd_spec("sketch", 256, direction_groups="per_rank"),
+    "sketch-1024-perrank": holograd_spec("sketch", 1024, direction_groups="per_rank"),
+    "sketch-4096-perrank": holograd_spec("sketch", 4096, direction_groups="per_rank"),
+    "sketch-4096-h16": holograd_spec("sketch", 4096, local_steps=16),  # shared directions: the ablation of §2
+    "sketch-4096-perrank-h16": holograd_spec("sketch", 4096, direction_groups="per_rank", local_steps=16),
+    "sketch-16384-perrank-h16": holograd_spec("sketch", 16384, direction_groups="per_rank", local_steps=16),
+    "sketch-16384-perrank-h64": holograd_spec("sketch", 16384, direction_groups="per_rank", local_steps=64),
+    "sketch-65536-perrank-h64": holograd_spec("sketch", 65536, direction_groups="per_rank", local_steps=64),
+}
+RUNS: dict[str, dict[str, Any]] = {**PEERS, **HOLOGRAD, **SLOWLINK}
+SHORT_RUNS = [*PEERS, *HOLOGRAD]  # the 300-step frontier of results/frontier_cpu.md
+# The long frontier: every peer, the sketch over K, the cheaper dense families, momentum, one
+# codebook, and the slowlink settings (gaussian/rademacher at K = 256 cost 5-10x DDP's step).
+LONG_RUNS = [*PEERS, "sketch-64", "sketch-256", "sketch-1024", "sketch-4096", "sketch-16384", "sketch-65536",
+             "rademacher-64", "gaussian-64", "momentum-64", "codebook-64-boot10-refresh50", *SLOWLINK]
+SMOKE_RUNS = ["ddp", "sketch-256"]
 REFERENCE = "ddp"
 LAST_REFERENCE = "ddp-last"  # DDP again at the end: the two give the noise level of the ratios
 
@@ -105,10 +125,22 @@ def missing_features(spec: dict[str, Any]) -> list[str]:
     return [key for key in spec["needs"] if key not in accepted]
 
 
+def network_metadata(module: str, argv: list[str] | None, args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
+    """``run_metadata`` with the settings every network benchmark shares (steps, validation,
+    ranks, corpus); ``extra`` adds the benchmark's own."""
+    return run_metadata(module, argv, profile=args.profile, steps=args.steps, val_every=args.val_every,
+                        val_batches=args.val_batches, warmup=args.warmup, num_nodes=args.ranks,
+                        max_bytes=args.max_bytes, **extra)
+
+
 def worker_args(name: str, spec: dict[str, Any], args: argparse.Namespace, out_dir: Path) -> list[str]:
     """The worker's command line for run ``name`` under the invocation's settings ``args``."""
     out = ["--spec", json.dumps({**spec, "name": name}), "--out", str(out_dir), "--steps", str(args.steps),
            "--val-every", str(args.val_every), "--val-batches", str(args.val_batches), "--warmup", str(args.warmup)]
+    for option in ("schedule_steps", "target", "time_cap", "batch_size", "max_bytes"):
+        value = getattr(args, option, None)
+        if value is not None:
+            out += [f"--{option.replace('_', '-')}", str(value)]
     return out
 
 

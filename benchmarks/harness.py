@@ -144,6 +144,13 @@ def read_report(out_md: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def report_only(args: argparse.Namespace, report: Any) -> bool:
+    """With ``--report-only``: ``report(payload, out_md)`` from the JSON beside ``args.out``."""
+    if args.report_only:
+        report(read_report(Path(args.out)), Path(args.out))
+    return bool(args.report_only)
+
+
 def write_csv(path: Path, rows: Iterable[dict[str, Any]], keys: Sequence[str]) -> None:
     with path.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(keys), extrasaction="ignore")
@@ -218,6 +225,28 @@ def choose(parser: argparse.ArgumentParser, option: str, text: str, allowed: Ite
     if unknown or not names:
         parser.error(f"{option}: unknown {unknown or text!r}. HINT: choose from {', '.join(allowed)}")
     return names
+
+
+def parse_with_profile(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
+                       profiles: dict[str, dict[str, Any]], default: str) -> argparse.Namespace:
+    """Parse ``argv`` with the defaults of the profile it names (``--profile NAME``; ``--smoke``
+    means ``--profile smoke``); options given on the command line win. ``{ranks}`` in a string
+    default is replaced by ``args.ranks``. ``args.profile`` names the profile."""
+    parser.add_argument("--profile", choices=list(profiles), default=default,
+                        help=f"a set of defaults: {', '.join(profiles)} (default {default})")
+    if "smoke" in profiles:
+        parser.add_argument("--smoke", action="store_const", dest="profile", const="smoke",
+                            help="= --profile smoke: a few steps of a few runs, results in a temporary folder")
+    known, _ = parser.parse_known_args(argv)
+    parser.set_defaults(**profiles[known.profile])
+    args = parser.parse_args(argv)
+    for key, value in vars(args).items():
+        if isinstance(value, str) and "{ranks}" in value:
+            setattr(args, key, value.format(ranks=args.ranks))
+    return args
+
+
+SMOKE_DIR = Path(os.environ.get("TMPDIR", "/tmp")) / "holograd-bench-smoke"  # --smoke results go here
 
 
 # ----------------------------------------------------------------------------- processes

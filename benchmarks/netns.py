@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -59,14 +60,22 @@ def tbf_burst(rate: str | None) -> str:
     raise ValueError(f"rate={rate!r}: expected a number with kbit, mbit or gbit. HINT: e.g. 100mbit or 1gbit.")
 
 
+def unavailable_reason() -> str | None:
+    """Why namespaces cannot be created here (with a HINT), or None when they can."""
+    if os.geteuid() != 0:
+        return ("network namespaces need root (ip netns add). HINT: run this benchmark as root, e.g. in a "
+                "container or VM you own.")
+    for tool in ("ip", "tc"):
+        if shutil.which(tool) is None:
+            return f"`{tool}` not found. HINT: install iproute2 (apt-get install iproute2)."
+    return None
+
+
 def check_privileges() -> None:
     """Raise a clear error when namespaces cannot be created here."""
-    if os.geteuid() != 0:
-        raise PermissionError("network namespaces need root (ip netns add). HINT: run this benchmark as root, "
-                              "e.g. in a container or VM you own.")
-    for tool in ("ip", "tc"):
-        if subprocess.run(["which", tool], capture_output=True).returncode != 0:
-            raise FileNotFoundError(f"`{tool}` not found. HINT: install iproute2 (apt-get install iproute2).")
+    reason = unavailable_reason()
+    if reason is not None:
+        raise PermissionError(reason)
 
 
 class Cluster:

@@ -6,14 +6,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 
 import pytest
 import torch
 
 from benchmarks import frontier, frontier_report  # the repository root is on sys.path (pyproject: pytest pythonpath)
 from benchmarks.claims_gpt2 import random_abs_cos
-from benchmarks.netns import tbf_burst
+from benchmarks.netns import tbf_burst, unavailable_reason
 from benchmarks.slow_link import time_to_target
 
 D_TINY = 445_952  # parameters of configs/gpt2-tiny-cpu.yaml
@@ -129,16 +128,8 @@ def test_diloco_outer_step_is_nesterov_on_the_mean_pseudo_gradient(tmp_path):
             torch.testing.assert_close(anchor.detach(), want)
 
 
-def _can_make_namespaces() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root for ip netns"
-    if not (shutil.which("ip") and shutil.which("tc")):
-        return "needs iproute2 (ip, tc)"
-    return None
-
-
 @pytest.mark.multiprocess
-@pytest.mark.skipif(_can_make_namespaces() is not None, reason=str(_can_make_namespaces()))
+@pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))
 def test_frontier_measures_ddp_and_holograd_bytes_at_the_interface(tmp_path):
     """Three 6-step two-namespace torchrun jobs (DDP, sketch K = 256, DDP again). DDP's bytes,
     read from the kernel's interface counters, match the ring all-reduce model 2(N-1)/N x 4D

@@ -101,10 +101,13 @@ def schedule(names: list[str]) -> list[str]:
 
 
 def with_lr(name: str, scales: dict[str, float]) -> dict[str, Any]:
-    """The run's spec with its learning-rate multiplier (the sweep's best; 1 if not swept)."""
+    """The run's spec with its learning-rate multiplier: the sweep's best, or 1 (marked "not
+    swept" when there is a sweep but it has no successful run of this one)."""
     base = REFERENCE if name == LAST_REFERENCE else name
     spec = spec_of(name)
-    return {**spec, "lr_scale": scales[base]} if base in scales else dict(spec)
+    if base in scales:
+        return {**spec, "lr_scale": scales[base]}
+    return {**spec, "lr_swept": False} if scales else dict(spec)
 
 
 def main(argv: list[str] | None = None) -> int:

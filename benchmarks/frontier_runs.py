@@ -97,6 +97,8 @@ def label(r: dict[str, Any]) -> str:
     learning-rate multiplier where it is not 1."""
     text = _setting(r["spec"])
     scale = r["spec"].get("lr_scale", 1.0)
+    if r["spec"].get("lr_swept") is False:
+        return f"{text}, lr x1 (not swept)"
     return text if scale == 1.0 else f"{text}, lr x{scale:g}"
 
 

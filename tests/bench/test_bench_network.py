@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from benchmarks import bytes_per_rank, frontier, harness, lr_sweep, race_report, slow_link
+from benchmarks import bytes_per_rank, frontier, frontier_runs, harness, lr_sweep, race_report, slow_link
 from benchmarks.frontier_runs import combine_ranks, holograd_spec, run_one
 from benchmarks.netns import unavailable_reason
 
@@ -242,3 +242,14 @@ def test_bytes_per_rank_at_three_ranks_matches_the_allgather_formula(tmp_path):
         assert row["formula_bytes"] <= measured <= row["formula_bytes"] + 3072 * (3 - 1)
     assert "| allgather | 3 | 256 |" in out.read_text()
     assert not math.isnan(row["ratio_to_model"])
+
+
+def test_long_runs_take_the_sweeps_best_lr_and_say_when_there_is_none():
+    scales = {"ddp": 2.0, "sketch-4096": 0.5}
+    assert frontier.with_lr("ddp-last", scales)["lr_scale"] == 2.0  # DDP's second run: DDP's lr
+    assert frontier.with_lr("sketch-4096", scales)["lr_scale"] == 0.5
+    unswept = {"run": "x", "spec": frontier.with_lr("sketch-4096-perrank-h16", scales)}
+    assert "lr_scale" not in unswept["spec"]
+    assert frontier_runs.label(unswept) == "K=4096, groups per_rank, H=16, lr x1 (not swept)"
+    assert frontier_runs.label({"spec": frontier.with_lr("sketch-4096", scales)}) == "K=4096, lr x0.5"
+    assert "lr_swept" not in frontier.with_lr("sketch-4096", {})  # no sweep at all: plain 1x

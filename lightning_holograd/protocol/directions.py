@@ -18,9 +18,9 @@ every chunk size.
   (j mod 32) of word(s_{floor(j/32)}, d) is 0, else -1.
 - gaussian (one seed per direction): coordinate d of direction j is the Gaussian table's
   atom at the 16-bit half (low for even d, high for odd d) of word(s_j, floor(d/2)).
-``chunk_size`` (optional) caps how many coordinates are materialised at once; the old
-``block_size`` (DIRECTION_VERSION 1: one torch.Generator per block) is accepted and
-ignored.
+``chunk_size`` (optional) caps how many coordinates are materialised at once; it never
+changes a value. There are no blocks (version 1's generator blocks live in
+``directions_v1``, used only to resume lightning-holograd 0.1.x checkpoints).
 """
 
 from __future__ import annotations
@@ -42,7 +42,6 @@ __all__ = [
     "IdentityDirections",
 ]
 
-DEFAULT_BLOCK_SIZE = 8192  # accepted for compatibility; no effect since DIRECTION_VERSION 2
 DEFAULT_CHUNK_SIZE = None  # no cap beyond the device's working set
 _GRANULE = 64  # chunk boundaries are multiples of this (even: Gaussian pairs never split)
 # Cap on a chunk's largest temporary, in elements, by device type: a few L2 caches on a
@@ -161,11 +160,9 @@ class _HashedFamily(DirectionFamily):
         self,
         dim: int,
         num_directions: int,
-        block_size: int = DEFAULT_BLOCK_SIZE,
         chunk_size: int | None = DEFAULT_CHUNK_SIZE,
     ) -> None:
         super().__init__(dim, num_directions)
-        _check_positive("block_size", block_size)  # accepted and ignored (see module docstring)
         if chunk_size is not None:
             _check_positive("chunk_size", chunk_size)
         self.chunk_size = chunk_size
@@ -343,10 +340,9 @@ class SketchDirections(_HashedFamily):
         self,
         dim: int,
         num_directions: int,
-        block_size: int = DEFAULT_BLOCK_SIZE,
         chunk_size: int | None = DEFAULT_CHUNK_SIZE,
     ) -> None:
-        super().__init__(dim, num_directions, block_size, chunk_size)
+        super().__init__(dim, num_directions, chunk_size)
         if num_directions > 1 << 32:
             raise ValueError(f"num_directions={num_directions} must be <= 2^32 for the sketch.")
 

@@ -6,7 +6,6 @@ from collections.abc import Sequence
 from typing import Literal, get_args
 
 from .directions import (
-    DEFAULT_BLOCK_SIZE,
     DEFAULT_CHUNK_SIZE,
     DirectionFamily,
     GaussianDirections,
@@ -33,8 +32,7 @@ def make_family(
     exploration_weight: float = 0.0,
     momentum_beta: float = 0.9,
     init_seed: int = 0,
-    block_size: int = DEFAULT_BLOCK_SIZE,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
     codebook_structure: str = "dense",
     param_shapes: Sequence[Sequence[int]] | None = None,
     codebook_fit: str = "sketch",
@@ -52,13 +50,13 @@ def make_family(
     ``CodebookDirections``' structure, fit, sketch_size, sketch_decay, tracking_lr and
     param_shapes.
     """
-    blocks = {"block_size": block_size, "chunk_size": chunk_size}
+    chunks = {"chunk_size": chunk_size}
     if name == "gaussian":
-        return GaussianDirections(dim, num_directions, **blocks)
+        return GaussianDirections(dim, num_directions, **chunks)
     if name == "rademacher":
-        return RademacherDirections(dim, num_directions, **blocks)
+        return RademacherDirections(dim, num_directions, **chunks)
     if name == "sketch":
-        return SketchDirections(dim, num_directions, **blocks)
+        return SketchDirections(dim, num_directions, **chunks)
     if name == "identity":
         return IdentityDirections(dim, num_directions)
     if name == "codebook":
@@ -69,10 +67,10 @@ def make_family(
                 "num_directions counts the codebook columns plus the exploration directions."
             )
         return CodebookDirections(dim, rank, num_directions - rank, oja_lr=oja_lr, qr_every=qr_every,
-                                  exploration_weight=exploration_weight, init_seed=init_seed, **blocks,
+                                  exploration_weight=exploration_weight, init_seed=init_seed, **chunks,
                                   structure=codebook_structure, param_shapes=param_shapes, fit=codebook_fit,
                                   sketch_size=sketch_size, sketch_decay=sketch_decay, tracking_lr=tracking_lr)
     if name == "momentum":
         return MomentumDirections(dim, num_directions - 1, beta=momentum_beta,
-                                  exploration_weight=exploration_weight, init_seed=init_seed, **blocks)
+                                  exploration_weight=exploration_weight, init_seed=init_seed, **chunks)
     raise ValueError(f"directions={name!r} is unknown. HINT: choose one of {', '.join(FAMILY_NAMES)}.")

@@ -310,16 +310,12 @@ def test_direction_prefix_does_not_depend_on_dim(name):
     assert torch.equal(small.direction(seeds, 1), large.direction(seeds, 1)[:1000])
 
 
-@pytest.mark.parametrize("name", UNBIASED)
-def test_block_size_is_accepted_and_ignored(name):
-    """DIRECTION_VERSION 1 drew each block of block_size coordinates from its own generator;
-    version 2 has no blocks: the argument is accepted (configs still pass it) and changes
-    nothing."""
-    first = make_family(name, 1000, 2, block_size=256, chunk_size=512)
-    other = make_family(name, 1000, 2, block_size=512, chunk_size=512)
-    seeds = _seeds(f"block/{name}", 0, first.num_seeds)
-    for index in range(2):
-        assert torch.equal(first.direction(seeds, index), other.direction(seeds, index))
+@pytest.mark.parametrize("cls", [GaussianDirections, RademacherDirections, SketchDirections])
+def test_version_2_families_have_no_block_size(cls):
+    """DIRECTION_VERSION 1 drew each block of block_size coordinates from its own generator
+    (lightning-holograd 0.1.x); version 2 has no blocks, so its families take no block_size."""
+    with pytest.raises(TypeError, match="block_size"):
+        cls(1000, 2, block_size=256)
 
 
 def test_rademacher_entries_are_signs():
@@ -338,14 +334,14 @@ def test_identity_family_is_exact():
 
 
 def test_family_state_dict_checks_settings():
-    """chunk_size and block_size do not change the directions (see above), so a checkpoint
-    written with other values loads; K and the family name do."""
-    family = GaussianDirections(64, 4, block_size=64, chunk_size=64)
-    family.load_state_dict(GaussianDirections(64, 4, block_size=128, chunk_size=128).state_dict())
+    """chunk_size does not change the directions (see above), so a checkpoint written with
+    another value loads; K and the family name do."""
+    family = GaussianDirections(64, 4, chunk_size=64)
+    family.load_state_dict(GaussianDirections(64, 4, chunk_size=128).state_dict())
     with pytest.raises(ValueError, match="num_directions=8"):
-        family.load_state_dict(GaussianDirections(64, 8, block_size=64, chunk_size=64).state_dict())
+        family.load_state_dict(GaussianDirections(64, 8, chunk_size=64).state_dict())
     with pytest.raises(ValueError, match="name='rademacher'"):
-        family.load_state_dict(RademacherDirections(64, 4, block_size=64, chunk_size=64).state_dict())
+        family.load_state_dict(RademacherDirections(64, 4, chunk_size=64).state_dict())
 
 
 @pytest.mark.parametrize("name", [*UNBIASED, "identity", "codebook"])
@@ -537,11 +533,11 @@ def test_rejects_bad_dim(cls):
 
 
 @pytest.mark.parametrize("cls", ALL_RANDOM)
-def test_rejects_non_positive_chunk_and_block_size(cls):
+def test_rejects_non_positive_chunk_size(cls):
     with pytest.raises(ValueError, match="chunk_size=0 must be a positive integer"):
         cls(64, 4, chunk_size=0)
-    with pytest.raises(ValueError, match="block_size=-8 must be a positive integer"):
-        cls(64, 4, block_size=-8)
+    with pytest.raises(ValueError, match="chunk_size=-8 must be a positive integer"):
+        cls(64, 4, chunk_size=-8)
 
 
 @pytest.mark.parametrize("name", UNBIASED)

@@ -25,7 +25,7 @@ from .directions import (
     RademacherDirections,
     SketchDirections,
 )
-from .factory import FAMILY_NAMES, FamilyName, make_family
+from .factory import FAMILY_NAMES, FamilyName, make_family, resume_settings
 from .ledger import Ledger, LedgerRecord, LedgerTamperError
 from .subspace import CodebookDirections, MomentumDirections, captured_energy
 from .verification import Reason, Verdict, claim_digest, draw_claims, judge_claim
@@ -69,6 +69,7 @@ __all__ = [
     "judge_claim",
     "make_aggregator",
     "make_family",
+    "resume_settings",
     "scalars_digest",
     "step_batch_hash",
 ]

@@ -32,6 +32,7 @@ from typing import Any, ClassVar
 import torch
 
 from .direction_hash import DIRECTION_VERSION, ChunkBuffers, gaussian_table, seed_keys, sign_table
+from .direction_versions import stored_direction_version, version_mismatch
 
 __all__ = [
     "DIRECTION_VERSION",
@@ -67,6 +68,7 @@ class DirectionFamily(abc.ABC):
 
     name: ClassVar[str]
     unbiased: ClassVar[bool]  # E[synthesize(project(g))] == g over the seeds
+    direction_version: ClassVar[int] = DIRECTION_VERSION  # 1 only for directions_v1's families
 
     def __init__(self, dim: int, num_directions: int) -> None:
         _check_positive("dim", dim)
@@ -108,19 +110,12 @@ class DirectionFamily(abc.ABC):
             "name": self.name,
             "dim": self.dim,
             "num_directions": self.num_directions,
-            "direction_version": DIRECTION_VERSION,
+            "direction_version": self.direction_version,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        version = state.get("direction_version")
-        if version != DIRECTION_VERSION:
-            written = "lightning-holograd 0.1.x" if version is None else f"direction version {version}"
-            raise ValueError(
-                f"checkpoint direction family has direction_version={version!r} (written by {written}); "
-                f"this version generates directions with direction_version={DIRECTION_VERSION}, so the "
-                "checkpoint's steps cannot be continued or verified. HINT: resume it with "
-                "lightning-holograd 0.1.x, or start a new run."
-            )
+        if stored_direction_version(state) != self.direction_version:
+            raise ValueError(version_mismatch(state, self.direction_version))
         for key in ("name", "dim", "num_directions"):
             if state[key] != getattr(self, key):
                 raise ValueError(

@@ -347,13 +347,17 @@ def test_family_state_dict_checks_settings():
 @pytest.mark.parametrize("name", [*UNBIASED, "identity", "codebook"])
 def test_family_state_names_the_direction_version_and_refuses_others(name):
     """A 0.1.x checkpoint (no direction_version: generator blocks) or another version cannot
-    be continued with these directions: refused with what to do, before any state changes."""
+    be continued with these directions: refused with what to do, before any state changes
+    (a version-1 family resumes it where one exists: test_directions_v1.py)."""
     family = make_family(name, 64, 64 if name == "identity" else 4)
     state = family.state_dict()
     assert state["direction_version"] == DIRECTION_VERSION == 2
     family.load_state_dict(state)
     old = {key: value for key, value in state.items() if key != "direction_version"}
-    hint = "HINT: resume it with lightning-holograd 0.1.x, or start a new run"
+    if name == "codebook":
+        hint = "HINT: start a new run or finish it with lightning-holograd 0.1.x"
+    else:
+        hint = r"HINT: build the family with make_family\(\.\.\., direction_version=1\)"
     with pytest.raises(ValueError, match=f"direction_version=None \\(written by lightning-holograd 0.1.x\\).*{hint}"):
         family.load_state_dict(old)
     with pytest.raises(ValueError, match=f"direction_version=1 .*{hint}"):
@@ -415,7 +419,7 @@ def test_hash_words_match_the_python_reference_at_the_edges():
     assert words.tolist() == [[_ref_word(s, e) for e in range((1 << 32) - 3, (1 << 32) + 3)] for s in _EDGE_SEEDS[:2]]
 
 
-# The reference values printed in docs/directions.md (seed, index, word).
+# The reference values printed in docs/PROTOCOL.md §3.2 (seed, index, word).
 _DOCUMENTED_WORDS = [
     (0x0000000000000000, 1, 0x01FCE552),
     (0x0000000000000000, 1 << 32, 0x2D6C6775),
@@ -430,7 +434,7 @@ _DOCUMENTED_WORDS = [
 
 
 def test_documented_reference_values():
-    """The words and family values docs/directions.md prints for outside verifiers."""
+    """The words and family values docs/PROTOCOL.md §3.2 prints for outside verifiers."""
     for seed, index, word in _DOCUMENTED_WORDS:
         assert _ref_word(seed, index) == word
         assert int(hash_words([seed], index, index + 1)[0, 0]) == word

@@ -27,6 +27,7 @@ from .directions import (
 )
 from .factory import FAMILY_NAMES, FamilyName, make_family, resume_settings
 from .ledger import Ledger, LedgerRecord, LedgerTamperError
+from .codebook_fit import CODEBOOK_FITS, CODEBOOK_STRUCTURES, CodebookFit, CodebookStructure
 from .subspace import CodebookDirections, MomentumDirections, captured_energy
 from .verification import Reason, Verdict, claim_digest, draw_claims, judge_claim
 
@@ -37,6 +38,10 @@ __all__ = [
     "DIRECTION_VERSION",
     "AggregationResult",
     "Aggregator",
+    "CODEBOOK_FITS",
+    "CODEBOOK_STRUCTURES",
+    "CodebookFit",
+    "CodebookStructure",
     "CodebookDirections",
     "CommitmentChain",
     "DirectionFamily",

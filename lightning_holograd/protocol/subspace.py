@@ -26,18 +26,11 @@ from typing import Any
 import torch
 
 from .chain import direction_seeds
-from .codebook_fit import (
-    CODEBOOK_FITS,
-    CODEBOOK_STRUCTURES,
-    GradientSketch,
-    check_codebook_settings,
-    default_layout,
-    fit_layout,
-)
+from .codebook_fit import GradientSketch, check_codebook_settings, default_layout, fit_layout
 from .codebook_layout import Layout, Segment, segments_from_shapes
 from .directions import DEFAULT_CHUNK_SIZE, DirectionFamily, GaussianDirections
 
-__all__ = ["CODEBOOK_FITS", "CODEBOOK_STRUCTURES", "CodebookDirections", "MomentumDirections", "captured_energy"]
+__all__ = ["CodebookDirections", "MomentumDirections", "captured_energy"]
 
 
 def captured_energy(basis: torch.Tensor, true_grad: torch.Tensor) -> float:

@@ -390,6 +390,10 @@ def test_two_gloo_ranks_hold_the_same_codebook(tmp_path):
         proc.start()
     for proc in procs:
         proc.join(timeout=60)
+    for proc in procs:
+        if proc.is_alive():  # a hung rank must not outlive the test
+            proc.terminate()
+            proc.join()
     assert [p.exitcode for p in procs] == [0, 0]
     digests = [(tmp_path / f"rank{r}.txt").read_text().split() for r in range(2)]
     assert digests[0] == digests[1]

@@ -110,6 +110,14 @@ class GPT2Harness:
 Estimator = Callable[[int, torch.Tensor], torch.Tensor]
 
 
+def is_true_step(step: int, bootstrap: int, refresh: int) -> bool:
+    """ADCBootstrap's schedule (callbacks/bootstrap.py): true gradients on the first
+    ``bootstrap`` steps, then on every ``refresh``-th step (0: never)."""
+    if step < bootstrap:
+        return True
+    return bool(refresh) and (step - bootstrap) % refresh == refresh - 1
+
+
 def family_estimator(name: str, dim: int, k: int, tag: str, bootstrap: int = 0, refresh: int = 0,
                      **family_kw: Any) -> tuple[Estimator, Any]:
     """g_hat of one rank under family ``name`` (seeds from a per-step commitment), with the
@@ -117,8 +125,7 @@ def family_estimator(name: str, dim: int, k: int, tag: str, bootstrap: int = 0, 
     family = make_family(name, dim, k, **family_kw)
 
     def estimate(step: int, grad: torch.Tensor) -> torch.Tensor:
-        true_step = step < bootstrap or (refresh and step >= bootstrap and (step - bootstrap) % refresh == refresh - 1)
-        if true_step:
+        if is_true_step(step, bootstrap, refresh):
             family.observe_gradient(grad)
             return grad
         seeds = direction_seeds(genesis_commitment(f"claims/{tag}/{step}"), family.num_seeds)

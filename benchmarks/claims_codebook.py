@@ -1,6 +1,6 @@
-"""Claim C5 (issue 13): the fitted codebook's captured energy on the tiny GPT-2, for ``claims.py c5``.
+"""Claim C5 (issue 13) for ``claims``: the fitted codebook's captured energy on the tiny GPT-2.
 
-Harness of ``claims_training.py`` (one process, the example's init, seeded batches and AdamW
+Harness of ``claims_gpt2`` (one process, the example's init, seeded batches and AdamW
 schedule). Every codebook run sends K = r = 64 scalars per step and follows the
 ``ADCBootstrap`` schedule: true gradients on the first ``BOOTSTRAP`` steps (and every
 ``refresh`` steps after, where a run says so), its own estimate g_hat otherwise, so gamma
@@ -19,6 +19,7 @@ wire bytes equal these. DDP would send 4D per step.
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from functools import lru_cache
@@ -27,8 +28,9 @@ from typing import Any
 
 import torch
 
-from benchmarks.bench_strategy import MODEL_KW
-from benchmarks.claims_training import cos, family_estimator, trajectory
+from benchmarks.claims_estimators import cos
+from benchmarks.claims_gpt2 import family_estimator, is_true_step, tiny_gpt2_dim, trajectory
+from benchmarks.harness import MODEL_KW
 
 K = 64
 BOOTSTRAP = 10
@@ -68,7 +70,7 @@ def _run(label: str, total: int, dim: int) -> dict[str, Any]:
 
     start = time.perf_counter()
     run = trajectory(total, measured)
-    true_steps = sum(1 for s in range(total) if s < BOOTSTRAP or (refresh and (s - BOOTSTRAP) % refresh == refresh - 1))
+    true_steps = sum(1 for s in range(total) if is_true_step(s, BOOTSTRAP, refresh))
     return {"what": what, "settings": settings, "refresh_every": refresh, "gamma": gamma,
             "cos_after_bootstrap": statistics.fmean(cosines[BOOTSTRAP:]), "final_val": run["final_val"],
             "curve": run["curve"], "true_gradient_steps": true_steps,
@@ -119,22 +121,23 @@ def _plot(results: dict[str, Any], dim: int, path: Path) -> None:
     plt.close(fig)
 
 
-def c5(args: Any) -> tuple[str, list[str], dict[str, Any]]:
-    from benchmarks.claims_training import tiny_gpt2_dim
-
+def compute_c5(args: argparse.Namespace) -> dict[str, Any]:
+    """The runs, the references and the plot; ``--train-steps`` counts the steps after the bootstrap."""
     dim, total = tiny_gpt2_dim(), BOOTSTRAP + args.train_steps
-    floor = 10 * K / dim
     results = {label: _run(label, total, dim) for label in C5_RUNS}
-    for r in results.values():
-        _judge(r, floor)
     references = {label: _reference(label, total, dim) for label in ("exact gradient (DDP)", f"sketch K = {K}")}
-    _plot(results, dim, Path(__file__).resolve().parent / "results" / PLOT)
-    lines = _report(results, references, dim, total, args.train_steps)
-    holds, verdict = _verdict(results, floor, args.train_steps)
-    lines += ["", f"Verdict: {verdict}."]
-    payload = {"runs": results, "references": references, "holds": holds, "dim": dim, "K": K,
-               "bootstrap": BOOTSTRAP, "train_steps": args.train_steps, "floor_10_r_over_D": floor, "plot": PLOT}
-    return verdict, lines, payload
+    _plot(results, dim, Path(args.out_dir) / PLOT)
+    return {"runs": results, "references": references, "dim": dim, "K": K, "bootstrap": BOOTSTRAP,
+            "train_steps": args.train_steps, "floor_10_r_over_D": 10 * K / dim, "plot": PLOT}
+
+
+def render_c5(p: dict[str, Any]) -> tuple[str, list[str]]:
+    floor, after = p["floor_10_r_over_D"], p["train_steps"]
+    for r in p["runs"].values():
+        _judge(r, floor)
+    lines = _report(p["runs"], p["references"], p["dim"], p["bootstrap"] + after, after)
+    p["holds"], verdict = _verdict(p["runs"], floor, after)
+    return verdict, [*lines, "", f"Verdict: {verdict}."]
 
 
 def _verdict(results: dict[str, Any], floor: float, after: int) -> tuple[bool, str]:

@@ -25,7 +25,7 @@ from .directions import (
     RademacherDirections,
     SketchDirections,
 )
-from .factory import FAMILY_NAMES, FamilyName, make_family
+from .factory import FAMILY_NAMES, FamilyName, make_family, resume_settings
 from .ledger import Ledger, LedgerRecord, LedgerTamperError
 from .codebook_fit import CODEBOOK_FITS, CODEBOOK_STRUCTURES, CodebookFit, CodebookStructure
 from .subspace import CodebookDirections, MomentumDirections, captured_energy
@@ -74,6 +74,7 @@ __all__ = [
     "judge_claim",
     "make_aggregator",
     "make_family",
+    "resume_settings",
     "scalars_digest",
     "step_batch_hash",
 ]

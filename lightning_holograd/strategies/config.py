@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, get_args
 
-from ..protocol import FAMILY_NAMES, Aggregator, DirectionFamily, make_aggregator, make_family
+from ..protocol import FAMILY_NAMES, Aggregator, DirectionFamily, make_aggregator, make_family, resume_settings
 from ..protocol.chain import direction_seeds, genesis_commitment
 from ..protocol.codebook_fit import CODEBOOK_FITS, CODEBOOK_STRUCTURES, check_codebook_settings
 
@@ -110,11 +110,16 @@ class HoloGradConfig:
             raise ValueError(f"diagnostic_every={self.diagnostic_every} needs the local gradient, which "
                              f"projection={self.projection!r} never computes. HINT: use projection='backward'.")
 
-    def build_family(self, dim: int, param_shapes: Sequence[Sequence[int]] | None = None) -> DirectionFamily:
-        """The direction family over ``dim`` trainable coordinates; ``param_shapes``: the trainable
-        parameters' shapes in flat-gradient order (the codebook's blocks and factors)."""
+    def build_family(self, dim: int, resumed: Mapping[str, Any] | None = None,
+                     param_shapes: Sequence[Sequence[int]] | None = None) -> DirectionFamily:
+        """The direction family over ``dim`` trainable coordinates; ``resumed``, the family state
+        of a checkpoint about to be loaded, decides the direction version (new runs: the current
+        one; a lightning-holograd 0.1.x checkpoint: version 1, docs/PROTOCOL.md §3.8);
+        ``param_shapes``: the trainable parameters' shapes in flat-gradient order (the
+        codebook's blocks and factors)."""
+        resume = resume_settings(resumed)
         if self.directions == "identity":
-            return make_family("identity", dim, dim)
+            return make_family("identity", dim, dim, **resume)
         if self.codebook_rank is not None and self.directions == "codebook" and self.codebook_rank > dim:
             raise ValueError(f"codebook_rank={self.codebook_rank} exceeds the model's {dim} trainable parameters. "
                              "HINT: lower codebook_rank.")
@@ -122,7 +127,7 @@ class HoloGradConfig:
         return make_family(
             self.directions, dim, self.num_directions, codebook_rank=self.codebook_rank, oja_lr=self.oja_lr,
             qr_every=self.qr_every, exploration_weight=self.exploration_weight, momentum_beta=self.momentum_beta,
-            init_seed=init_seed, chunk_size=self.chunk_size,
+            init_seed=init_seed, chunk_size=self.chunk_size, **resume,
             codebook_structure=self.codebook_structure, param_shapes=param_shapes, codebook_fit=self.codebook_fit,
             sketch_size=self.sketch_size, sketch_decay=self.sketch_decay, tracking_lr=self.tracking_lr,
         )

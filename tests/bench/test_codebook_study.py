@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks import codebook_study  # the repository root is on sys.path (pyproject: pytest pythonpath)
+from benchmarks import codebook_study
 from lightning_holograd.callbacks import ADCBootstrap
 
 

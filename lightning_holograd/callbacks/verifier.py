@@ -22,7 +22,7 @@ aggregated, so before the update of step t), on every rank:
 Every verification and slash is appended to a hash-chained ledger (JSONL written by
 global rank 0, identical in memory on all ranks, saved in checkpoints). Its length and
 head are logged every step as an anchor (``holograd/ledger_records``,
-``holograd/ledger_head48``). At the end of fit, rank zero reports the slashed ranks and why.
+``holograd/ledger_head_0`` and ``_1``: 96 bits of the head). At the end of fit, rank zero reports the slashed ranks and why.
 """
 
 from __future__ import annotations
@@ -41,9 +41,17 @@ from typing_extensions import override
 from ..engine import HoloGradExchange, StepContext
 from ..protocol import Ledger, Reason, claim_digest, draw_claims
 
-__all__ = ["ProofVerifier", "stochastic_modules"]
+__all__ = ["ProofVerifier", "ledger_anchor_metrics", "stochastic_modules"]
 
 log = logging.getLogger(__name__)
+
+
+def ledger_anchor_metrics(ledger: Ledger) -> dict[str, float]:
+    """The ledger's anchor as exact float64 metrics: its record count and the first 96 bits
+    of its head hash, in two 48-bit integers (``Ledger.load(path, anchor=...)`` checks a file)."""
+    return {"holograd/ledger_records": float(len(ledger)),
+            "holograd/ledger_head_0": float(int(ledger.head[:12], 16)),
+            "holograd/ledger_head_1": float(int(ledger.head[12:24], 16))}
 
 
 def stochastic_modules(module: nn.Module) -> list[str]:
@@ -252,9 +260,10 @@ class ProofVerifier(Callback):
             "holograd/verified": float(self.verified),
             "holograd/slashed": float(len(self.slashed)),
             "holograd/honest_ranks": float(len(exchange.slashing.honest_ranks())),
-            "holograd/ledger_records": float(len(self.ledger)),  # the anchor: a shorter file was truncated
-            "holograd/ledger_head48": float(int(self.ledger.head[:12], 16)),  # first 48 bits of the head hash
         }, on_step=True, on_epoch=False, batch_size=1)
+        if trainer.is_global_zero:  # straight to the loggers: self.log would round to float32
+            for logger in trainer.loggers:
+                logger.log_metrics(ledger_anchor_metrics(self.ledger), step=trainer.global_step - 1)
 
     def credit(self) -> dict[int, dict[str, int]]:
         """Per-rank accounting: optimizer steps whose aggregate used the rank's row, accepted claims."""

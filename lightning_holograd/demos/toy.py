@@ -107,7 +107,7 @@ class SaveRankState(L.Callback):
         exchange = getattr(trainer.strategy, "exchange", None)
         state = {
             "params": {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()},
-            "losses": list(pl_module.losses),
+            "losses": list(getattr(pl_module, "losses", [])),
             "global_step": trainer.global_step,
             "exchange": exchange.state_dict() if exchange is not None else None,
         }

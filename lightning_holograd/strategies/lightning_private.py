@@ -1,4 +1,4 @@
-"""The one place that touches Lightning's private names (pinned by ``tests/strategy/test_signals.py``).
+"""The one place that touches Lightning's private names (pinned by ``tests/strategy/test_lightning_private.py``).
 
 Lightning propagates SIGTERM with collectives: its signal handler calls ``dist.broadcast``
 inside the handler, and its training loop broadcasts an 8-byte flag from rank 0 before

@@ -22,7 +22,8 @@ aggregated, so before the update of step t), on every rank:
 Every verification and slash is appended to a hash-chained ledger (JSONL written by
 global rank 0, identical in memory on all ranks, saved in checkpoints). Its length and
 head are logged every step as an anchor (``holograd/ledger_records``,
-``holograd/ledger_head_0`` and ``_1``: 96 bits of the head). At the end of fit, rank zero reports the slashed ranks and why.
+``holograd/ledger_head_0`` and ``_1``: 96 bits of the head). At the end of fit, rank
+zero reports the slashed ranks and why.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from torch import nn
 from typing_extensions import override
 
 from ..engine import HoloGradExchange, StepContext
-from ..protocol import Ledger, Reason, claim_digest, draw_claims
+from ..protocol import Ledger, Reason, draw_claims
 
 __all__ = ["ProofVerifier", "ledger_anchor_metrics", "stochastic_modules"]
 

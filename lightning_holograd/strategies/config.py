@@ -108,8 +108,8 @@ def check_world_size(aggregator: Aggregator, world_size: int) -> None:
     """At setup: fail when the aggregator cannot run at all with ``world_size`` ranks (Krum
     below 2f + 3), warn when it would be no more robust than the mean."""
     if world_size < aggregator.min_rows():
-        raise NotEnoughRanksError(f"{aggregator.name} aggregation needs at least {aggregator.min_rows()} ranks, and the "
-                                  f"job has world_size={world_size}.{aggregator._min_rows_hint()}")
+        raise NotEnoughRanksError(f"{aggregator.name} aggregation needs at least {aggregator.min_rows()} ranks, and "
+                                  f"the job has world_size={world_size}.{aggregator._min_rows_hint()}")
     warning = aggregator.robustness_warning(world_size)
     if warning:
         rank_zero_warn(warning)

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, get_args
 
 from lightning.fabric.utilities.rank_zero import rank_zero_warn
 
-from ..protocol import FAMILY_NAMES, Aggregator, DirectionFamily, NotEnoughRanksError, make_aggregator, make_family
+from ..protocol import (
+    FAMILY_NAMES,
+    Aggregator,
+    DirectionFamily,
+    NotEnoughRanksError,
+    make_aggregator,
+    make_family,
+    resume_settings,
+)
 from ..protocol.chain import direction_seeds, genesis_commitment
 
 __all__ = ["HoloGradConfig", "AggregationName", "ProjectionName", "check_world_size"]
@@ -82,10 +91,13 @@ class HoloGradConfig:
         self.build_family(dim=max(self.num_directions, 1))
         self.build_aggregator()
 
-    def build_family(self, dim: int) -> DirectionFamily:
-        """The direction family over ``dim`` trainable coordinates."""
+    def build_family(self, dim: int, resumed: Mapping[str, Any] | None = None) -> DirectionFamily:
+        """The direction family over ``dim`` trainable coordinates; ``resumed``, the family state
+        of a checkpoint about to be loaded, decides the direction version (new runs: the current
+        one; a lightning-holograd 0.1.x checkpoint: version 1, docs/PROTOCOL.md §3.8)."""
+        resume = resume_settings(resumed)
         if self.directions == "identity":
-            return make_family("identity", dim, dim)
+            return make_family("identity", dim, dim, **resume)
         if self.codebook_rank is not None and self.directions == "codebook" and self.codebook_rank > dim:
             raise ValueError(f"codebook_rank={self.codebook_rank} exceeds the model's {dim} trainable parameters. "
                              "HINT: lower codebook_rank.")
@@ -93,7 +105,7 @@ class HoloGradConfig:
         return make_family(
             self.directions, dim, self.num_directions, codebook_rank=self.codebook_rank, oja_lr=self.oja_lr,
             qr_every=self.qr_every, exploration_weight=self.exploration_weight, momentum_beta=self.momentum_beta,
-            init_seed=init_seed, chunk_size=self.chunk_size,
+            init_seed=init_seed, chunk_size=self.chunk_size, **resume,
         )
 
     def build_aggregator(self) -> Aggregator:

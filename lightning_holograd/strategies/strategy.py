@@ -16,6 +16,7 @@ claim is lives in ``claims.py``, the checkpoint format in ``checkpoint.py``.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Generator, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -32,7 +33,7 @@ from ..protocol import CommitmentChain, FamilyName, step_batch_hash
 from .checkpoint import STATE_KEY, atomic_save, config_changes, exchange_state, protocol_state, writes_atomically
 from .claims import Claims, flat_grad, write_grad
 from .config import AggregationName, HoloGradConfig, ProjectionName, check_world_size
-from .launcher import HoloGradLauncher
+from .launcher import HoloGradLauncher, die_with_parent
 from .lightning_private import replace_sigterm_collectives
 from .metrics import HoloGradMetrics
 from .signals import StopOnSignal
@@ -149,6 +150,13 @@ class HoloGradStrategyMixin:
             self._launcher = self.launcher_cls(self, start_method=self._start_method)  # type: ignore[attr-defined]
 
     # -- setup -----------------------------------------------------------------------------
+    @override
+    def setup_environment(self) -> None:
+        parent = getattr(self.launcher, "parent_pid", None)  # spawn/fork: ranks die with the parent
+        if parent is not None and parent != os.getpid():
+            die_with_parent(parent)
+        super().setup_environment()  # type: ignore[misc]
+
     @override
     def configure_ddp(self) -> None:
         """Called by ``DDPStrategy.setup`` when fitting: build the exchange instead of wrapping

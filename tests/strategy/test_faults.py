@@ -158,3 +158,56 @@ def test_sigterm_ends_a_rank_blocked_in_a_collective(tmp_path):
     ended = time.time()
     sender.join()
     assert ended - float((tmp_path / "signalled").read_text()) < 60, str(failure.value)[-2000:]
+
+
+_ORPHAN_DRIVER = """
+import sys, os, time
+import lightning.pytorch as L
+from pathlib import Path
+from lightning_holograd import HoloGradStrategy
+from lightning_holograd.demos import ToyModule, fit
+
+out = Path(sys.argv[1])
+
+class Hang(L.Callback):
+    def on_train_start(self, trainer, pl_module):
+        (out / f"pid{trainer.global_rank}").write_text(str(os.getpid()))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_rank == 1 and trainer.global_step == 2:
+            time.sleep(600)
+
+fit(ToyModule(), HoloGradStrategy(start_method="fork", num_directions=8), out / "ranks", devices=2, max_steps=8,
+    callbacks=[Hang()])
+"""
+
+
+@pytest.mark.timeout(120)
+def test_ranks_die_with_their_killed_parent(tmp_path):
+    """The process that called fit (here a driver, as pytest would be) is killed with SIGKILL
+    while its ranks are stuck: the ranks die with it instead of staying behind as orphans."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "driver.py"
+    script.write_text(_ORPHAN_DRIVER)
+    driver = subprocess.Popen([sys.executable, str(script), str(tmp_path)], start_new_session=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 90
+        while not all((tmp_path / f"pid{r}").exists() for r in (0, 1)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        ranks = [int((tmp_path / f"pid{r}").read_text()) for r in (0, 1)]
+        time.sleep(2)
+        driver.kill()
+        driver.wait()
+        deadline = time.monotonic() + 15
+        alive = ranks
+        while alive and time.monotonic() < deadline:
+            alive = [pid for pid in ranks if os.path.exists(f"/proc/{pid}") and
+                     "Z" not in open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]]
+            time.sleep(0.2)
+        assert alive == [], f"ranks {alive} outlived their parent"
+    finally:
+        if driver.poll() is None:
+            driver.kill()

@@ -196,23 +196,34 @@ class VerificationTransport:
         reports: dict[int, dict[str, Any]] = {}
         deadline, pause = time.monotonic() + self.transfer_timeout, 0.0002
         while posted:
+            expired = time.monotonic() > deadline  # decided before polling: each bundle gets a poll after it
             for claimant in list(posted):
                 batches = self._batches_from(posted[claimant], claimant, ctx.step)
                 if batches is not _PENDING:
                     del posted[claimant]
-                    reports[claimant] = check_claim(ctx.matrix[claimant], batches, indices,
-                                                    ctx.batch_hashes[claimant], ctx.seeds, self.recompute, rtol, atol)
-            if posted and time.monotonic() > deadline:
+                    reports[claimant] = self._check(ctx, claimant, batches, indices, rtol, atol)
+            if posted and expired:
                 for claimant, receive in posted.items():
                     log.warning("step %d: rank %d sent no batch within transfer_timeout=%g s: claim missing",
                                 ctx.step, claimant, self.transfer_timeout)
-                    reports[claimant] = check_claim(ctx.matrix[claimant], None, indices, b"", [], self.recompute,
-                                                    rtol, atol)
+                    reports[claimant] = self._check(ctx, claimant, None, indices, rtol, atol)
                     self._late.append(receive)  # stays posted: a late message lands in its own buffer
                 break
-            time.sleep(pause)
+            if posted:
+                time.sleep(pause)
             pause = min(pause * 2, 0.01)
         return reports
+
+    def _check(self, ctx: Any, claimant: int, batches: Any, indices: list[int], rtol: float,
+               atol: float) -> dict[str, Any]:
+        try:
+            return check_claim(ctx.matrix[claimant], batches, indices, ctx.batch_hashes[claimant], ctx.seeds,
+                               self.recompute, rtol, atol)
+        except Exception as error:  # the verifier's own failure: stop, never slash on it
+            raise RuntimeError(
+                f"step {ctx.step}: the verifier could not recompute rank {claimant}'s claim ({type(error).__name__}: "
+                f"{error}). The batch matches that rank's commitment, so training_step fails on it here. HINT: "
+                "make training_step run on any batch the data can produce, on the verifier's device too.") from error
 
     def _batches_from(self, receive: _Posted, claimant: int, step: int) -> Any:
         try:

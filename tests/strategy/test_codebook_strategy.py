@@ -139,7 +139,8 @@ def test_diagnostic_schedule_logs_gamma_and_counts_its_bytes_apart(tmp_path):
     true-gradient steps {0, 1} and on the diagnostic steps {3, 6, 9, 12, 15} (0-based s with
     s % 3 == 0; s = 0 is a true-gradient step, measured anyway). Each diagnostic is one
     all-reduce of 4D bytes, counted as ``diagnostic``; with N = 2 the wire bytes of an
-    all_gather of n (N - 1) n and of an all-reduce of n 2 (N - 1)/N n both equal n. The
+    all_gather of n (N - 1) n and of an all-reduce of n 2 (N - 1)/N n both equal n; the
+    commit sends 33 bytes per rank (hash and flag byte). The
     diagnostic leaves the per-step bytes, the total and the compression alone, and does
     not change training (same parameters bitwise as without it)."""
     k, logger = 8, CSVLogger(tmp_path, name="logs")
@@ -162,12 +163,12 @@ def test_diagnostic_schedule_logs_gamma_and_counts_its_bytes_apart(tmp_path):
     per_step = {int(r["step"]): r for r in rows if r.get("holograd/bytes_per_step")}
     for step in diagnostic_steps:
         assert float(per_step[step]["holograd/bytes_diagnostic"]) == 4 * D_TOY
-        assert float(per_step[step]["holograd/bytes_per_step"]) == 32 + 4 * k
+        assert float(per_step[step]["holograd/bytes_per_step"]) == 33 + 4 * k  # hash + flag byte
     # 0 on every other step, not the last value repeated (the column exists from step 3 on)
     quiet = [s for s in per_step if s > 3 and s not in diagnostic_steps]
     assert quiet and all(float(per_step[s]["holograd/bytes_diagnostic"]) == 0.0 for s in quiet)
     assert all(float(per_step[s]["holograd/bytes_true_gradient"]) == 0.0 for s in per_step if s >= 2)
-    sent = 16 * 32 + (16 - len(true_steps)) * 4 * k + len(true_steps) * 4 * D_TOY
+    sent = 16 * 33 + (16 - len(true_steps)) * 4 * k + len(true_steps) * 4 * D_TOY
     assert float(per_step[15]["holograd/bytes_total"]) == sent
     assert float(per_step[15]["holograd/compression"]) == pytest.approx(16 * 4 * D_TOY / sent)
 

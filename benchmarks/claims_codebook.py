@@ -12,9 +12,12 @@ basis used at step t (before that step's update or observation). A random r-dime
 subspace captures r/D. The issue's criterion, per run: gamma at the first step after the
 bootstrap >= 0.5, and gamma at every one of the next ``--train-steps`` steps >= 10 r/D.
 
-Bytes: what one rank puts into collectives under the protocol (docs/PROTOCOL.md §8): 32
-(hash) per step, 4K per estimated step, 4D per true-gradient step; with N = 2 ranks the ring
-wire bytes equal these. DDP would send 4D per step.
+Bytes: what one rank puts into collectives under the protocol (docs/PROTOCOL.md §8): 33
+(hash and flag byte) per step, 4K per estimated step, 4D per true-gradient step; with N = 2
+ranks the ring wire bytes equal these. DDP would send 4D per step.
+
+Run it through ``claims`` (``python -m benchmarks.claims c5``) or on its own
+(``python -m benchmarks.claims_codebook``, the same run and files; ``--help``).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from benchmarks.claims_gpt2 import family_estimator, is_true_step, tiny_gpt2_dim
 from benchmarks.harness import MODEL_KW
 
 K = 64
+COMMIT_BYTES = 33  # per rank and step: the batch hash and the flag byte (docs/PROTOCOL.md §1.1, §8)
 BOOTSTRAP = 10
 # label: (what, make_family settings, refresh_every)
 C5_RUNS: dict[str, tuple[str, dict[str, Any], int]] = {
@@ -74,7 +78,7 @@ def _run(label: str, total: int, dim: int) -> dict[str, Any]:
     return {"what": what, "settings": settings, "refresh_every": refresh, "gamma": gamma,
             "cos_after_bootstrap": statistics.fmean(cosines[BOOTSTRAP:]), "final_val": run["final_val"],
             "curve": run["curve"], "true_gradient_steps": true_steps,
-            "bytes_per_rank": 32 * total + 4 * K * (total - true_steps) + 4 * dim * true_steps,
+            "bytes_per_rank": COMMIT_BYTES * total + 4 * K * (total - true_steps) + 4 * dim * true_steps,
             "seconds": time.perf_counter() - start}
 
 
@@ -84,7 +88,7 @@ def _reference(label: str, total: int, dim: int) -> dict[str, Any]:
         run, sent = trajectory(total), 4 * dim * total
     else:  # the count sketch at the same K
         est, _ = family_estimator("sketch", dim, K, tag="c5/sketch")
-        run, sent = trajectory(total, est), (32 + 4 * K) * total
+        run, sent = trajectory(total, est), (COMMIT_BYTES + 4 * K) * total
     return {"final_val": run["final_val"], "curve": run["curve"], "bytes_per_rank": sent,
             "seconds": time.perf_counter() - start}
 
@@ -184,3 +188,21 @@ def _report(results: dict[str, Any], references: dict[str, Any], dim: int, total
     lines += ["", "Seconds per run (approximate, shared machine): "
               + ", ".join(f"{label} {s}" for label, s in seconds.items()) + "."]
     return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m benchmarks.claims_codebook``: claim C5 alone, as ``claims c5`` runs it."""
+    from benchmarks import claims
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks.claims_codebook", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--train-steps", type=int, default=300, help="steps after the 10-step bootstrap (>= 20)")
+    p.add_argument("--out-dir", default=str(claims.RESULTS), help="where claims_c5.md/.json and the plot go")
+    p.add_argument("--report-only", action="store_true", help="redraw claims_c5.md from claims_c5.json")
+    args = p.parse_args(argv)
+    forwarded = ["c5", "--train-steps", str(args.train_steps), "--out-dir", args.out_dir]
+    return claims.main(forwarded + (["--report-only"] if args.report_only else []))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -22,11 +22,12 @@ one-line verdict ("holds" / "does not hold", with the numbers).
        the protocol momentum family's shared direction against the true gradient.
   c4   loss reduction of the momentum family (K = 4, 64) and the sketch (K = 64) as a
        fraction of the exact gradient's, same init, batches and AdamW schedule.
-  c5   codebook captured energy gamma_t against the exact gradient over training
-       (bootstrap 10, with and without refresh, with exploration).
+  c5   codebook captured energy gamma_t against the exact gradient: after a 10-step
+       bootstrap and over the next --train-steps steps, for the dense, block and factor
+       structures and refresh variants (8 runs of its own; also writes a plot).
   c7   per-direction trimmed mean (and mean, median) against 0-30 % Byzantine ranks per
        attack: N = 10 simulated ranks of the toy task.
-  all  every claim above (~12-15 min on 2 CPU cores; c2-c5 share one exact trajectory).
+  all  every claim above (c2-c4 share one exact trajectory).
 
 Modules: ``claims_estimators`` (c1, c6), ``claims_pogp`` (c8), ``claims_gpt2`` (the GPT-2
 harness of c2-c5), ``claims_momentum`` (c2-c4), ``claims_codebook`` (c5), ``claims_robust`` (c7).
@@ -143,7 +144,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--family", default="gaussian", choices=list(claims_estimators.FAMILIES),
                    help="c8: direction family")
     p.add_argument("--k", type=int, default=64, help="c8: directions per step")
-    p.add_argument("--train-steps", type=int, default=300, help="c2-c5: AdamW steps of the GPT-2 example")
+    p.add_argument("--train-steps", type=int, default=300, help="c2-c4: AdamW steps of the GPT-2 example; c5: steps after its 10-step bootstrap")
     p.add_argument("--c7-ranks", type=int, default=10, help="c7: simulated ranks")
     p.add_argument("--c7-steps", type=int, default=100, help="c7: SGD steps")
     p.add_argument("--c7-tolerance", type=float, default=1.25,

@@ -19,11 +19,11 @@ aggregated, so before the update of step t), on every rank:
    the claimant (``Slashing.slash``): its row is left out of this step's aggregation on
    every rank, and of every later step. More than ``max_slashed_fraction`` of the workers
    slashed stops training (``TooManySlashedError``).
-Every verification and slash is appended to a hash-chained ledger (JSONL written by
-global rank 0, identical in memory on all ranks, saved in checkpoints). Its length and
-head are logged every step as an anchor (``holograd/ledger_records``,
-``holograd/ledger_head_0`` and ``_1``: 96 bits of the head). At the end of fit, rank
-zero reports the slashed ranks and why.
+Every verification and slash, and every true-gradient step (bootstrap/refresh, which
+cannot be verified), is appended to a hash-chained ledger (JSONL written by global rank 0,
+identical in memory on all ranks, saved in checkpoints). Its length and head are logged
+every step as an anchor (``holograd/ledger_records``, ``holograd/ledger_head_0`` and
+``_1``: 96 bits of the head). At the end of fit, rank zero reports the slashed ranks and why.
 """
 
 from __future__ import annotations
@@ -254,9 +254,16 @@ class ProofVerifier(Callback):
         ctx = exchange.last_context
         if ctx is not None and ctx.step != self._last_counted_step:  # once per optimizer step
             self._last_counted_step = ctx.step
-            served = ctx.result.kept_ranks if ctx.result is not None else exchange.slashing.honest_ranks()
+            if ctx.result is not None:
+                served = list(ctx.result.kept_ranks)
+            else:  # a true-gradient step: the ranks whose gradients were averaged
+                served = list(ctx.extras.get("contributors", exchange.slashing.honest_ranks()))
             for rank in served:
                 self.steps_served[rank] += 1
+            if ctx.true_gradient:  # not verifiable, but on the record (docs/PROTOCOL.md §6.9)
+                self.ledger.append(ctx.step, -1, "true_gradient", ranks=served,
+                                   nonfinite=list(ctx.extras.get("dropped", [])),
+                                   gradient_digest=exchange.chain.last_scalars_digest.hex())
         pl_module.log_dict({
             "holograd/verified": float(self.verified),
             "holograd/slashed": float(len(self.slashed)),

@@ -6,7 +6,8 @@ coordinates. Per step, on every rank, in this order (docs/PROTOCOL.md §2-§4):
 1. all_gather of the 32-byte batch hashes, each followed by one flag byte (N x 33
    bytes): bit 0 "this rank asks the job to stop" (SIGTERM; every rank raises
    ``StopRequested`` before the step, so the job ends at the same step everywhere), bit 1
-   "this rank's gradient is non-finite" (true-gradient steps); -> chain.advance -> seeds;
+   "this rank's gradient is non-finite" (true-gradient and diagnostic steps); -> chain.advance
+   -> seeds;
 2. a_i = ``project(seeds)`` (this rank's K scalars), passed through ``claim_hooks``
    (fault injection);
 3. all_gather of the K scalars -> A (N, K);
@@ -139,8 +140,9 @@ class HoloGradExchange:
         """Exchange batch hashes and flags, advance the chain and derive this step's seeds.
 
         Raises ``StopRequested`` on every rank, before the chain advances, when any rank
-        set ``stop_requested``. ``nonfinite`` (true-gradient steps) tells the others that
-        this rank's gradient holds NaN/inf; ``ctx.extras["nonfinite_ranks"]`` lists them.
+        set ``stop_requested``. ``nonfinite`` (true-gradient and diagnostic steps) tells the
+        others that this rank's gradient holds NaN/inf; ``ctx.extras["nonfinite_ranks"]``
+        lists them.
 
         Call contract: a blocking collective, once per step on every rank (``step`` and
         ``true_gradient_step`` call it first).
@@ -165,15 +167,21 @@ class HoloGradExchange:
         batch_hash: bytes,
         project: Callable[[list[int]], torch.Tensor],
         extras: Mapping[str, Any] | None = None,
+        diagnostic: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Exchange one step's claims and return g_hat (D,), identical on every rank.
 
         ``project(seeds)`` returns this rank's (K,) scalars (the family's projection of the
         local gradient, or a forward-mode equivalent). ``extras`` (e.g. this rank's
         micro-batches under ``"inputs"``) are handed to the hooks via the context.
+        ``diagnostic``: this rank's local gradient (D,) on a diagnostic step (every rank
+        passes one, or none): see ``measure_energy``.
         """
-        ctx = self.commit(batch_hash)
+        local = diagnostic.to(torch.float32) if diagnostic is not None else None
+        ctx = self.commit(batch_hash, nonfinite=local is not None and not bool(torch.isfinite(local).all()))
         ctx.extras.update(extras or {})
+        if local is not None:
+            ctx.extras["captured_energy"] = self.measure_energy(local, ctx)
         scalars = project(ctx.seeds)
         for hook in self.claim_hooks:
             scalars = hook(ctx, scalars)
@@ -190,6 +198,28 @@ class HoloGradExchange:
         self._finish(ctx)
         return estimate
 
+    def measure_energy(self, flat_grad: torch.Tensor, ctx: StepContext) -> float:
+        """gamma of the family's basis against the mean true gradient of the contributors.
+
+        A diagnostic, not part of the protocol: one all-reduce of 4D bytes counted as
+        ``diagnostic`` traffic (outside the per-step figures and the compression), the family
+        left untouched. Contributors as on a true-gradient step: neither slashed nor flagged
+        non-finite in ``ctx``'s commit; NaN when none is left or the mean is non-finite.
+        Call contract: a blocking collective, on every rank at the same step, after the
+        commit and before the step's update (``step(diagnostic=...)`` calls it there).
+        """
+        honest = self._contributors(ctx)
+        contribution = flat_grad if self.comm.rank in honest else torch.zeros_like(flat_grad)
+        grad = self.comm.all_reduce_sum(contribution, "diagnostic") / max(len(honest), 1)
+        if not honest or not bool(torch.isfinite(grad).all()):
+            return float("nan")
+        return float(self.family.captured_energy(grad.to(flat_grad.device)))  # type: ignore[attr-defined]
+
+    def _contributors(self, ctx: StepContext) -> list[int]:
+        """Ranks whose gradient counts in an all-reduced mean: not slashed, not flagged non-finite."""
+        flagged = set(ctx.extras["nonfinite_ranks"])
+        return [r for r in self.slashing.honest_ranks() if r not in flagged]
+
     def true_gradient_step(self, flat_grad: torch.Tensor, batch_hash: bytes) -> torch.Tensor:
         """A true-gradient step: all-reduce the mean gradient (D,) of the honest ranks.
 
@@ -199,7 +229,8 @@ class HoloGradExchange:
         local = flat_grad.to(torch.float32)
         ctx = self.commit(batch_hash, true_gradient=True, nonfinite=not bool(torch.isfinite(local).all()))
         dropped = [r for r in ctx.extras["nonfinite_ranks"] if not self.slashing.is_slashed(r)]
-        honest = [r for r in self.slashing.honest_ranks() if r not in dropped]
+        honest = self._contributors(ctx)
+        ctx.extras.update(contributors=honest, dropped=dropped)  # for the ledger's true_gradient record
         if dropped:
             log.warning("step %d: dropped the non-finite gradients of ranks %s", ctx.step, dropped)
         if not honest:

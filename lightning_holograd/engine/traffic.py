@@ -19,11 +19,17 @@ from typing import Any, Literal
 
 __all__ = ["TrafficMeter", "TRAFFIC_KINDS", "ring_wire_bytes"]
 
-# "true_gradient": the all-reduce of a true-gradient step (ADCBootstrap's bootstrap and refresh steps).
-TRAFFIC_KINDS = ("hashes", "scalars", "true_gradient", "verification", "audit", "buffers", "setup")
+# "true_gradient": the all-reduce of a true-gradient step (ADCBootstrap's bootstrap and refresh steps);
+# "diagnostic": the all-reduce of a captured-energy measurement (``diagnostic_every``).
+TRAFFIC_KINDS = ("hashes", "scalars", "true_gradient", "verification", "audit", "buffers", "setup", "diagnostic")
 # One-time traffic that DDP pays too (the initial parameter broadcast): reported, but
 # left out of the per-step figures and of the compression ratio.
 _ONE_TIME_KINDS = ("setup",)
+# Measurement traffic a production run does not send: reported per step under its own
+# name (``holograd/bytes_diagnostic``) and in the totals, but left out of the per-step
+# figures, ``run_wire`` and the compression ratio, like setup.
+_MEASUREMENT_KINDS = ("diagnostic",)
+_OUTSIDE_KINDS = _ONE_TIME_KINDS + _MEASUREMENT_KINDS
 Op = Literal["all_gather", "all_reduce", "p2p"]
 
 
@@ -74,14 +80,14 @@ class TrafficMeter:
         return ring_wire_bytes("all_reduce", 4 * self.num_params, self.world_size)
 
     def step_payload(self) -> int:
-        return sum(v for k, v in self._step_payload.items() if k not in _ONE_TIME_KINDS)
+        return sum(v for k, v in self._step_payload.items() if k not in _OUTSIDE_KINDS)
 
     def step_wire(self) -> float:
-        return sum(v for k, v in self._step_wire.items() if k not in _ONE_TIME_KINDS)
+        return sum(v for k, v in self._step_wire.items() if k not in _OUTSIDE_KINDS)
 
     def run_wire(self) -> float:
-        """Wire bytes of all training steps so far (one-time setup traffic excluded)."""
-        return sum(v for k, v in self.total_wire.items() if k not in _ONE_TIME_KINDS)
+        """Wire bytes of all training steps so far (setup and diagnostic traffic excluded)."""
+        return sum(v for k, v in self.total_wire.items() if k not in _OUTSIDE_KINDS)
 
     def compression(self) -> float:
         """All-reduce wire bytes over HoloGrad wire bytes, cumulative over the run."""
@@ -99,9 +105,11 @@ class TrafficMeter:
         }
         if self.world_size > 1:  # one process sends nothing: no ratio to report
             out["holograd/compression"] = self.compression()
-        for kind, value in self._step_wire.items():
+        # Every kind seen so far in the run, 0 on steps without it: a logged metric that is
+        # left out of a step repeats its last value in Lightning's step logs.
+        for kind in sorted(set(self.total_wire) | set(self._step_wire)):
             if kind not in _ONE_TIME_KINDS:
-                out[f"holograd/bytes_{kind}"] = value
+                out[f"holograd/bytes_{kind}"] = self._step_wire.get(kind, 0.0)
         return out
 
     def state_dict(self) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Append-only, hash-chained ledger of verification and slashing events (docs/PROTOCOL.md §6.9).
+"""Append-only, hash-chained ledger of the verifier's events (docs/PROTOCOL.md §6.9).
 
 Each record is one JSON object per line (JSONL). ``prev`` is the SHA-256 (hex) of the
 previous record's canonical form (64 zeros for the first), and ``hash`` the SHA-256 of
@@ -45,7 +45,7 @@ class LedgerRecord:
     seq: int  # 0-based position in the ledger
     step: int  # optimizer step the event belongs to
     rank: int  # rank the event is about (-1 for run-wide events)
-    event: str  # e.g. "verify", "slash", "bootstrap"
+    event: str  # "verify", "slash", "true_gradient" or "resize" (docs/PROTOCOL.md §6.9)
     data: dict[str, Any] = field(default_factory=dict)
     prev: str = GENESIS_HASH
     hash: str = ""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, get_args
 
@@ -18,6 +18,7 @@ from ..protocol import (
     resume_settings,
 )
 from ..protocol.chain import direction_seeds, genesis_commitment
+from ..protocol.codebook_fit import CODEBOOK_FITS, CODEBOOK_STRUCTURES, check_codebook_settings
 
 __all__ = ["HoloGradConfig", "AggregationName", "ProjectionName", "check_world_size"]
 
@@ -51,6 +52,14 @@ class HoloGradConfig:
     qr_every: int = 50
     exploration_weight: float = 0.0
     momentum_beta: float = 0.9
+    # codebook (docs/PROTOCOL.md §5): basis structure, how it is fitted, the true-gradient sketch,
+    # tracking from public estimates, and the diagnostic gamma measurement every M steps (0: off)
+    codebook_structure: str = "factor"
+    codebook_fit: str = "sketch"
+    sketch_size: int = 16
+    sketch_decay: float = 1.0
+    tracking_lr: float = 0.0
+    diagnostic_every: int = 0
     chunk_size: int | None = None  # coordinates materialised at once (None: sized to the device)
     projection: str = "backward"
     audit_every: int = 100
@@ -83,6 +92,7 @@ class HoloGradConfig:
             raise ValueError("projection='jvp' with directions='identity' would need D forward passes. "
                              "HINT: use projection='backward' for the identity debug family.")
         _int_at_least("qr_every", self.qr_every, 1)
+        self._check_codebook()
         _int_at_least("audit_every", self.audit_every, 0, "0 disables the replica audit.")
         if self.chunk_size is not None:
             _int_at_least("chunk_size", self.chunk_size, 1, "None sizes chunks to the device's working set.")
@@ -91,10 +101,32 @@ class HoloGradConfig:
         self.build_family(dim=max(self.num_directions, 1))
         self.build_aggregator()
 
-    def build_family(self, dim: int, resumed: Mapping[str, Any] | None = None) -> DirectionFamily:
+    def _check_codebook(self) -> None:
+        """The codebook settings and the diagnostic schedule, checked without building a family."""
+        _choice("codebook_structure", self.codebook_structure, CODEBOOK_STRUCTURES)
+        _choice("codebook_fit", self.codebook_fit, CODEBOOK_FITS)
+        if self.codebook_fit == "oja" and self.codebook_structure != "dense":
+            raise ValueError(f"codebook_fit='oja' works on codebook_structure='dense' only, got "
+                             f"codebook_structure={self.codebook_structure!r}. HINT: set codebook_structure='dense' "
+                             "for the old Oja rule, or keep codebook_fit='sketch'.")
+        check_codebook_settings(self.codebook_structure, self.codebook_fit, self.oja_lr, self.qr_every,
+                                self.sketch_size, self.sketch_decay, self.tracking_lr)
+        _int_at_least("diagnostic_every", self.diagnostic_every, 0, "0 disables the diagnostic measurement.")
+        if self.diagnostic_every and self.directions not in ("codebook", "momentum"):
+            raise ValueError(f"diagnostic_every={self.diagnostic_every} measures the captured energy of a shared "
+                             f"basis, which directions={self.directions!r} has not. HINT: use it with "
+                             "directions='codebook' or 'momentum', or set diagnostic_every=0.")
+        if self.diagnostic_every and self.projection != "backward":
+            raise ValueError(f"diagnostic_every={self.diagnostic_every} needs the local gradient, which "
+                             f"projection={self.projection!r} never computes. HINT: use projection='backward'.")
+
+    def build_family(self, dim: int, resumed: Mapping[str, Any] | None = None,
+                     param_shapes: Sequence[Sequence[int]] | None = None) -> DirectionFamily:
         """The direction family over ``dim`` trainable coordinates; ``resumed``, the family state
         of a checkpoint about to be loaded, decides the direction version (new runs: the current
-        one; a lightning-holograd 0.1.x checkpoint: version 1, docs/PROTOCOL.md §3.8)."""
+        one; a lightning-holograd 0.1.x checkpoint: version 1, docs/PROTOCOL.md §3.8);
+        ``param_shapes``: the trainable parameters' shapes in flat-gradient order (the
+        codebook's blocks and factors)."""
         resume = resume_settings(resumed)
         if self.directions == "identity":
             return make_family("identity", dim, dim, **resume)
@@ -106,6 +138,8 @@ class HoloGradConfig:
             self.directions, dim, self.num_directions, codebook_rank=self.codebook_rank, oja_lr=self.oja_lr,
             qr_every=self.qr_every, exploration_weight=self.exploration_weight, momentum_beta=self.momentum_beta,
             init_seed=init_seed, chunk_size=self.chunk_size, **resume,
+            codebook_structure=self.codebook_structure, param_shapes=param_shapes, codebook_fit=self.codebook_fit,
+            sketch_size=self.sketch_size, sketch_decay=self.sketch_decay, tracking_lr=self.tracking_lr,
         )
 
     def build_aggregator(self) -> Aggregator:

@@ -29,7 +29,7 @@ from torch.distributed.constants import default_pg_timeout
 from typing_extensions import override
 
 from ..engine import Comm, HoloGradExchange, StepContext, TrafficMeter
-from ..protocol import CommitmentChain, FamilyName, step_batch_hash
+from ..protocol import CodebookFit, CodebookStructure, CommitmentChain, FamilyName, step_batch_hash
 from .checkpoint import STATE_KEY, atomic_save, config_changes, exchange_state, protocol_state, writes_atomically
 from .claims import Claims, flat_grad, write_grad
 from .config import AggregationName, HoloGradConfig, ProjectionName, check_world_size
@@ -60,6 +60,11 @@ class HoloGradStrategyMixin:
         clip_row_norms: scale rows above the median row norm down to it before aggregating.
         seed: the run's global seed string S_0 (all ranks must agree).
         codebook_rank, oja_lr, qr_every, exploration_weight, momentum_beta: family knobs.
+        codebook_structure, codebook_fit, sketch_size, sketch_decay, tracking_lr: the codebook's
+            basis structure (``factor``, ``block``, ``dense``), fit (``sketch`` or the old ``oja``),
+            true-gradient sketch and tracking step (docs/PROTOCOL.md §5).
+        diagnostic_every: every M optimizer steps, all-reduce the true gradient to log the captured
+            energy ``holograd/captured_energy`` (``diagnostic`` traffic, outside the ratio; 0: off).
         chunk_size: coordinates of a direction materialised at once (None: sized to the device;
             speed and memory only, never the values).
         projection: ``backward`` (local backward + dot products) or ``jvp`` (forward-mode).
@@ -92,6 +97,12 @@ class HoloGradStrategyMixin:
         qr_every: int = 50,
         exploration_weight: float = 0.0,
         momentum_beta: float = 0.9,
+        codebook_structure: CodebookStructure = "factor",
+        codebook_fit: CodebookFit = "sketch",
+        sketch_size: int = 16,
+        sketch_decay: float = 1.0,
+        tracking_lr: float = 0.0,
+        diagnostic_every: int = 0,
         chunk_size: int | None = None,
         projection: ProjectionName = "backward",
         audit_every: int = 100,
@@ -108,6 +119,8 @@ class HoloGradStrategyMixin:
             krum_byzantine=krum_byzantine, clip_row_norms=clip_row_norms,
             seed=seed, codebook_rank=codebook_rank, oja_lr=oja_lr, qr_every=qr_every,
             exploration_weight=exploration_weight, momentum_beta=momentum_beta,
+            codebook_structure=codebook_structure, codebook_fit=codebook_fit, sketch_size=sketch_size,
+            sketch_decay=sketch_decay, tracking_lr=tracking_lr, diagnostic_every=diagnostic_every,
             chunk_size=chunk_size, projection=projection, audit_every=audit_every, sync_buffers=sync_buffers,
         )
         super().__init__(process_group_backend=process_group_backend, timeout=timeout, start_method=start_method,
@@ -182,7 +195,9 @@ class HoloGradStrategyMixin:
             raise ValueError("the LightningModule has no parameter with requires_grad=True: nothing to train.")
         dim = sum(p.numel() for p in params)
         # A checkpoint loaded before setup decides the direction version (0.1.x checkpoints: 1).
-        family = self.config.build_family(dim, (self._pending_state or {}).get("family"))
+        # Shapes in flat-gradient order (Claims.parameters); a 0-d parameter is one coordinate.
+        family = self.config.build_family(dim, (self._pending_state or {}).get("family"),
+                                          param_shapes=[tuple(p.shape) or (1,) for p in params])
         if hasattr(family, "to"):
             family.to(self.root_device)
         comm_device = self.root_device if self._get_process_group_backend() == "nccl" else torch.device("cpu")
@@ -298,7 +313,10 @@ class HoloGradStrategyMixin:
             self._true_gradient_requested = False
             estimate = self.exchange.true_gradient_step(flat_grad(params), batch_hash)
         else:
-            estimate = self.exchange.step(batch_hash, self._claims.projector(inputs), extras={"inputs": inputs})
+            every = self.config.diagnostic_every  # 0-based step index s measured when s % M == 0
+            diagnostic = flat_grad(params) if every and self.exchange.chain.step % every == 0 else None
+            estimate = self.exchange.step(batch_hash, self._claims.projector(inputs), extras={"inputs": inputs},
+                                          diagnostic=diagnostic)
         write_grad(params, estimate)
         assert self.exchange.last_context is not None
         return self.exchange.last_context

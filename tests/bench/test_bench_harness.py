@@ -166,3 +166,18 @@ def test_bad_arguments_are_refused_before_any_run(capsys):
     with pytest.raises(SystemExit):
         claims.main(["c7", "--c7-ranks", "3"])
     assert "--c7-ranks=3 must be >= 4" in capsys.readouterr().err
+
+
+def test_claims_codebook_runs_c5_on_its_own(capsys, tmp_path):
+    """``python -m benchmarks.claims_codebook`` forwards to ``claims c5``: its checks, and
+    --report-only redraws the Markdown of a JSON in --out-dir."""
+    from benchmarks import claims_codebook
+
+    with pytest.raises(SystemExit):
+        claims_codebook.main(["--train-steps", "5"])
+    assert "--train-steps=5 must be >= 20" in capsys.readouterr().err
+    committed = claims_codebook.Path(claims_codebook.__file__).parent / "results" / "claims_c5.md"
+    (tmp_path / "claims_c5.md").write_text(committed.read_text())
+    (tmp_path / "claims_c5.json").write_text(committed.with_suffix(".json").read_text())
+    assert claims_codebook.main(["--report-only", "--out-dir", str(tmp_path)]) == 0
+    assert (tmp_path / "claims_c5.md").read_text() == committed.read_text()

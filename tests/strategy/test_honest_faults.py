@@ -121,6 +121,36 @@ def test_one_nan_gradient_on_a_true_gradient_step_is_left_out(tmp_path):
     assert all(torch.isfinite(p).all() for p in states[0]["params"].values())
 
 
+def test_a_true_gradient_record_names_the_ranks_left_out(tmp_path):
+    """Rank 1's NaN at chain step 2 of a 4-step bootstrap: the ledger's true_gradient
+    record of step 2 averages ranks 0 and 2 and names rank 1 under ``nonfinite``; every
+    other step averages all three. Nobody is slashed for it (an honest fault)."""
+    states = fit_nan(NaNInputs((1,), 2), tmp_path, max_steps=4,
+                     callbacks=[verified(tmp_path), ADCBootstrap(bootstrap_steps=4)])
+    assert_identical_replicas(states)
+    assert [s["exchange"]["slashed"] for s in states] == [[]] * WORLD
+    marked = [(r.step, r.rank, r.data["ranks"], r.data["nonfinite"])
+              for r in Ledger.load(tmp_path / "ledger.jsonl") if r.event == "true_gradient"]
+    assert marked == [(1, -1, [0, 1, 2], []), (2, -1, [0, 2], [1]), (3, -1, [0, 1, 2], []), (4, -1, [0, 1, 2], [])]
+
+
+def test_a_nan_gradient_is_left_out_of_the_diagnostic_measurement(tmp_path):
+    """diagnostic_every=1 on the codebook, rank 1's batch NaN at chain step 3: its row is
+    dropped from the step (§4.1) and, through its commit flag, from the diagnostic mean, so
+    the logged captured energy stays a number in [0, 1] at every step."""
+    logger = CSVLogger(tmp_path, name="logs")
+    strategy = HoloGradStrategy(start_method="fork", directions="codebook", num_directions=8, diagnostic_every=1)
+    states = fit(NaNInputs((1,), 3), strategy, tmp_path / "ranks", devices=WORLD, use_distributed_sampler=False,
+                 max_steps=4, logger=logger, log_every_n_steps=1, callbacks=[ADCBootstrap(bootstrap_steps=2)])
+    assert_identical_replicas(states)
+    (metrics,) = (tmp_path / "logs").rglob("metrics.csv")
+    with open(metrics) as handle:
+        energies = {int(r["step"]): float(r["holograd/captured_energy"])
+                    for r in csv.DictReader(handle) if r.get("holograd/captured_energy")}
+    assert sorted(energies) == [0, 1, 2, 3]
+    assert all(0.0 <= e <= 1.0 for e in energies.values()), energies
+
+
 def test_too_many_slashed_workers_stop_training(tmp_path):
     """2 workers, max_slashed_fraction = 0.5: one slash is allowed (1 <= 0.5 x 2), two are not."""
     with pytest.raises(Exception, match=r"TooManySlashedError: step 2: 2 ranks are slashed \(\[1, 2\]\)"):

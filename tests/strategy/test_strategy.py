@@ -352,7 +352,7 @@ def test_fork_ships_a_large_protocol_state_back_to_the_parent(tmp_path):
             return torch.utils.data.DataLoader(data, batch_size=8)
 
     os.environ["MASTER_PORT"] = str(free_port())
-    strategy = holograd(directions="codebook", num_directions=16)
+    strategy = holograd(directions="codebook", num_directions=16, codebook_structure="dense")
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=2, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(Wide())

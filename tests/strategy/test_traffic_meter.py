@@ -38,3 +38,31 @@ def test_single_process_reports_no_compression():
     meter.end_step()
     assert "holograd/compression" not in meter.metrics()
     assert meter.metrics()["holograd/bytes_per_step"] == 0.0
+
+
+def test_diagnostic_traffic_is_reported_apart_and_true_gradients_count():
+    """4 ranks, D = 1000: step 1 is a true-gradient step (counted in every figure, like the
+    baseline it replaces); step 2 carries a diagnostic all-reduce, reported as
+    bytes_diagnostic and left out of the per-step bytes, the total and the ratio; step 3
+    reports bytes_diagnostic = 0 rather than nothing (Lightning would repeat the last value)."""
+    meter = TrafficMeter(world_size=4, num_params=1000)
+    ring = 2 * 3 / 4 * 4000  # all-reduce of 4D bytes on 4 ranks
+    meter.start_step()
+    meter.record("true_gradient", "all_reduce", 4000)
+    meter.end_step()
+    meter.start_step()
+    meter.record("diagnostic", "all_reduce", 4000)
+    meter.record("scalars", "all_gather", 64)
+    meter.end_step()
+    at_diagnostic = meter.metrics()
+    assert at_diagnostic["holograd/bytes_diagnostic"] == ring
+    assert at_diagnostic["holograd/bytes_per_step"] == 3 * 64
+    assert at_diagnostic["holograd/payload_bytes_per_step"] == 64
+    assert at_diagnostic["holograd/bytes_true_gradient"] == 0.0
+    assert at_diagnostic["holograd/bytes_total"] == ring + 3 * 64
+    assert at_diagnostic["holograd/compression"] == pytest.approx(2 * ring / (ring + 3 * 64))
+    meter.start_step()
+    meter.record("scalars", "all_gather", 64)
+    meter.end_step()
+    assert meter.metrics()["holograd/bytes_diagnostic"] == 0.0
+    assert meter.total_wire["diagnostic"] == ring

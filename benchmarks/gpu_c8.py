@@ -43,6 +43,8 @@ def parse_args(argv: list[str] | None) -> Any:
     p.add_argument("--k", type=int, default=1024, help="num_directions")
     p.add_argument("--family", default="sketch", help="direction family")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--start-method", choices=["spawn", "fork"], default=None,
+                   help="launcher of the two ranks (default: spawn on CUDA, which refuses fork; fork on CPU)")
     return p.parse_args(argv)
 
 
@@ -61,7 +63,8 @@ def _fit(args: Any, device: torch.device, tmp: Path) -> tuple[list[dict[str, Any
     verifier = lightning_holograd.ProofVerifier(p_verify=1.0, slash=False, rtol=0.0, atol=0.0, ledger_path=str(ledger))
     callbacks = [verifier] + ([DeterministicAlgorithms()] if args.mode == "deterministic" else [])
     strategy = lightning_holograd.HoloGradStrategy(
-        start_method="spawn" if device.type == "cuda" else "fork", directions=args.family, num_directions=args.k,
+        start_method=args.start_method or ("spawn" if device.type == "cuda" else "fork"), directions=args.family,
+        num_directions=args.k,
         audit_every=0, process_group_backend="gloo", parallel_devices=[device] * 2)
     shape = GPT2_DRY if args.dry_run else GPT2_TINY
     module = RandomTokenGPT2(shape, args.batch_size, num_batches=2 * args.steps)  # 2 ranks share the windows

@@ -108,10 +108,14 @@ def _rank_main(rank: int, port: int, device_str: str, out_dir: str) -> None:
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
 
 
-def collectives(device: torch.device) -> dict[str, Any]:
+def _method(device: torch.device, start_method: str | None) -> str:
+    return start_method or ("spawn" if device.type == "cuda" else "fork")  # CUDA refuses fork once initialised
+
+
+def collectives(device: torch.device, start_method: str | None = None) -> dict[str, Any]:
     from lightning_holograd.demos import free_port
 
-    method = "spawn" if device.type == "cuda" else "fork"  # fork is refused once CUDA is initialised
+    method = _method(device, start_method)
     with tempfile.TemporaryDirectory(prefix="gpu-ranks-") as tmp:
         mp.start_processes(_rank_main, args=(free_port(), str(device), tmp), nprocs=WORLD, start_method=method)
         per_rank = [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(WORLD)]
@@ -119,11 +123,11 @@ def collectives(device: torch.device) -> dict[str, Any]:
             f"{per_rank[1][op]}" for op in per_rank[0]}
 
 
-def strategy_fit(device: torch.device, steps: int) -> dict[str, Any]:
+def strategy_fit(device: torch.device, steps: int, start_method: str | None = None) -> dict[str, Any]:
     from lightning_holograd import HoloGradStrategy
     from lightning_holograd.demos import ToyModule, fit
 
-    strategy = HoloGradStrategy(start_method="spawn" if device.type == "cuda" else "fork", num_directions=64,
+    strategy = HoloGradStrategy(start_method=_method(device, start_method), num_directions=64,
                                 process_group_backend="gloo", parallel_devices=[device] * WORLD)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="gpu-ranks-fit-") as tmp:
@@ -151,14 +155,16 @@ def render(meta: dict[str, Any], coll: dict[str, Any], fit_row: dict[str, Any]) 
 def main(argv: list[str] | None = None) -> int:
     p = stage_parser(__doc__)
     p.add_argument("--steps", type=int, default=None, help="steps of the fit (default 32; dry-run 4)")
+    p.add_argument("--start-method", choices=["spawn", "fork"], default=None,
+                   help="how the two ranks start (default: spawn on CUDA, fork on CPU)")
     args = p.parse_args(argv)
     device = stage_device(args)
     steps = args.steps or (4 if args.dry_run else 32)
     meta = run_metadata("gpu_ranks", argv, device=str(device), device_name=device_name(device), dry_run=args.dry_run)
     wall0 = time.perf_counter()
-    coll = collectives(device)
+    coll = collectives(device, args.start_method)
     try:
-        fit_row = strategy_fit(device, steps)
+        fit_row = strategy_fit(device, steps, args.start_method)
     except Exception as exc:  # noqa: BLE001 - the collectives table is still worth writing
         fit_row = {"error": f"{type(exc).__name__}: {exc}"}
     finish_metadata(meta, wall0)

@@ -128,9 +128,12 @@ def free_port() -> int:
 
 
 def fit(module: L.LightningModule, strategy: Any, out_dir: str | os.PathLike[str], devices: int = 2,
-        callbacks: list[L.Callback] | None = None, ckpt_path: str | None = None, **trainer_kwargs: Any) -> list[dict[str, Any]]:
-    """Fit on ``devices`` CPU ranks with the strategy's launcher (use fork or spawn when
-    calling this from a larger program) and return each rank's ``SaveRankState`` state.
+        callbacks: list[L.Callback] | None = None, ckpt_path: str | None = None, accelerator: str = "cpu",
+        **trainer_kwargs: Any) -> list[dict[str, Any]]:
+    """Fit on ``devices`` ranks of ``accelerator`` with the strategy's launcher (use fork or
+    spawn when calling this from a larger program; spawn once CUDA is initialised) and
+    return each rank's ``SaveRankState`` state. A strategy built with ``parallel_devices``
+    (e.g. two ranks on one GPU) decides the number of ranks itself: pass ``devices=1``.
 
     Each fit gets a fresh rendezvous port: the fork launcher otherwise reuses the first
     MASTER_PORT it set in this process, and a job still tearing down on that port (or
@@ -145,7 +148,7 @@ def fit(module: L.LightningModule, strategy: Any, out_dir: str | os.PathLike[str
     defaults = dict(max_steps=16, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                     enable_model_summary=False)
     defaults.update(trainer_kwargs)
-    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy,
+    trainer = L.Trainer(accelerator=accelerator, devices=devices, strategy=strategy,
                         callbacks=[SaveRankState(out_dir), *(callbacks or [])], **defaults)
     trainer.fit(module, ckpt_path=ckpt_path)
-    return load_ranks(out_dir, devices)
+    return load_ranks(out_dir, trainer.world_size)

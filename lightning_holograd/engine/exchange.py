@@ -15,6 +15,12 @@ coordinates. Per step, on every rank, in this order (docs/PROTOCOL.md §2-§4):
    g_hat = family.reconstruct(a, seeds) (the family's synthesis followed by its state
    update), and chain.record_scalars(a).
 
+That is the ``all_gather`` aggregation path. ``aggregation_path="sharded"`` replaces steps
+3-5 by a row-commitment gather, an all_to_all of column blocks, per-block aggregation
+by each block's owner and an all_gather of the aggregated blocks (bitwise the same a;
+``engine/sharded.py``), ``"all_reduce"`` by one all_reduce of the rows (``mean`` only),
+and ``"auto"`` picks per step (``current_path``; docs/PROTOCOL.md §4.5).
+
 Call contract: every rank calls ``step`` (or ``true_gradient_step``) once per optimizer
 step, with its own gradient and batch hash; both block until all ranks arrive. A rank
 that skips a step deadlocks the job. Slashed ranks keep taking part in the collectives,

@@ -128,13 +128,18 @@ class ShardedAggregation:
         """The aggregate of this rank's owned columns over the kept rows (the all_gather path's
         rule per direction). A kept row that holds NaN/inf here although its flag said finite
         is dropped from these columns (its rank lied about its flag; docs/PROTOCOL.md §4.5)."""
+        return self.aggregate_block(received, state.kept)
+
+    def aggregate_block(self, received: torch.Tensor, kept: list[int]) -> torch.Tensor:
+        """The owner's rule for columns ``received`` (N, width): the aggregator over the kept
+        rows that are finite here (an auditor recomputes a block with it)."""
         if received.shape[1] == 0:
-            return received.new_zeros(0)
+            return received.new_zeros(0, dtype=torch.float32)
         finite = torch.isfinite(received).all(dim=1).tolist()
-        rows = [r for r in state.kept if finite[r]]
-        if len(rows) < len(state.kept):
-            log.warning("step %d: rows of ranks %s hold NaN/inf in blocks %s although flagged finite: dropped there",
-                        self.comm.step, [r for r in state.kept if not finite[r]], state.owned(self.comm.rank))
+        rows = [r for r in kept if finite[r]]
+        if len(rows) < len(kept):
+            log.warning("step %d: rows of ranks %s hold NaN/inf in a block although flagged finite: dropped there",
+                        self.comm.step, [r for r in kept if not finite[r]])
         if len(rows) < self.aggregator.min_rows():
             return torch.zeros(received.shape[1], dtype=torch.float32, device=received.device)
         return self.aggregator.aggregate(received[rows].to(torch.float32))

@@ -120,3 +120,33 @@ def test_sharded_is_bitwise_the_all_gather_path(world, tmp_path):
                     torch.testing.assert_close(scalars, torch.stack([rows[r] for r in kept]).mean(0))
                 if step == 1:  # nobody slashed yet: the formula holds exactly
                     assert wire == pytest.approx(_wire_formula(world)[path]), (key, path, wire)
+
+
+def test_paths_that_cannot_compute_the_aggregation_are_refused():
+    from lightning_holograd import HoloGradStrategy
+
+    with pytest.raises(ValueError, match="aggregation_path='sharded' with aggregation='krum'.*HINT"):
+        HoloGradStrategy(aggregation="krum", aggregation_path="sharded")
+    with pytest.raises(ValueError, match="clip_row_norms=True.*HINT"):
+        HoloGradStrategy(aggregation="median", clip_row_norms=True, aggregation_path="sharded")
+    with pytest.raises(ValueError, match="aggregation_path='all_reduce' computes a plain mean.*HINT"):
+        HoloGradStrategy(aggregation="median", aggregation_path="all_reduce")
+    with pytest.raises(ValueError, match="aggregation_path='ring' is unknown.*HINT"):
+        HoloGradStrategy(aggregation_path="ring")
+    with pytest.raises(ValueError, match="all_to_all='mpi' is unknown"):
+        Comm(TrafficMeter(1, 1), all_to_all="mpi")
+
+
+def test_auto_picks_the_cheapest_path_that_computes_the_same_thing(monkeypatch):
+    def path(aggregation, world, hooks=False, clip=False):
+        ex = _exchange(aggregation, "auto", 1, "auto")
+        ex.aggregator.clip_row_norms = clip
+        ex.review_hooks = [print] if hooks else []
+        monkeypatch.setattr(HoloGradExchange, "world_size", property(lambda self: world))  # no process group
+        return ex.current_path()
+
+    assert path("mean", 2) == "all_gather"
+    assert path("mean", 3) == "all_reduce"
+    assert path("mean", 3, hooks=True) == "sharded"
+    assert path("median", 8) == "sharded"
+    assert path("median", 8, clip=True) == "all_gather"

@@ -32,7 +32,12 @@ import torch.distributed as dist
 from ..protocol import Reason, scalars_digest
 from ..protocol.sharding import commit_leaves
 from .bundle import BundleError, decode_bundle, encode_bundle, frame_message
-from .verification import VerificationTimeoutError, VerificationTransport, _Posted, verifier_of
+from .verification import (
+    VerificationTimeoutError,
+    VerificationTransport,
+    _Posted,
+    verifier_of,
+)
 
 __all__ = ["audit_block"]
 

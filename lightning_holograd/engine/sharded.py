@@ -35,7 +35,7 @@ from ..protocol.sharding import block_bounds, block_owners, commit_leaves, row_l
 from .comm import Comm
 from .slashing import Slashing
 
-__all__ = ["ShardState", "ShardedAggregation", "ROW_FLAG_NONFINITE"]
+__all__ = ["ROW_FLAG_NONFINITE", "ShardState", "ShardedAggregation"]
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ class ShardedAggregation:
         counts = self.comm.rank in honest and bool(torch.isfinite(row).all())
         local = torch.cat([row.to(torch.float32), row.new_ones(1, dtype=torch.float32)])
         total = self.comm.all_reduce_sum(local if counts else torch.zeros_like(local), "scalars").to(row.device)
-        count = int(round(float(total[-1])))
+        count = round(float(total[-1]))
         if count == 0:
             return AggregationResult(scalars=total[:-1], kept_ranks=(), nonfinite_ranks=tuple(honest),
                                      slashed_ranks=tuple(sorted(self.slashing.slashed)))

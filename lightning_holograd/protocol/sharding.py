@@ -28,8 +28,16 @@ import torch
 from .chain import scalars_digest
 from .verification import draw_claims_from_root
 
-__all__ = ["block_bounds", "block_owners", "row_leaves", "commit_leaves", "row_commitment", "commitments_digest",
-           "draw_sharded_claims", "draw_audit_block"]
+__all__ = [
+    "block_bounds",
+    "block_owners",
+    "commit_leaves",
+    "commitments_digest",
+    "draw_audit_block",
+    "draw_sharded_claims",
+    "row_commitment",
+    "row_leaves",
+]
 
 _ROW_TAG = b"holograd/row"
 _AUDIT_TAG = b"holograd/audit"
@@ -45,7 +53,7 @@ def block_bounds(width: int, world_size: int) -> list[tuple[int, int]]:
 
 def block_owners(world_size: int, slashed: Iterable[int]) -> list[int]:
     """The rank that aggregates each block: r itself, or the next rank that is not slashed."""
-    out = set(int(r) for r in slashed)
+    out = {int(r) for r in slashed}
     if len(out & set(range(world_size))) >= world_size:
         raise ValueError(f"every one of the {world_size} ranks is slashed: no rank can own a block.")
     owners = []

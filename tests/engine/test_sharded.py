@@ -22,7 +22,12 @@ import torch.multiprocessing as mp
 
 from lightning_holograd.demos import free_port
 from lightning_holograd.engine import Comm, HoloGradExchange, TrafficMeter
-from lightning_holograd.protocol import CommitmentChain, Reason, make_aggregator, make_family
+from lightning_holograd.protocol import (
+    CommitmentChain,
+    Reason,
+    make_aggregator,
+    make_family,
+)
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(120)]
 
@@ -62,7 +67,7 @@ def _run_paths(rank: int, world: int, aggregation: str, a2a: str) -> dict:
             if path == "all_reduce" and world >= 3 and step == SLASH[0]:  # no review hooks on this path
                 ex.slashing.slash(SLASH[1], Reason.MISMATCH, step)
             estimate = ex.step(f"{rank}/{step}".encode().ljust(32, b"."),
-                               lambda seeds, ex=ex: _row(rank, step, seeds, ex.family))
+                               lambda seeds, ex=ex, step=step: _row(rank, step, seeds, ex.family))
             out[path].append((ex.last_context.result.scalars.clone(), estimate.clone(),
                               ex.traffic.step_wire(), ex.last_context.local_scalars.clone()))
     return out

@@ -8,12 +8,13 @@ after ``--warmup`` steps are read from its interface's kernel counters (the tabl
 max over ranks and the spread). Paths and their payload formulas per rank and step:
 
 - ``ddp``: DDP's ring all-reduce, 2(N-1)/N x 4D;
-- ``allgather``: today's HoloGrad exchange (sketch, K = ``--k``): two all_gathers (32-byte
-  batch hashes, K float32 scalars), (N-1)(32 + 4K);
-- ``sharded``: the sharded aggregation of issue 14 (all_to_all of column blocks, then an
-  all_gather of the aggregated blocks, plus N 32-byte row digests), 2 x 4K (N-1)/N + 32N;
-  not built yet: its run is reported as pending until HoloGradStrategy accepts the
-  argument in ``PATHS["sharded"]``.
+- ``allgather``: ``aggregation_path="all_gather"`` (sketch, K = ``--k``): two all_gathers
+  (32-byte batch hashes with a flag byte, K float32 scalars), (N-1)(33 + 4K);
+- ``sharded``: ``aggregation_path="sharded"`` (docs/PROTOCOL.md §4.5): the hashes, an
+  all_gather of 32-byte row commitments with a flag byte, an all_to_all of column blocks and
+  an all_gather of the aggregated blocks, (N-1)(33 + 33) + 2 x 4K (N-1)/N (N divides K);
+- ``allreduce``: ``aggregation_path="all_reduce"`` (mean only): the hashes and one
+  all_reduce of K scalars and a count, (N-1) 33 + 2 (N-1)/N x 4(K + 1).
 
 ``--formula PATH=EXPR`` replaces a path's formula by an expression in N, K and D (numbers,
 + - * / // ** and parentheses), e.g. ``--formula "sharded=2*4*K*(N-1)/N + 32*N"``.
@@ -50,14 +51,18 @@ from benchmarks.harness import (RESULTS, SMOKE_DIR, TINY_GPT2_DIM, Results, choo
 
 PATHS: dict[str, dict[str, Any]] = {
     "ddp": {"formula": "2*(N-1)/N*4*D", "what": "ring all-reduce of D float32"},
-    "allgather": {"formula": "(N-1)*(32+4*K)", "what": "all_gather of hashes and K scalars (today)"},
-    "sharded": {"formula": "2*4*K*(N-1)/N + 32*N", "what": "all_to_all + all_gather of K/N blocks, N row digests",
-                "init_args": {"aggregation_path": "sharded"}},  # the argument name is a guess until it lands
+    "allgather": {"formula": "(N-1)*(33+4*K)", "what": "all_gather of hashes (+flag byte) and K scalars",
+                  "init_args": {"aggregation_path": "all_gather"}},
+    "sharded": {"formula": "(N-1)*(33+33) + 2*4*K*(N-1)/N",
+                "what": "hashes, N row commitments (+flag byte), all_to_all + all_gather of K/N blocks",
+                "init_args": {"aggregation_path": "sharded"}},
+    "allreduce": {"formula": "(N-1)*33 + 2*(N-1)/N*4*(K+1)", "what": "hashes, all_reduce of K scalars + a count",
+                  "init_args": {"aggregation_path": "all_reduce"}},
 }
 GPT2_124M_DIM = 124_439_808
 MODEL_RANKS = [2 ** i for i in range(1, 11)]  # 2 .. 1024
 PROFILES: dict[str, dict[str, Any]] = {
-    "bytes": {"ranks": "2,4,8", "paths": "ddp,allgather,sharded", "steps": 12, "warmup": 4,
+    "bytes": {"ranks": "2,4,8", "paths": "ddp,allgather,sharded,allreduce", "steps": 12, "warmup": 4,
               "out": str(RESULTS / "bytes_per_rank.md"), "timeout": 900.0},
     "smoke": {"ranks": "2", "paths": "ddp,allgather", "steps": 6, "warmup": 2,
               "out": str(SMOKE_DIR / "bytes_per_rank.md"), "timeout": 300.0},

@@ -41,6 +41,8 @@ from typing_extensions import override
 
 from ..engine import HoloGradExchange, StepContext
 from ..protocol import Ledger, Reason, draw_claims
+from ..engine.audit import audit_block
+from ..protocol.sharding import draw_audit_block, draw_sharded_claims
 
 __all__ = ["ProofVerifier", "ledger_anchor_metrics", "stochastic_modules"]
 
@@ -125,6 +127,7 @@ class ProofVerifier(Callback):
         self.slash = slash
         self.ledger = Ledger()
         self.verified = 0  # claims checked so far
+        self.audited = 0  # block aggregates checked so far (sharded path)
         self.slashed: list[int] = []  # ranks slashed so far, in order
         self.steps_served: dict[int, int] = defaultdict(int)
         self.claims_accepted: dict[int, int] = defaultdict(int)
@@ -142,12 +145,16 @@ class ProofVerifier(Callback):
         if bad:
             raise ValueError(f"verifier_ranks={list(self.verifier_ranks)} names ranks {bad} outside world_size={world}.")
         self._check_deterministic(pl_module)
+        if exchange.aggregation_path == "all_reduce":
+            raise ValueError("ProofVerifier with aggregation_path='all_reduce': no rank sees a row it could check. "
+                             "HINT: use aggregation_path='sharded' or 'auto' (sharded from 3 ranks on).")
         self._exchange = exchange
         exchange.verification.open(self.transfer_timeout, self.max_transfer_bytes)
         workers = world - len(self.verifier_ranks)
         if self.max_slashed_fraction < 1.0:
             exchange.slashing.max_slashed = math.floor(self.max_slashed_fraction * workers)
         exchange.review_hooks.append(self.review)
+        exchange.block_review_hooks.append(self.audit)
         exchange.slashing.hooks.append(self._record_slash)
         self._open_ledger_file(trainer.is_global_zero)
         if exchange.resized_from is not None:  # resumed with another world size: on the record
@@ -174,6 +181,8 @@ class ProofVerifier(Callback):
         if exchange is not None:
             if self.review in exchange.review_hooks:
                 exchange.review_hooks.remove(self.review)
+            if self.audit in exchange.block_review_hooks:
+                exchange.block_review_hooks.remove(self.audit)
             if self._record_slash in exchange.slashing.hooks:
                 exchange.slashing.hooks.remove(self._record_slash)
 
@@ -187,17 +196,41 @@ class ProofVerifier(Callback):
     # -- the review hook (every rank, inside the exchange) --------------------------------------
     def review(self, ctx: StepContext) -> None:
         exchange = self._exchange
-        assert exchange is not None and ctx.matrix is not None
+        assert exchange is not None and (ctx.matrix is not None or ctx.sharded is not None)
         slashing = exchange.slashing
         workers = [r for r in slashing.honest_ranks() if r not in self.verifier_ranks]
-        finite = torch.isfinite(ctx.matrix).all(dim=1).tolist()
+        if ctx.sharded is None:
+            finite = torch.isfinite(ctx.matrix).all(dim=1).tolist()
+        else:  # the sharded path: rows are known by their commitments and flags (§4.5)
+            finite = [r not in ctx.sharded.nonfinite for r in range(exchange.world_size)]
         nonfinite = [r for r in workers if not finite[r]]  # always checked: a fault, or a lie
-        drawn = draw_claims(ctx.commitment, ctx.matrix, self.p_verify, [r for r in workers if finite[r]])
+        candidates = [r for r in workers if finite[r]]
+        if ctx.sharded is None:
+            drawn = draw_claims(ctx.commitment, ctx.matrix, self.p_verify, candidates)
+        else:
+            drawn = draw_sharded_claims(ctx.commitment, ctx.sharded.commitments, self.p_verify, candidates)
         drawn = sorted(set(drawn) | set(nonfinite))
         if drawn:
             reports = exchange.verification.verify(ctx, drawn, self.verifier_ranks, self.rtol, self.atol)
             for claimant, report in sorted(reports.items()):
                 self._record_verdict(ctx, claimant, report)
+
+    def audit(self, ctx: StepContext) -> None:
+        """Sharded path: with probability p_verify, a verifier recomputes one drawn block's
+        aggregate from its owner's received rows, checked against the row commitments (§6.12)."""
+        exchange = self._exchange
+        assert exchange is not None and ctx.sharded is not None and ctx.result is not None
+        bounds = ctx.sharded.bounds
+        block = draw_audit_block(ctx.commitment, ctx.sharded.commitments, ctx.result.scalars, self.p_verify,
+                                 len(bounds))
+        if block is None or bounds[block][0] == bounds[block][1] or ctx.sharded.owners[block] in self.verifier_ranks:
+            return
+        findings = audit_block(exchange.verification, ctx, block, self.verifier_ranks,
+                               exchange.sharding.aggregate_block)
+        self.audited += 1
+        for rank, reason in findings:
+            if self.slash:
+                exchange.slashing.slash(rank, reason, ctx.step, block=block)
 
     def _record_verdict(self, ctx: StepContext, claimant: int, report: dict[str, Any]) -> None:
         self.verified += 1

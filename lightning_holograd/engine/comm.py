@@ -24,17 +24,19 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from .traffic import Op, TrafficMeter
 
-__all__ = ["Comm", "RankFailureError", "unresponsive_ranks"]
+__all__ = ["ALL_TO_ALL_MODES", "Comm", "RankFailureError", "unresponsive_ranks"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+AllToAllMode = Literal["auto", "collective", "p2p"]
+ALL_TO_ALL_MODES = ("auto", "collective", "p2p")
 PROBE_SECONDS = 5.0  # how long the survivors of a failed collective wait for each other in the store
 
 
@@ -67,7 +69,10 @@ class Comm:
     """Collectives on ``group`` (None: the default group) staged on ``device``."""
 
     def __init__(self, traffic: TrafficMeter, group: Any = None, device: torch.device | str = "cpu",
-                 timeout: timedelta | None = None) -> None:
+                 timeout: timedelta | None = None, all_to_all: AllToAllMode = "auto") -> None:
+        if all_to_all not in ALL_TO_ALL_MODES:
+            raise ValueError(f"all_to_all={all_to_all!r} is unknown. HINT: one of {', '.join(ALL_TO_ALL_MODES)}.")
+        self.all_to_all_mode = all_to_all  # "auto": the backend's all_to_all_single where torch has it
         self.traffic = traffic
         self.group = group
         self.device = torch.device(device)  # CPU for gloo, the rank's GPU for NCCL
@@ -150,3 +155,60 @@ class Comm:
         if self.distributed:
             self.run(kind or "all_reduce", lambda: dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.group))
         return total
+
+    def all_to_all(self, send: torch.Tensor, send_splits: list[int], recv_splits: list[int],
+                   kind: str | None) -> torch.Tensor:
+        """Rank r gets ``send_splits[r]`` values of this rank's flat ``send`` (in rank order);
+        returns the ``sum(recv_splits)`` values received, ``recv_splits[r]`` from rank r, in rank order.
+
+        ``all_to_all_mode``: ``"collective"`` uses ``all_to_all_single`` (gloo, NCCL and MPI
+        in torch >= 1.8, every dtype on gloo in torch 2.13); ``"p2p"`` pairs isend/irecv with
+        every peer (for backends or torch versions without it); ``"auto"`` picks the first
+        where torch provides it.
+        """
+        flat = send.detach().to(self.device).contiguous().reshape(-1)
+        me, size = self.rank, flat.element_size()
+        self._record_all_to_all(kind, flat.numel() * size, (sum(send_splits) - send_splits[me]) * size)
+        if not self.distributed:
+            return flat[: recv_splits[0]].clone()
+        out = torch.empty(sum(recv_splits), dtype=flat.dtype, device=flat.device)
+        if self._all_to_all_collective():
+            self.run(kind or "all_to_all", lambda: dist.all_to_all_single(out, flat, recv_splits, send_splits,
+                                                                          group=self.group))
+        else:
+            self.run(kind or "all_to_all", lambda: self._all_to_all_p2p(out, flat, send_splits, recv_splits))
+        return out
+
+    def _all_to_all_collective(self) -> bool:
+        mode = self.all_to_all_mode
+        return mode == "collective" or (mode == "auto" and hasattr(dist, "all_to_all_single"))
+
+    def _record_all_to_all(self, kind: str | None, payload: int, wire: int) -> None:
+        if kind is not None:
+            self.traffic.record(kind, "all_to_all", payload, wire_bytes=wire)
+
+    def _all_to_all_p2p(self, out: torch.Tensor, flat: torch.Tensor, send_splits: list[int],
+                        recv_splits: list[int]) -> None:
+        """The all_to_all as one isend and one irecv per peer with a non-empty part."""
+        me = self.rank
+        send_at = [sum(send_splits[:r]) for r in range(len(send_splits))]
+        recv_at = [sum(recv_splits[:r]) for r in range(len(recv_splits))]
+        works, buffers = [], []
+        for peer in range(self.world_size):
+            if peer == me:
+                out[recv_at[me]:recv_at[me] + recv_splits[me]] = flat[send_at[me]:send_at[me] + send_splits[me]]
+                continue
+            if send_splits[peer]:
+                part = flat[send_at[peer]:send_at[peer] + send_splits[peer]].clone()
+                works.append(dist.isend(part, dst=self._global(peer), group=self.group))
+                buffers.append(part)
+            if recv_splits[peer]:
+                target = torch.empty(recv_splits[peer], dtype=flat.dtype, device=flat.device)
+                works.append(dist.irecv(target, src=self._global(peer), group=self.group))
+                buffers.append((peer, target))
+        for work in works:
+            work.wait()
+        for item in buffers:
+            if isinstance(item, tuple):
+                peer, target = item
+                out[recv_at[peer]:recv_at[peer] + recv_splits[peer]] = target

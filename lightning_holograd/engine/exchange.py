@@ -16,6 +16,12 @@ coordinates. Per step, on every rank, in this order (docs/PROTOCOL.md §2-§4):
    g_hat = family.reconstruct(a, seeds) (the family's synthesis followed by its state
    update), and chain.record_scalars(a).
 
+That is the ``all_gather`` aggregation path. ``aggregation_path="sharded"`` replaces steps
+3-5 by a row-commitment gather, an all_to_all of column blocks, per-block aggregation
+by each block's owner and an all_gather of the aggregated blocks (bitwise the same a;
+``engine/sharded.py``), ``"all_reduce"`` by one all_reduce of the rows (``mean`` only),
+and ``"auto"`` picks per step (``current_path``; docs/PROTOCOL.md §4.5).
+
 Call contract: every rank calls ``step`` (or ``true_gradient_step``) once per optimizer
 step, with its own gradient and batch hash; both block until all ranks arrive. A rank
 that skips a step deadlocks the job. Slashed ranks keep taking part in the collectives,
@@ -27,17 +33,18 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 
 from ..protocol import AggregationResult, Aggregator, CommitmentChain, DirectionFamily, hash_batch
 from .comm import Comm
+from .sharded import ShardedAggregation, ShardState
 from .slashing import Slashing, remap_slashed
 from .traffic import TrafficMeter
 from .verification import Recompute, VerificationTransport
 
-__all__ = ["HoloGradExchange", "NonFiniteError", "StepContext", "StopRequested", "ReplicaDivergenceError",
+__all__ = ["AGGREGATION_PATHS", "AggregationPath", "HoloGradExchange", "check_aggregation_path", "NonFiniteError", "StepContext", "StopRequested", "ReplicaDivergenceError",
            "parameter_digest"]
 
 log = logging.getLogger(__name__)
@@ -48,6 +55,29 @@ STOP_EXIT_CODE = 128 + 15  # as a process ended by SIGTERM
 
 _NONFINITE_HINT = ("HINT: lower the learning rate, clip gradients (Trainer(gradient_clip_val=...)), check the data "
                    "for NaN/inf, or use bf16 instead of fp16; resume from the last checkpoint.")
+
+
+AggregationPath = Literal["auto", "all_gather", "sharded", "all_reduce"]
+AGGREGATION_PATHS: tuple[str, ...] = get_args(AggregationPath)
+SHARDABLE_AGGREGATIONS = ("mean", "median", "trimmed_mean")  # per direction: a column block is enough
+
+
+def check_aggregation_path(path: Any, aggregator: Aggregator) -> str:
+    """``path`` if it can run ``aggregator``; ValueError naming the fix otherwise."""
+    if path not in AGGREGATION_PATHS:
+        raise ValueError(f"aggregation_path={path!r} is unknown. HINT: choose one of "
+                         f"{', '.join(map(repr, AGGREGATION_PATHS))}.")
+    whole_rows = aggregator.name not in SHARDABLE_AGGREGATIONS or aggregator.clip_row_norms
+    if path == "sharded" and whole_rows:
+        raise ValueError(f"aggregation_path='sharded' with aggregation={aggregator.name!r}, clip_row_norms="
+                         f"{aggregator.clip_row_norms}: that needs whole rows, and a rank sees one column block. "
+                         "HINT: use aggregation 'median' or 'trimmed_mean' without clip_row_norms, or "
+                         "aggregation_path='all_gather' (or 'auto').")
+    if path == "all_reduce" and (aggregator.name != "mean" or aggregator.clip_row_norms):
+        raise ValueError(f"aggregation_path='all_reduce' computes a plain mean, not aggregation="
+                         f"{aggregator.name!r} (clip_row_norms={aggregator.clip_row_norms}). HINT: use "
+                         "aggregation_path='sharded' or 'auto'.")
+    return str(path)
 
 
 class ReplicaDivergenceError(RuntimeError):
@@ -81,6 +111,8 @@ class StepContext:
     matrix: torch.Tensor | None = None  # (N, K) all submitted rows
     result: AggregationResult | None = None
     true_gradient: bool = False  # a true-gradient step (bootstrap/refresh): not verifiable
+    path: str = "all_gather"  # the aggregation path of the step (docs/PROTOCOL.md §4.5)
+    sharded: ShardState | None = None  # commitments and owned blocks on the sharded path (matrix is None there)
     extras: dict[str, Any] = field(default_factory=dict)
 
 
@@ -100,6 +132,9 @@ class HoloGradExchange:
         family, aggregator, chain: the protocol objects (``lightning_holograd.protocol``).
         comm: the collectives (process group, communication device, traffic meter).
         recompute, to_cpu: for ``verification`` (see ``VerificationTransport``).
+        aggregation_path: how rows are aggregated across ranks (``AGGREGATION_PATHS``,
+            docs/PROTOCOL.md §4.5): ``all_gather`` (every rank gets every row), ``sharded``,
+            ``all_reduce`` (mean only, no verification) or ``auto``.
     """
 
     def __init__(
@@ -110,6 +145,7 @@ class HoloGradExchange:
         comm: Comm,
         recompute: Recompute | None = None,
         to_cpu: Callable[[Any], Any] | None = None,
+        aggregation_path: AggregationPath = "all_gather",
     ) -> None:
         self.family = family
         self.aggregator = aggregator
@@ -117,6 +153,9 @@ class HoloGradExchange:
         self.comm = comm
         self.slashing = Slashing(comm.world_size, aggregator)
         self.verification = VerificationTransport(comm, recompute, to_cpu)
+        self.aggregation_path = check_aggregation_path(aggregation_path, aggregator)
+        self.sharding = ShardedAggregation(comm, aggregator, self.slashing)
+        self.block_review_hooks: list[ReviewHook] = []  # sharded path: after the aggregates are gathered
         self.claim_hooks: list[ClaimHook] = []
         self.review_hooks: list[ReviewHook] = []
         self.last_context: StepContext | None = None
@@ -186,11 +225,15 @@ class HoloGradExchange:
         for hook in self.claim_hooks:
             scalars = hook(ctx, scalars)
         ctx.local_scalars = scalars
-        ctx.matrix = self.comm.all_gather(scalars.to(torch.float32), "scalars").to(scalars.device)
-        for review in self.review_hooks:
-            review(ctx)
-        self._check_some_finite(ctx)
-        ctx.result = self.aggregator(ctx.matrix, self.slashing.slashed)
+        ctx.path = self.current_path()
+        if ctx.path == "all_gather":
+            ctx.matrix = self.comm.all_gather(scalars.to(torch.float32), "scalars").to(scalars.device)
+            for review in self.review_hooks:
+                review(ctx)
+            self._check_some_finite(ctx)
+            ctx.result = self.aggregator(ctx.matrix, self.slashing.slashed)
+        else:
+            ctx.result = self._aggregate_sharded(ctx, scalars)
         if ctx.result.nonfinite_ranks:
             log.warning("step %d: dropped non-finite scalars of ranks %s", ctx.step, list(ctx.result.nonfinite_ranks))
         estimate = self.family.reconstruct(ctx.result.scalars, ctx.seeds)
@@ -250,6 +293,47 @@ class HoloGradExchange:
         self._finish(ctx)
         return grad
 
+    def current_path(self) -> str:
+        """The aggregation path of this step: ``aggregation_path``, or for ``"auto"`` the
+        cheapest path that computes the same thing (docs/PROTOCOL.md §4.5): ``all_gather``
+        on N <= 2 ranks (it sends 4K bytes there, no path sends less) and for whole-row
+        defences (Krum, row clipping); else ``all_reduce`` for ``mean`` without review hooks
+        (verification); else ``sharded``. Every rank decides alike: the inputs are the
+        settings, N and the installed hooks."""
+        if self.aggregation_path != "auto":
+            return self.aggregation_path
+        per_direction = self.aggregator.name in SHARDABLE_AGGREGATIONS and not self.aggregator.clip_row_norms
+        if self.world_size <= 2 or not per_direction:
+            return "all_gather"
+        if self.aggregator.name == "mean" and not self.review_hooks and not self.block_review_hooks:
+            return "all_reduce"
+        return "sharded"
+
+    def _aggregate_sharded(self, ctx: StepContext, row: torch.Tensor) -> AggregationResult:
+        """Steps 3-5 of §1.1 on the ``sharded`` or ``all_reduce`` path (``engine/sharded.py``)."""
+        if ctx.path == "all_reduce":
+            if self.review_hooks or self.block_review_hooks:
+                raise RuntimeError("aggregation_path='all_reduce' leaves no row to verify. HINT: use "
+                                   "aggregation_path='sharded' or 'auto' with a ProofVerifier.")
+            result = self.sharding.all_reduce_mean(row)
+            if not result.kept_ranks and result.nonfinite_ranks:
+                self._raise_none_finite(ctx, list(result.nonfinite_ranks))
+            return result
+        ctx.sharded = self.sharding.commit_row(row.to(torch.float32))
+        for review in self.review_hooks:
+            review(ctx)
+        counted = self.slashing.honest_ranks()
+        if counted and all(r in ctx.sharded.nonfinite for r in counted):
+            self._raise_none_finite(ctx, counted)
+        ctx.result = self.sharding.aggregate(ctx.sharded, row)
+        for review in self.block_review_hooks:
+            review(ctx)
+        return ctx.result
+
+    def _raise_none_finite(self, ctx: StepContext, counted: list[int]) -> None:
+        raise NonFiniteError(f"step {ctx.step}: the loss or gradient was non-finite on every rank that counts "
+                             f"(ranks {counted}): every submitted row holds NaN or inf. {_NONFINITE_HINT}")
+
     def _check_some_finite(self, ctx: StepContext) -> None:
         """Stop with ``NonFiniteError`` when no row that counts is finite (the aggregator
         would have nothing to aggregate)."""
@@ -257,8 +341,7 @@ class HoloGradExchange:
         counted = [r for r in range(ctx.matrix.shape[0]) if not self.slashing.is_slashed(r)]
         finite = torch.isfinite(ctx.matrix).all(dim=1).tolist()
         if counted and not any(finite[r] for r in counted):
-            raise NonFiniteError(f"step {ctx.step}: the loss or gradient was non-finite on every rank that counts "
-                                 f"(ranks {counted}): every submitted row holds NaN or inf. {_NONFINITE_HINT}")
+            self._raise_none_finite(ctx, counted)
 
     def _finish(self, ctx: StepContext) -> None:
         self.traffic.end_step()

@@ -5,6 +5,8 @@ algorithms with N ranks, for a payload of n bytes per rank:
 - all_gather:  (N - 1) * n            (every rank forwards the N - 1 other chunks)
 - all_reduce:  2 * (N - 1) / N * n    (reduce-scatter + all-gather)
 - point-to-point of n bytes: n for the sender, n for the receiver.
+- all_to_all: the bytes this rank addresses to the other ranks (its own block stays put);
+  for N equal blocks of a payload n, (N - 1) / N * n.
 ``payload`` is what this rank put into collectives (the n above), which a test can
 count from outside by wrapping ``torch.distributed``. The compression ratio compares
 the wire bytes of a HoloGrad step with a ring all-reduce of the D float32 gradient
@@ -20,8 +22,10 @@ from typing import Any, Literal
 __all__ = ["TrafficMeter", "TRAFFIC_KINDS", "ring_wire_bytes"]
 
 # "true_gradient": the all-reduce of a true-gradient step (ADCBootstrap's bootstrap and refresh steps);
-# "diagnostic": the all-reduce of a captured-energy measurement (``diagnostic_every``).
-TRAFFIC_KINDS = ("hashes", "scalars", "true_gradient", "verification", "audit", "buffers", "setup", "diagnostic")
+# "diagnostic": the all-reduce of a captured-energy measurement (``diagnostic_every``);
+# "row_commitments", "aggregates": the sharded aggregation path (docs/PROTOCOL.md §4.5).
+TRAFFIC_KINDS = ("hashes", "scalars", "true_gradient", "verification", "audit", "buffers", "setup", "diagnostic",
+                 "row_commitments", "aggregates")
 # One-time traffic that DDP pays too (the initial parameter broadcast): reported, but
 # left out of the per-step figures and of the compression ratio.
 _ONE_TIME_KINDS = ("setup",)
@@ -30,20 +34,23 @@ _ONE_TIME_KINDS = ("setup",)
 # figures, ``run_wire`` and the compression ratio, like setup.
 _MEASUREMENT_KINDS = ("diagnostic",)
 _OUTSIDE_KINDS = _ONE_TIME_KINDS + _MEASUREMENT_KINDS
-Op = Literal["all_gather", "all_reduce", "p2p"]
+Op = Literal["all_gather", "all_reduce", "p2p", "all_to_all"]
 
 
 def ring_wire_bytes(op: Op, payload_bytes: int, world_size: int) -> float:
-    """Bytes one rank sends for ``op`` on a ring of ``world_size`` ranks."""
+    """Bytes one rank sends for ``op`` on a ring of ``world_size`` ranks (``all_to_all``: N
+    equal blocks; ``TrafficMeter.record`` takes the exact figure for uneven ones)."""
     if world_size <= 1:
         return 0.0
+    if op == "all_to_all":
+        return (world_size - 1) / world_size * payload_bytes
     if op == "all_gather":
         return float((world_size - 1) * payload_bytes)
     if op == "all_reduce":
         return 2.0 * (world_size - 1) / world_size * payload_bytes
     if op == "p2p":
         return float(payload_bytes)
-    raise ValueError(f"op={op!r} is unknown. HINT: one of 'all_gather', 'all_reduce', 'p2p'.")
+    raise ValueError(f"op={op!r} is unknown. HINT: one of 'all_gather', 'all_reduce', 'p2p', 'all_to_all'.")
 
 
 class TrafficMeter:
@@ -58,10 +65,11 @@ class TrafficMeter:
         self._step_payload: dict[str, int] = defaultdict(int)
         self._step_wire: dict[str, float] = defaultdict(float)
 
-    def record(self, kind: str, op: Op, payload_bytes: int) -> None:
+    def record(self, kind: str, op: Op, payload_bytes: int, wire_bytes: float | None = None) -> None:
+        """Count ``payload_bytes`` of ``op``; ``wire_bytes`` overrides the ring model (an uneven all_to_all)."""
         if kind not in TRAFFIC_KINDS:
             raise ValueError(f"kind={kind!r} is unknown. HINT: one of {TRAFFIC_KINDS}.")
-        wire = ring_wire_bytes(op, payload_bytes, self.world_size)
+        wire = ring_wire_bytes(op, payload_bytes, self.world_size) if wire_bytes is None else float(wire_bytes)
         self._step_payload[kind] += payload_bytes
         self._step_wire[kind] += wire
         self.total_payload[kind] += payload_bytes

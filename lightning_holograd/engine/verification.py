@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 
 from ..protocol import Reason, claim_digest, judge_claim, step_batch_hash
+from ..protocol.sharding import row_commitment
 from .bundle import HEADER_SIZE, TRAILER_SIZE, BundleError, decode_bundle, encode_bundle, frame_message, read_message
 from .comm import Comm
 
@@ -173,8 +174,9 @@ class VerificationTransport:
     def _send_batches(self, ctx: Any, verifier: int) -> Any:
         """Claimant side: send this step's batches as a bundle (never larger than the limit)."""
         batches = [batch for batch, _ in ctx.extras.get("inputs") or []]
+        row = {} if ctx.sharded is None else {"row": ctx.local_scalars.detach().to("cpu", torch.float32)}
         try:
-            body = encode_bundle({"batches": self.to_cpu(batches)})
+            body = encode_bundle({"batches": self.to_cpu(batches), **row})
             if len(body) > self.max_transfer_bytes:
                 raise BundleError(f"the step's batches take {len(body)} bytes, more than max_transfer_bytes="
                                   f"{self.max_transfer_bytes}")
@@ -182,7 +184,7 @@ class VerificationTransport:
             log.error("step %d: cannot send the batches to verifier %d (%s); the claim will count as missing. "
                       "HINT: raise ProofVerifier(max_transfer_bytes=...) or send plainer batches.",
                       ctx.step, verifier, error)
-            body = encode_bundle({"error": str(error)})
+            body = encode_bundle({"error": str(error), **row})
         message = torch.frombuffer(bytearray(frame_message(body)), dtype=torch.uint8)
         self.comm._record("verification", "p2p", message.numel())
         return dist.isend(message, dst=self.comm._global(verifier), group=self.group,
@@ -198,10 +200,10 @@ class VerificationTransport:
         while posted:
             expired = time.monotonic() > deadline  # decided before polling: each bundle gets a poll after it
             for claimant in list(posted):
-                batches = self._batches_from(posted[claimant], claimant, ctx.step)
-                if batches is not _PENDING:
+                payload = self._batches_from(posted[claimant], claimant, ctx.step)
+                if payload is not _PENDING:
                     del posted[claimant]
-                    reports[claimant] = self._check(ctx, claimant, batches, indices, rtol, atol)
+                    reports[claimant] = self._check(ctx, claimant, payload, indices, rtol, atol)
             if posted and expired:
                 for claimant, receive in posted.items():
                     log.warning("step %d: rank %d sent no batch within transfer_timeout=%g s: claim missing",
@@ -214,10 +216,20 @@ class VerificationTransport:
             pause = min(pause * 2, 0.01)
         return reports
 
-    def _check(self, ctx: Any, claimant: int, batches: Any, indices: list[int], rtol: float,
+    def _check(self, ctx: Any, claimant: int, payload: Any, indices: list[int], rtol: float,
                atol: float) -> dict[str, Any]:
+        batches = payload.get("batches") if isinstance(payload, Mapping) else None
+        if ctx.sharded is None:
+            claimed = ctx.matrix[claimant]
+        else:  # the row travels with the batches and must be the one committed to (§4.5)
+            claimed = payload.get("row") if isinstance(payload, Mapping) else None
+            committed = ctx.sharded.commitments[claimant]
+            if payload is None or not _is_committed_row(claimed, ctx.sharded.bounds, committed):
+                reason = Reason.MISSING if payload is None else Reason.ROW_COMMITMENT
+                return {"accepted": False, "reason": reason.value, "claim_digest": committed.hex(),
+                        "recomputed_digest": None, "max_abs_error": None, "max_rel_error": None}
         try:
-            return check_claim(ctx.matrix[claimant], batches, indices, ctx.batch_hashes[claimant], ctx.seeds,
+            return check_claim(claimed, batches, indices, ctx.batch_hashes[claimant], ctx.seeds,
                                self.recompute, rtol, atol)
         except Exception as error:  # the verifier's own failure: stop, never slash on it
             raise RuntimeError(
@@ -235,7 +247,7 @@ class VerificationTransport:
         except BundleError as error:
             log.warning("step %d: rank %d sent a malformed batch bundle (%s): claim missing", step, claimant, error)
             return None
-        return payload.get("batches") if isinstance(payload, Mapping) else None
+        return payload if isinstance(payload, Mapping) else None
 
     def _send_verdicts(self, reports: dict[int, dict[str, Any]], step: int) -> None:
         body = encode_bundle({str(c): r for c, r in reports.items()})
@@ -265,3 +277,10 @@ class VerificationTransport:
 
 
 _PENDING = object()
+
+
+def _is_committed_row(row: Any, bounds: list[tuple[int, int]], commitment: bytes) -> bool:
+    """A float32 row of the committed width whose row commitment (§4.5) is ``commitment``."""
+    if not isinstance(row, torch.Tensor) or row.dim() != 1 or row.numel() != (bounds[-1][1] if bounds else 0):
+        return False
+    return row_commitment(row, bounds) == commitment

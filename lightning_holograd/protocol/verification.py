@@ -26,7 +26,7 @@ import torch
 
 from .chain import scalars_digest
 
-__all__ = ["Reason", "Verdict", "draw_claims", "judge_claim", "claim_digest"]
+__all__ = ["Reason", "Verdict", "draw_claims", "draw_claims_from_root", "judge_claim", "claim_digest"]
 
 _DRAW_TAG = b"holograd/verify"
 
@@ -39,6 +39,9 @@ class Reason(str, enum.Enum):
     BATCH_HASH = "batch_hash"  # the batch sent to the verifier does not match the commitment
     NONFINITE = "nonfinite"  # NaN or inf among the submitted scalars (a lie iff the recomputation is finite)
     MISSING = "missing"  # the claimant did not provide its batch
+    ROW_COMMITMENT = "row_commitment"  # sharded: the row or leaves sent do not match the committed row (§4.5)
+    AGGREGATE = "aggregate"  # sharded: a block owner published an aggregate its own received block does not give
+    DISPUTE = "dispute"  # sharded: an owner's received block differs from the claimant's committed leaf
 
 
 def claim_digest(scalars: torch.Tensor) -> str:
@@ -48,9 +51,16 @@ def claim_digest(scalars: torch.Tensor) -> str:
 
 def draw_claims(commitment: bytes, matrix: torch.Tensor, p_verify: float, candidates: Iterable[int]) -> list[int]:
     """Ranks among ``candidates`` whose claims are checked at this step (sorted)."""
+    return draw_claims_from_root(commitment, scalars_digest(matrix), p_verify, candidates)
+
+
+def draw_claims_from_root(commitment: bytes, rows_digest: bytes, p_verify: float,
+                          candidates: Iterable[int]) -> list[int]:
+    """The draw with ``rows_digest`` (32 bytes) standing for the submitted rows: SHA256(f32le(A))
+    on the all_gather path, the digest of the row commitments on the sharded one (§4.5)."""
     if not 0.0 <= p_verify <= 1.0:
         raise ValueError(f"p_verify={p_verify!r} must lie in [0, 1].")
-    root = hashlib.sha256(_DRAW_TAG + commitment + scalars_digest(matrix)).digest()
+    root = hashlib.sha256(_DRAW_TAG + commitment + rows_digest).digest()
     chosen = []
     for rank in sorted(set(int(r) for r in candidates)):
         u = int.from_bytes(hashlib.sha256(root + struct.pack("<Q", rank)).digest()[:8], "little") / 2.0**64

@@ -17,6 +17,7 @@ from ..protocol import (
     make_family,
     resume_settings,
 )
+from ..engine.exchange import check_aggregation_path
 from ..protocol.chain import direction_seeds, genesis_commitment
 from ..protocol.codebook_fit import CODEBOOK_FITS, CODEBOOK_STRUCTURES, check_codebook_settings
 
@@ -64,6 +65,7 @@ class HoloGradConfig:
     projection: str = "backward"
     audit_every: int = 100
     sync_buffers: bool = True
+    aggregation_path: str = "all_gather"  # docs/PROTOCOL.md §4.5: auto, all_gather, sharded, all_reduce
 
     def __post_init__(self) -> None:
         _int_at_least("num_directions", self.num_directions, 1,
@@ -99,7 +101,7 @@ class HoloGradConfig:
         # Remaining range checks (oja_lr, exploration_weight, momentum_beta, chunk multiple)
         # are done by the family constructors; build a tiny one now so they fail here.
         self.build_family(dim=max(self.num_directions, 1))
-        self.build_aggregator()
+        check_aggregation_path(self.aggregation_path, self.build_aggregator())
 
     def _check_codebook(self) -> None:
         """The codebook settings and the diagnostic schedule, checked without building a family."""

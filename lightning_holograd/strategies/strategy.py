@@ -29,6 +29,7 @@ from torch.distributed.constants import default_pg_timeout
 from typing_extensions import override
 
 from ..engine import Comm, HoloGradExchange, StepContext, TrafficMeter
+from ..engine.exchange import AggregationPath
 from ..protocol import CodebookFit, CodebookStructure, CommitmentChain, FamilyName, step_batch_hash
 from .checkpoint import STATE_KEY, atomic_save, config_changes, exchange_state, protocol_state, writes_atomically
 from .claims import Claims, flat_grad, write_grad
@@ -70,6 +71,11 @@ class HoloGradStrategyMixin:
         projection: ``backward`` (local backward + dot products) or ``jvp`` (forward-mode).
         audit_every: compare a parameter digest across ranks every N steps (0: never).
         sync_buffers: broadcast module buffers from rank 0 after every optimizer step.
+        aggregation_path: how rows cross the wire (README "Bytes per rank"): ``all_gather``
+            (every rank receives all N rows), ``sharded`` (all_to_all of column blocks, each
+            rank aggregates one, all_gather of the aggregates: bytes per rank independent of
+            N), ``all_reduce`` (``mean`` only, no verification), ``auto`` (the cheapest of
+            them that computes the same thing, decided at each step; recommended from N = 3 on).
     Args (faults; README "Failure and recovery"):
         sigterm_grace: seconds a rank may take to stop after SIGTERM before it exits hard
             (a rank blocked in a collective cannot stop cleanly).
@@ -107,6 +113,7 @@ class HoloGradStrategyMixin:
         projection: ProjectionName = "backward",
         audit_every: int = 100,
         sync_buffers: bool = True,
+        aggregation_path: AggregationPath = "all_gather",
         sigterm_grace: float = 10.0,
         resume_rank_map: dict[int, int] | None = None,
         process_group_backend: str | None = None,
@@ -122,6 +129,7 @@ class HoloGradStrategyMixin:
             codebook_structure=codebook_structure, codebook_fit=codebook_fit, sketch_size=sketch_size,
             sketch_decay=sketch_decay, tracking_lr=tracking_lr, diagnostic_every=diagnostic_every,
             chunk_size=chunk_size, projection=projection, audit_every=audit_every, sync_buffers=sync_buffers,
+            aggregation_path=aggregation_path,
         )
         super().__init__(process_group_backend=process_group_backend, timeout=timeout, start_method=start_method,
                          **kwargs)
@@ -206,7 +214,8 @@ class HoloGradStrategyMixin:
         chain = CommitmentChain(self.config.seed, direction_version=family.direction_version)
         return HoloGradExchange(family, self.config.build_aggregator(), chain, comm,
                                 recompute=self._claims.recompute,
-                                to_cpu=lambda inputs: move_data_to_device(inputs, "cpu"))
+                                to_cpu=lambda inputs: move_data_to_device(inputs, "cpu"),
+                                aggregation_path=self.config.aggregation_path)
 
     def _install_stop_handling(self) -> None:
         """SIGTERM on any rank stops every rank at the same step (``signals.py``)."""

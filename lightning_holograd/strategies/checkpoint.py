@@ -4,7 +4,12 @@ Lightning's checkpoint has no slot for strategy state, so the strategy adds one 
 named like a callback's ``state_key`` (class name and the identifying arguments):
 
     checkpoint["HoloGradStrategy{'version': 2}"] = {"config": HoloGradConfig.as_dict(),
-                                                    "exchange": HoloGradExchange.state_dict()}
+                                                    "exchange": HoloGradExchange.state_dict(),
+                                                    "trainable": TrainableSet.state_dict()}
+
+``config`` is the config resolved for the model (K filled in when it was left to the
+default); ``trainable`` (D and the digest of the trainable-parameter mask the family
+followed) is absent from checkpoints written before it existed.
 
 Version 1 (lightning-holograd 0.1.0) kept the same two entries under ``"holograd"``, with
 the slashed ranks under ``exchange["excluded"]`` and the traffic of true-gradient steps
@@ -16,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["STATE_KEY", "STATE_VERSION", "exchange_state", "protocol_state"]
+__all__ = ["STATE_KEY", "STATE_VERSION", "exchange_state", "protocol_state", "trainable_state"]
 
 STATE_VERSION = 2
 STATE_KEY = f"HoloGradStrategy{ {'version': STATE_VERSION}!r}"
@@ -24,9 +29,19 @@ _V1_KEY = "holograd"
 _V1_TRAFFIC_KINDS = {"bootstrap": "true_gradient"}
 
 
-def protocol_state(config: Mapping[str, Any], exchange: Mapping[str, Any]) -> dict[str, Any]:
+def protocol_state(config: Mapping[str, Any], exchange: Mapping[str, Any],
+                   trainable: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The value stored under ``STATE_KEY``."""
-    return {"config": dict(config), "exchange": dict(exchange)}
+    state = {"config": dict(config), "exchange": dict(exchange)}
+    if trainable is not None:
+        state["trainable"] = dict(trainable)
+    return state
+
+
+def trainable_state(checkpoint: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The trainable set the saved family followed (None: not recorded, as in version 1)."""
+    state = checkpoint.get(STATE_KEY)
+    return dict(state["trainable"]) if state is not None and "trainable" in state else None
 
 
 def exchange_state(checkpoint: Mapping[str, Any]) -> dict[str, Any] | None:

@@ -15,8 +15,9 @@ import tempfile
 from typing import Any
 
 import torch
-from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from typing_extensions import override
+
+from .lightning_private import MultiProcessingLauncher
 
 __all__ = ["HoloGradLauncher", "ShipProtocolStateMixin"]
 
@@ -24,7 +25,7 @@ _EXTRA_KEY = "holograd_state_path"
 
 
 class ShipProtocolStateMixin:
-    """Placed before a ``_MultiProcessingLauncher`` in the MRO."""
+    """Placed before Lightning's spawn/fork launcher (``_MultiProcessingLauncher``) in the MRO."""
 
     @override
     def get_extra_results(self, trainer: Any) -> dict[str, Any]:
@@ -50,5 +51,5 @@ class ShipProtocolStateMixin:
                 os.remove(path)
 
 
-class HoloGradLauncher(ShipProtocolStateMixin, _MultiProcessingLauncher):
+class HoloGradLauncher(ShipProtocolStateMixin, MultiProcessingLauncher):
     """The spawn/fork launcher of ``HoloGradStrategy`` (``lightning.pytorch``)."""

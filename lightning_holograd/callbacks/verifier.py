@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 from collections import defaultdict
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,6 +35,25 @@ from ..engine import HoloGradExchange, StepContext
 from ..protocol import Ledger, Reason, claim_digest, draw_claims
 
 __all__ = ["ProofVerifier"]
+
+
+def _check_ledger_path(ledger_path: str | os.PathLike[str] | None) -> None:
+    """Fail at construction, on every rank, for a path rank 0 could not create or write later."""
+    if ledger_path is None:
+        return
+    path = Path(ledger_path).absolute()
+    if path.is_dir():
+        raise ValueError(f"ledger_path={str(ledger_path)!r} is a directory. HINT: name a file in it, e.g. "
+                         f"ledger_path={str(Path(ledger_path) / 'ledger.jsonl')!r}.")
+    ancestor = path.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ValueError(f"ledger_path={str(ledger_path)!r} cannot be created: {str(ancestor)!r} is a file, not a "
+                         "directory. HINT: choose a path whose parent folders are folders (or do not exist yet).")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ValueError(f"ledger_path={str(ledger_path)!r} cannot be created: {str(ancestor)!r} is not writable. "
+                         "HINT: choose a writable folder.")
 
 
 class ProofVerifier(Callback):
@@ -70,6 +90,7 @@ class ProofVerifier(Callback):
         verifier_ranks = tuple(int(r) for r in verifier_ranks)
         if not verifier_ranks or any(r < 0 for r in verifier_ranks) or len(set(verifier_ranks)) != len(verifier_ranks):
             raise ValueError(f"verifier_ranks={verifier_ranks!r} must be distinct ranks >= 0, at least one.")
+        _check_ledger_path(ledger_path)
         self.p_verify = float(p_verify)
         self.rtol = float(rtol)
         self.atol = float(atol)

@@ -78,7 +78,7 @@ def check_single_optimizer(optimizers: Sequence[Any]) -> None:
     if len(optimizers) > 1:
         names = ", ".join(type(opt).__name__ for opt in optimizers)
         raise ValueError(
-            f"configure_optimizers returned {len(optimizers)} optimizers ({names}), but HoloGrad exchanges one "
+            f"{len(optimizers)} optimizers were set up ({names}), but HoloGrad exchanges one "
             "gradient estimate per step for one optimizer. HINT: use a single optimizer with parameter groups "
             "(a GAN can step its generator and discriminator on alternate steps of one optimizer), or "
             "strategy='ddp'.")

@@ -37,13 +37,13 @@ from .config import AggregationName, HoloGradConfig, ProjectionName
 from .launcher import HoloGradLauncher
 from .lightning_private import process_group_backend, set_launcher, start_method
 from .metrics import HoloGradMetrics
+from .registry import STRATEGY_NAMES, register_names
 from .runtime import TrainableSet, after_step, build_exchange, load_exchange_state, module_state, run_exchange
 
 __all__ = ["HoloGradStrategy", "HoloGradStrategyMixin", "STRATEGY_NAMES"]
 
 log = logging.getLogger(__name__)
 
-STRATEGY_NAMES = {"holograd": "popen", "holograd_spawn": "spawn", "holograd_fork": "fork"}
 
 
 class HoloGradStrategyMixin:
@@ -132,19 +132,9 @@ class HoloGradStrategyMixin:
     @classmethod
     @override
     def register_strategies(cls, strategy_registry: Any) -> None:
-        """Register ``holograd`` (script launcher), ``holograd_spawn`` and ``holograd_fork``.
-
-        Registering again replaces only this package's own entries (a re-import, a module
-        reload); a name that another package registered is refused.
-        """
-        for name, start_method in STRATEGY_NAMES.items():
-            existing = strategy_registry[name]["strategy"] if name in strategy_registry else None
-            if existing is not None and (existing.__module__, existing.__qualname__) != (cls.__module__,
-                                                                                          cls.__qualname__):
-                raise ValueError(f"strategy name {name!r} is already registered to {existing.__module__}."
-                                 f"{existing.__qualname__}. HINT: pass HoloGradStrategy(...) as an instance.")
-            strategy_registry.register(name, cls, description=f"HoloGrad scalar exchange ({start_method} launcher)",
-                                       override=True, start_method=start_method)
+        """Register ``holograd`` (script launcher), ``holograd_spawn`` and ``holograd_fork``
+        (``registry.register_names``: a name another package registered is refused)."""
+        register_names(cls, strategy_registry)
 
     @override
     def _configure_launcher(self) -> None:

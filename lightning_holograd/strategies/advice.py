@@ -49,7 +49,7 @@ _REFUSED = {
     "ddp_comm_wrapper": "HoloGrad registers no DDP comm hook. HINT: remove it.",
     "model_averaging_period": "post-local-SGD model averaging is a DDP comm-hook feature. HINT: remove it.",
 }
-INFLATION_WARNING = 3.0  # warn when the estimate is expected to be this many times longer than g
+INFLATION_WARNING = math.sqrt(2.0)  # warn above v = 1: the estimate's noise larger than the gradient
 SCALE_INVARIANT_OPTIMIZERS: tuple[type, ...] = tuple(
     getattr(torch.optim, name) for name in ("Adam", "AdamW", "Adamax", "NAdam", "RAdam", "SparseAdam", "Adagrad",
                                             "Adadelta", "RMSprop", "Rprop", "Adafactor", "Muon")
@@ -106,11 +106,11 @@ def advise(config: HoloGradConfig, dim: int, world_size: int, optimizers: Sequen
     inflation = config.norm_inflation(dim)
     sgd_like = [type(opt).__name__ for opt in optimizers if not isinstance(opt, SCALE_INVARIANT_OPTIMIZERS)]
     if config.estimate_scale == "unbiased" and inflation is not None and inflation > INFLATION_WARNING and sgd_like:
-        factor = inflation ** 2
         messages.append(
-            f"the gradient estimate is about {inflation:.0f}x longer than the gradient (sqrt(1 + (D-1)/K) with "
+            f"the gradient estimate is about {inflation:.1f}x longer than the gradient (sqrt(1 + (D-1)/K) with "
             f"D={dim}, K={k}), and {sgd_like[0]} is not scale-invariant: a learning rate tuned for DDP is too "
-            f"large for it. HINT: lower the learning rate by a factor of about {factor:.0f} (1 + (D-1)/K; "
-            f"estimate_scale='min_variance' applies exactly this factor), raise num_directions, or use an "
-            f"Adam-family optimizer (Adam, AdamW, ...), which ignores the scale of the gradient.")
+            f"large for it. HINT: divide the learning rate by {inflation:.1f} (estimate_scale='norm' does this; "
+            f"the faster fix), or by up to {inflation ** 2:.0f} = 1 + (D-1)/K if that still diverges "
+            f"(estimate_scale='min_variance': as stable as the DDP recipe, slower); or raise num_directions; "
+            f"or use an Adam-family optimizer (Adam, AdamW, ...), which ignores the gradient's scale.")
     return messages

@@ -114,7 +114,7 @@ class HoloGradFabricStrategy(DDPStrategy):
         self.resolved_config: HoloGradConfig | None = None
         self._module: nn.Module | None = None
         self._trainable: TrainableSet | None = None
-        self._optimizers_set_up = 0
+        self._optimizers_set_up: list[torch.optim.Optimizer] = []
         self._batches: list[Any] = []  # this step's batches, in the order they were recorded
         self._blocked = False
         self._true_gradient_requested = False
@@ -154,8 +154,8 @@ class HoloGradFabricStrategy(DDPStrategy):
     @override
     def setup_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         """One optimizer only; the setup warnings once the first one exists."""
-        self._optimizers_set_up += 1
-        check_single_optimizer([optimizer] * self._optimizers_set_up)
+        self._optimizers_set_up.append(optimizer)
+        check_single_optimizer(self._optimizers_set_up)
         if self.exchange is not None and self.is_global_zero:
             assert self.resolved_config is not None
             for message in advise(self.resolved_config, self.exchange.family.dim, self.world_size, [optimizer]):

@@ -224,7 +224,7 @@ class HoloGradStrategyMixin:
     def backward(self, closure_loss: torch.Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
         """``Strategy.backward`` with the exchange between the local backward and
         ``precision_plugin.post_backward`` (which calls ``on_after_backward``); with
-        ``projection="jvp"`` there is no local backward. ``test_hook_order`` pins the order."""
+        ``projection="jvp"`` there is no local backward. tests/test_private_names.py pins the copied body."""
         module = self.lightning_module
         self.pre_backward(closure_loss)
         closure_loss = self.precision_plugin.pre_backward(closure_loss, module)

@@ -86,22 +86,34 @@ def test_advice_compression_below_one_names_the_fix():
     assert not advise(HoloGradConfig().resolve(66), 66, 2, [torch.optim.Adam([torch.zeros(1)])])  # K = 33
 
 
+def test_advice_threshold_is_noise_as_large_as_the_gradient():
+    """v = (D-1)/K > 1 warns with SGD: BoringModel's D = 66 at K = 33 (v = 1.97) diverges."""
+    sgd = [torch.optim.SGD([torch.zeros(1)], lr=0.1)]
+
+    def inflation_warnings(dim, k):
+        return [m for m in advise(HoloGradConfig(num_directions=k).resolve(dim), dim, 2, sgd) if "longer" in m]
+
+    assert inflation_warnings(66, 33) and not inflation_warnings(67, 66)  # v = 1.97; v = 1 exactly
+
+
 def test_advice_sgd_with_an_inflated_estimate_states_the_factor():
     """D = 1.39M (LightningTransformer, vocab 256), default K: the estimate is ~10x the gradient."""
     dim, sgd = 1_393_856, torch.optim.SGD([torch.zeros(1)], lr=0.1)
     config = HoloGradConfig().resolve(dim)
     (message,) = advise(config, dim, 2, [sgd])
     factor = math.sqrt(1 + (dim - 1) / config.num_directions)
-    assert f"about {factor:.0f}x longer" in message and "SGD" in message
-    assert "lower the learning rate by a factor of about" in message and "Adam" in message
+    assert f"about {factor:.1f}x longer" in message and "SGD" in message and factor == pytest.approx(10.05, abs=0.01)
+    assert "divide the learning rate by 10.0 (estimate_scale='norm'" in message
+    assert "by up to 101 = 1 + (D-1)/K" in message and "estimate_scale='min_variance'" in message
+    assert "Adam" in message
     assert not advise(config, dim, 2, [torch.optim.AdamW([torch.zeros(1)])])  # scale-invariant
     assert not advise(HoloGradConfig(estimate_scale="norm").resolve(dim), dim, 2, [sgd])  # already scaled
 
 
 def test_setup_warns_once_on_rank_zero(tmp_path):
-    """K = 8 on D = 178 with SGD: inflation sqrt(1 + 177/8) = 4.8 > 3. Adam: no warning."""
+    """K = 8 on D = 178 with SGD: inflation sqrt(1 + 177/8) = 4.8 (warned above sqrt 2). Adam: no warning."""
     sgd = setup_warnings(tmp_path / "sgd", ToyModule(), num_directions=8)
-    assert len(sgd[0]) == 1 and "about 5x longer" in sgd[0][0]
+    assert len(sgd[0]) == 1 and "about 4.8x longer" in sgd[0][0]
     assert sgd[1] == []  # rank 1 stays silent
     adam = setup_warnings(tmp_path / "adam", ToyModule(adam=True), num_directions=8)
     assert adam == [[], []]

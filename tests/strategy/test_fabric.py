@@ -1,0 +1,156 @@
+"""HoloGrad under Lightning Fabric: real 2-process loops (fork, gloo, CPU).
+
+The loop trains the toy task's MLP (D = 178) with SGD, 2 micro-batches per optimizer step
+(``fabric.no_backward_sync`` on the first), 4 optimizer steps per epoch per rank (256
+samples, 2 ranks, batch 16), 4 epochs. Loss criterion: the mean loss of the last epoch's
+4 steps is below 0.6 x the first epoch's.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from lightning.fabric import Fabric
+from lightning.fabric.strategies import STRATEGY_REGISTRY
+from torch.utils.data import DataLoader
+
+from lightning_holograd import HoloGradFabricStrategy
+from lightning_holograd.demos import ToyModule, free_port, make_dataset
+from lightning_holograd.strategies.checkpoint import STATE_KEY
+
+pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(300)]
+
+
+def launch(strategy: Any, fn: Any, *args: Any, devices: int = 2) -> Any:
+    os.environ["MASTER_PORT"] = str(free_port())
+    fabric = Fabric(accelerator="cpu", devices=devices, strategy=strategy)
+    return fabric.launch(fn, *args)
+
+
+def toy_loop(fabric: Fabric, out: Path, epochs: int = 4, load: Path | None = None, save: Path | None = None,
+             explicit: bool = False) -> None:
+    """The loop of the README example; each rank saves its parameters, losses and protocol state."""
+    model = ToyModule().net
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    model, optimizer = fabric.setup(model, optimizer)
+    loader = DataLoader(make_dataset(), batch_size=16)
+    loader = fabric.setup_dataloaders(loader) if not explicit else loader
+    if explicit:  # plain loader: the rank's half of the data, committed by hand
+        loader = [(x.chunk(2)[fabric.global_rank], y.chunk(2)[fabric.global_rank]) for x, y in loader]
+    start = 0
+    if load is not None:
+        start = fabric.load(load, {"model": model, "optimizer": optimizer})["epoch"]
+    losses = []
+    for epoch in range(start, epochs):
+        for i, (x, y) in enumerate(loader):
+            if explicit:
+                fabric.strategy.commit_batch((x, y))
+            with fabric.no_backward_sync(model, enabled=i % 2 == 0):
+                loss = torch.nn.functional.mse_loss(model(x), y)
+                fabric.backward(loss / 2)
+            if i % 2 == 1:
+                optimizer.step()
+                optimizer.zero_grad()
+                losses.append(2 * float(loss.detach()))
+        if save is not None:
+            fabric.save(save, {"model": model, "optimizer": optimizer, "epoch": epoch + 1})
+    strategy = fabric.strategy
+    exchange = getattr(strategy, "exchange", None)
+    torch.save({"params": {k: v.detach().clone() for k, v in model.state_dict().items()}, "losses": losses,
+                "exchange": exchange.state_dict() if exchange is not None else None,
+                "metrics": strategy.pop_step_metrics() if isinstance(strategy, HoloGradFabricStrategy) else {}},
+               out / f"rank{fabric.global_rank}.pt")
+
+
+def ranks(out: Path) -> list[dict[str, Any]]:
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+def identical(states: list[dict[str, Any]]) -> bool:
+    return all(torch.equal(states[0]["params"][k], states[1]["params"][k]) for k in states[0]["params"])
+
+
+def test_fabric_registry_knows_the_names():
+    for name, method in {"holograd": "popen", "holograd_spawn": "spawn", "holograd_fork": "fork"}.items():
+        assert STRATEGY_REGISTRY[name]["strategy"] is HoloGradFabricStrategy
+        assert STRATEGY_REGISTRY[name]["init_params"] == {"start_method": method}
+    fabric = Fabric(accelerator="cpu", devices=2, strategy="holograd")
+    assert isinstance(fabric.strategy, HoloGradFabricStrategy)
+
+
+def test_fabric_loop_trains_with_identical_replicas_and_resumes_bitwise(tmp_path):
+    """4 epochs straight == 2 epochs + fabric.save/fabric.load + 2 epochs (the protocol state
+    travels in the checkpoint; without it the chain, so every direction, would restart)."""
+    for name in ("straight", "first", "resumed"):
+        (tmp_path / name).mkdir()
+    launch("holograd_fork", toy_loop, tmp_path / "straight")
+    straight = ranks(tmp_path / "straight")
+    assert identical(straight)
+    assert straight[0]["exchange"]["chain"]["step"] == 16  # one exchange per optimizer step
+    losses = straight[0]["losses"]
+    assert sum(losses[-4:]) < 0.6 * sum(losses[:4]), losses
+    assert straight[0]["metrics"]["holograd/bytes_per_step"] == 32 + 4 * 64  # K = 64 for D = 178
+    launch("holograd_fork", toy_loop, tmp_path / "first", 2, None, tmp_path / "ckpt.pt")
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert saved[STATE_KEY]["exchange"]["chain"]["step"] == 8 and saved[STATE_KEY]["config"]["num_directions"] == 64
+    launch("holograd_fork", toy_loop, tmp_path / "resumed", 4, tmp_path / "ckpt.pt")
+    resumed = ranks(tmp_path / "resumed")
+    assert identical(resumed)
+    assert resumed[0]["exchange"]["chain"] == straight[0]["exchange"]["chain"]
+    assert all(torch.equal(resumed[0]["params"][k], straight[0]["params"][k]) for k in straight[0]["params"])
+
+
+def test_identity_family_reproduces_fabric_ddp(tmp_path):
+    """K = D identity directions + mean: HoloGrad's g_hat is DDP's averaged gradient, up to
+    float rounding of the mean (1e-6 after 8 SGD steps with lr 0.05)."""
+    (tmp_path / "ours").mkdir(), (tmp_path / "ddp").mkdir()
+    launch(HoloGradFabricStrategy(directions="identity", start_method="fork"), toy_loop, tmp_path / "ours")
+    launch("ddp_fork", toy_loop, tmp_path / "ddp")
+    ours, ddp = ranks(tmp_path / "ours"), ranks(tmp_path / "ddp")
+    assert identical(ours)
+    diff = max(float((ours[0]["params"][k] - ddp[0]["params"][k]).abs().max()) for k in ddp[0]["params"])
+    assert 0.0 <= diff <= 1e-6
+    assert max(float((ours[0]["params"][k] - ToyModule().net.state_dict()[k]).abs().max())
+               for k in ddp[0]["params"]) > 1e-3
+
+
+def test_explicit_commit_batch_without_a_fabric_loader(tmp_path):
+    launch("holograd_fork", toy_loop, tmp_path, 1, None, None, True)
+    states = ranks(tmp_path)
+    assert identical(states) and states[0]["exchange"]["chain"]["step"] == 8  # 16 batches of 8 per rank
+
+
+def _backward_without_batch(fabric: Fabric) -> None:
+    net = ToyModule().net
+    model, optimizer = fabric.setup(net, torch.optim.SGD(net.parameters(), lr=0.1))
+    fabric.backward(model(torch.ones(2, 8)).sum())
+
+
+def test_a_step_without_a_batch_names_the_fix():
+    with pytest.raises(Exception, match="found no batch to commit.*HINT.*setup_dataloaders.*commit_batch"):
+        launch("holograd_fork", _backward_without_batch)
+
+
+def _two_optimizers(fabric: Fabric) -> None:
+    net = ToyModule().net
+    fabric.setup(net, torch.optim.SGD(net[0].parameters(), lr=0.1), torch.optim.Adam(net[2].parameters()))
+
+
+def test_two_optimizers_are_refused_at_setup():
+    with pytest.raises(Exception, match="2 optimizers were set up \\(SGD, Adam\\).*HINT"):
+        launch("holograd_fork", _two_optimizers)
+
+
+@pytest.mark.parametrize(("kwargs", "pattern"), [
+    ({"find_unused_parameters": True}, "find_unused_parameters=True is not supported"),
+    ({"block_size": 8192}, "block_size=8192 is not supported: removed: directions no longer depend on it"),
+    ({"projection": "jvp"}, "projection='jvp' re-runs a training_step.*HINT"),
+    ({"num_directions": 0}, "num_directions=0"),
+])
+def test_bad_fabric_settings_fail_at_construction(kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        HoloGradFabricStrategy(**kwargs)

@@ -25,8 +25,9 @@ from .directions import (
     RademacherDirections,
     SketchDirections,
 )
-from .factory import FAMILY_NAMES, FamilyName, make_family
+from .factory import FAMILY_NAMES, FamilyName, make_family, resume_settings
 from .ledger import Ledger, LedgerRecord, LedgerTamperError
+from .codebook_fit import CODEBOOK_FITS, CODEBOOK_STRUCTURES, CodebookFit, CodebookStructure
 from .subspace import CodebookDirections, MomentumDirections, captured_energy
 from .verification import Reason, Verdict, claim_digest, draw_claims, judge_claim
 
@@ -37,6 +38,10 @@ __all__ = [
     "DIRECTION_VERSION",
     "AggregationResult",
     "Aggregator",
+    "CODEBOOK_FITS",
+    "CODEBOOK_STRUCTURES",
+    "CodebookFit",
+    "CodebookStructure",
     "CodebookDirections",
     "CommitmentChain",
     "DirectionFamily",
@@ -69,6 +74,7 @@ __all__ = [
     "judge_claim",
     "make_aggregator",
     "make_family",
+    "resume_settings",
     "scalars_digest",
     "step_batch_hash",
 ]

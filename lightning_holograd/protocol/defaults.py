@@ -1,4 +1,4 @@
-"""Settings that depend on the model: the default K, and the scale of the estimate (docs/PROTOCOL.md §3.7).
+"""Settings that depend on the model: the default K, and the scale of the estimate (docs/PROTOCOL.md §3.9).
 
 Symbols: D trainable coordinates, K scalars per rank and step, g the gradient, g_hat the
 estimate. Everything here is a pure function of (family name, D, K): nothing is built or

@@ -8,7 +8,7 @@ Refused (``ValueError`` naming the argument, its value and a HINT):
 Warned about once, on global rank 0, at setup (``advise`` returns the messages):
 - HoloGrad sending more bytes than the all-reduce it replaces (compression < 1, or K >= D);
 - an optimizer that is not scale-invariant (SGD) with an unbiased estimate whose norm is
-  about sqrt(1 + v) times the gradient's (docs/PROTOCOL.md §3.7): a learning rate tuned
+  about sqrt(1 + v) times the gradient's (docs/PROTOCOL.md §3.9): a learning rate tuned
   for DDP is then too large.
 """
 

@@ -8,10 +8,11 @@ resolved and checked at setup, by ``resolve(dim)``.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal, get_args
 
-from ..protocol import FAMILY_NAMES, Aggregator, DirectionFamily, make_aggregator, make_family
+from ..protocol import FAMILY_NAMES, Aggregator, DirectionFamily, make_aggregator, make_family, resume_settings
 from ..protocol.chain import direction_seeds, genesis_commitment
 from ..protocol.codebook_fit import check_codebook_settings
 from ..protocol.defaults import (
@@ -143,16 +144,20 @@ class HoloGradConfig:
         ratio = variance_ratio(self.directions, dim, self.num_directions)
         return None if ratio is None else math.sqrt(1.0 + ratio)
 
-    def build_family(self, dim: int) -> DirectionFamily:
-        """The direction family over ``dim`` trainable coordinates (K resolved for ``dim`` if unset)."""
+    def build_family(self, dim: int, resumed: Mapping[str, Any] | None = None) -> DirectionFamily:
+        """The direction family over ``dim`` trainable coordinates (K resolved for ``dim`` if unset);
+        ``resumed``, the family state of a checkpoint about to be loaded, decides the direction
+        version (new runs: the current one; a lightning-holograd 0.1.x checkpoint: version 1,
+        docs/PROTOCOL.md §3.8)."""
         config = self.resolve(dim)
+        resume = resume_settings(resumed)
         if config.directions == "identity":
-            return make_family("identity", dim, dim)
+            return make_family("identity", dim, dim, **resume)
         init_seed = direction_seeds(genesis_commitment(config.seed) + b"/basis", 1)[0]
         return make_family(
             config.directions, dim, config.num_directions, codebook_rank=config.codebook_rank,
             oja_lr=config.oja_lr, qr_every=config.qr_every, exploration_weight=config.exploration_weight,
-            momentum_beta=config.momentum_beta, init_seed=init_seed, chunk_size=config.chunk_size,
+            momentum_beta=config.momentum_beta, init_seed=init_seed, chunk_size=config.chunk_size, **resume,
         )
 
     def build_aggregator(self) -> Aggregator:

@@ -138,8 +138,9 @@ class HoloGradFabricStrategy(DDPStrategy):
             raise ValueError(f"precision={type(self.precision).__name__} with a GradScaler is not supported by "
                              "HoloGrad. HINT: use precision='bf16-mixed' (or '32-true').")
         self._module = module
+        resumed = self._pending[0]["family"] if self._pending is not None else None  # sets the direction version
         self.exchange, self.resolved_config = build_exchange(self.config, module, self.world_size, self.root_device,
-                                                             process_group_backend(self))
+                                                             process_group_backend(self), resumed=resumed)
         self._trainable = TrainableSet(module)
         self.exchange.comm.broadcast(module_state(module), kind="setup")
         if self._pending is not None:

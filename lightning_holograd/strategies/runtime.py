@@ -40,9 +40,10 @@ def module_state(module: nn.Module) -> list[torch.Tensor]:
 
 
 def build_exchange(config: HoloGradConfig, module: nn.Module, world_size: int, root_device: torch.device,
-                   backend: str, recompute: Callable[..., torch.Tensor] | None = None
-                   ) -> tuple[HoloGradExchange, HoloGradConfig]:
-    """The exchange for ``module``'s trainable parameters, and ``config`` resolved for their D."""
+                   backend: str, recompute: Callable[..., torch.Tensor] | None = None,
+                   resumed: Mapping[str, Any] | None = None) -> tuple[HoloGradExchange, HoloGradConfig]:
+    """The exchange for ``module``'s trainable parameters, and ``config`` resolved for their D;
+    ``resumed`` (the family state of a checkpoint about to be loaded) sets the direction version."""
     params = trainable_parameters(module)
     if not params:
         raise ValueError("the module has no parameter with requires_grad=True: nothing to train. HINT: unfreeze "
@@ -51,14 +52,16 @@ def build_exchange(config: HoloGradConfig, module: nn.Module, world_size: int, r
     resolved = config.resolve(dim)
     comm_device = root_device if backend == "nccl" else torch.device("cpu")
     comm = Comm(TrafficMeter(world_size, dim), device=comm_device)
-    exchange = HoloGradExchange(_family_on(resolved, dim, root_device), resolved.build_aggregator(),
-                                CommitmentChain(resolved.seed), comm, recompute=recompute,
+    family = _family_on(resolved, dim, root_device, resumed)
+    chain = CommitmentChain(resolved.seed, direction_version=family.direction_version)
+    exchange = HoloGradExchange(family, resolved.build_aggregator(), chain, comm, recompute=recompute,
                                 to_cpu=lambda inputs: move_data_to_device(inputs, "cpu"))
     return exchange, resolved
 
 
-def _family_on(config: HoloGradConfig, dim: int, device: torch.device) -> Any:
-    family = config.build_family(dim)
+def _family_on(config: HoloGradConfig, dim: int, device: torch.device,
+               resumed: Mapping[str, Any] | None = None) -> Any:
+    family = config.build_family(dim, resumed)
     if hasattr(family, "to"):
         family.to(device)
     return family
@@ -101,7 +104,7 @@ class TrainableSet:
             raise RuntimeError(f"step {step}: no parameter requires a gradient any more (was {self.dim}). "
                                "HINT: keep at least one parameter trainable while fitting.")
         resolved = config.resolve(dim)
-        exchange.family = _family_on(resolved, dim, device)
+        exchange.family = _family_on(resolved, dim, device, exchange.family.state_dict())
         exchange.traffic.num_params = dim  # the all-reduce baseline of the compression ratio
         exchange.chain.record_trainable_change(dim, exchange.family.num_directions, digest)
         log.info("HoloGrad step %d: trainable parameters changed from %d to %d coordinates; K=%d from now on",
@@ -119,7 +122,7 @@ def load_exchange_state(exchange: HoloGradExchange, state: Mapping[str, Any], co
     family = exchange.family
     if saved["dim"] != family.dim and saved["name"] == family.name and family.name not in STATEFUL_FAMILIES:
         resolved = replace(config, num_directions=int(saved["num_directions"]))
-        exchange.family = _family_on(resolved, int(saved["dim"]), device)
+        exchange.family = _family_on(resolved, int(saved["dim"]), device, saved)
         exchange.traffic.num_params = int(saved["dim"])
         exchange.load_state_dict(state)
         return resolved

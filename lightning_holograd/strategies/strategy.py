@@ -177,9 +177,11 @@ class HoloGradStrategyMixin:
 
     def _build_exchange(self) -> HoloGradExchange:
         self._claims = Claims(self)
+        # A checkpoint loaded before setup decides the direction version (0.1.x checkpoints: 1).
         exchange, self.resolved_config = build_exchange(self.config, self.lightning_module, self.world_size,
                                                         self.root_device, process_group_backend(self),
-                                                        recompute=self._claims.recompute)
+                                                        recompute=self._claims.recompute,
+                                                        resumed=(self._pending_state or {}).get("family"))
         self._trainable = TrainableSet(self.lightning_module)
         return exchange
 

@@ -131,7 +131,7 @@ class _SaveFirstGradient(L.Callback):
 @pytest.mark.parametrize("scale", ["min_variance", "norm"])
 def test_estimate_scale_multiplies_the_estimate(tmp_path, scale):
     """Same step, same seeds: g_hat with ``scale`` equals c x the unbiased g_hat, c from
-    docs/PROTOCOL.md §3.7 (float32 rounding of one product: rtol 1e-6)."""
+    docs/PROTOCOL.md §3.9 (float32 rounding of one product: rtol 1e-6)."""
     for name in ("unbiased", scale):
         fit(ToyModule(), holograd(num_directions=8, estimate_scale=name), tmp_path / name, max_steps=1,
             callbacks=[_SaveFirstGradient(tmp_path / f"{name}.pt")])

@@ -86,7 +86,7 @@ def test_boring_model_with_its_sgd_and_the_conservative_fix(tmp_path):
     stability even under DDP (ratio 0.69 after 32 steps); the unbiased estimate (1.7x the
     gradient's length) diverges, and the setup warning says so. With
     ``estimate_scale="min_variance"`` (expected step as stable as DDP's, docs/PROTOCOL.md
-    §3.7) it learns: bound 0.6, measured 0.34."""
+    §3.9) it learns: bound 0.6, measured 0.34."""
     losses = train(tmp_path, seeded(Boring), max_steps=32, estimate_scale="min_variance")
     assert_loss_fell(losses, ratio=0.6)
 

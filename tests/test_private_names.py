@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import inspect
 import os
+from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,8 @@ from lightning_holograd.engine import Comm, TrafficMeter
 from lightning_holograd.strategies import lightning_private
 
 PACKAGE = Path(lightning_holograd.__file__).resolve().parent
+NEEDS_PL = pytest.mark.skipif(find_spec("pytorch_lightning") is None,
+                              reason="pytorch_lightning is not installed (pip install 'lightning-holograd[pl]')")
 HELPERS = {"engine/torch_private.py", "strategies/lightning_private.py"}
 LIGHTNING_PRIVATE = ("_MultiProcessingLauncher", "_BackwardSyncControl", "_start_method", "_launcher",
                      "_get_process_group_backend", "_backward_sync_control", "_broadcast_coalesced",
@@ -76,15 +79,17 @@ def test_coalesced_broadcast_writes_rank_zeros_values_in_place(tmp_path):
 # -- Lightning --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("launcher", [lightning_private.MultiProcessingLauncher,
-                                      lightning_private.pl_multiprocessing_launcher()])
-def test_trainer_launcher_hooks_that_ship_protocol_state_exist(launcher):
+@pytest.mark.parametrize("namespace", ["lightning.pytorch", pytest.param("pytorch_lightning", marks=NEEDS_PL)])
+def test_trainer_launcher_hooks_that_ship_protocol_state_exist(namespace):
+    launcher = (lightning_private.MultiProcessingLauncher if namespace == "lightning.pytorch"
+                else lightning_private.pl_multiprocessing_launcher())
     for name, params in (("get_extra_results", ["self", "trainer"]),
                          ("update_main_process_results", ["self", "trainer", "extra"])):
         assert list(inspect.signature(getattr(launcher, name)).parameters) == params
 
 
-@pytest.mark.parametrize("namespace", ["lightning.pytorch", "lightning.fabric", "pytorch_lightning"])
+@pytest.mark.parametrize("namespace", ["lightning.pytorch", "lightning.fabric",
+                                       pytest.param("pytorch_lightning", marks=NEEDS_PL)])
 def test_strategy_private_attributes_exist(namespace):
     module = __import__(f"{namespace}.strategies", fromlist=["DDPStrategy"])
     strategy = module.DDPStrategy(start_method="fork")
@@ -119,7 +124,7 @@ class _Recorder:
         return record
 
 
-@pytest.mark.parametrize("namespace", ["lightning.pytorch", "pytorch_lightning"])
+@pytest.mark.parametrize("namespace", ["lightning.pytorch", pytest.param("pytorch_lightning", marks=NEEDS_PL)])
 def test_strategy_backward_body_is_what_the_override_copies(namespace):
     """Lightning's ``Strategy.backward`` must call exactly: pre_backward, precision
     pre_backward, precision backward, precision post_backward, post_backward. The

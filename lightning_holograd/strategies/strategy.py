@@ -167,7 +167,7 @@ class HoloGradStrategyMixin:
     def setup(self, trainer: Any) -> None:
         """``DDPStrategy.setup``, then the checks that need the optimizers (which exist only now)."""
         super().setup(trainer)  # type: ignore[misc]
-        if self.exchange is None:  # not fitting
+        if self.exchange is None or trainer.state.fn != "fit":  # TrainerFn.FITTING, in either namespace
             return
         check_single_optimizer(self.optimizers)
         assert self.resolved_config is not None

@@ -276,3 +276,17 @@ def test_default_codebook_rank_error_names_the_users_argument(tmp_path):
     with pytest.raises(Exception, match=f"num_directions=200 \\(codebook_rank=None uses all of them as columns\\) "
                                         f"exceeds the model's {D_TOY} trainable parameters"):
         fit(ToyModule(), holograd(directions="codebook", num_directions=200), tmp_path, devices=1, max_steps=1)
+
+
+def test_a_bad_ledger_path_fails_at_construction(tmp_path):
+    """A file where a folder should be: before, rank 0 raised a bare FileExistsError at fit
+    start and the other ranks saw only a closed connection."""
+    from lightning_holograd import ProofVerifier
+
+    (tmp_path / "runs").write_text("a file")
+    with pytest.raises(ValueError, match=r"ledger_path='.*runs/ledger.jsonl' cannot be created: '.*runs' is a file, "
+                                         r"not a directory\. HINT"):
+        ProofVerifier(ledger_path=str(tmp_path / "runs" / "ledger.jsonl"))
+    with pytest.raises(ValueError, match=r"ledger_path='.*' is a directory\. HINT: name a file in it"):
+        ProofVerifier(ledger_path=str(tmp_path))
+    ProofVerifier(ledger_path=str(tmp_path / "new" / "folders" / "ledger.jsonl"))  # created later by rank 0

@@ -31,7 +31,8 @@ NEEDS_PL = pytest.mark.skipif(find_spec("pytorch_lightning") is None,
 HELPERS = {"engine/torch_private.py", "strategies/lightning_private.py"}
 LIGHTNING_PRIVATE = ("_MultiProcessingLauncher", "_BackwardSyncControl", "_start_method", "_launcher",
                      "_get_process_group_backend", "_backward_sync_control", "_broadcast_coalesced",
-                     "_get_default_group")
+                     "_get_default_group", "_get_default_store", "_DropoutNd", "_signal_connector",
+                     "_sigterm_notifier_fn", "_broadcast_sigterm_tensor")
 
 
 def test_private_names_appear_only_in_the_two_helpers():

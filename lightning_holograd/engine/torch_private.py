@@ -11,9 +11,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.distributed_c10d import _get_default_group
+from torch.distributed.distributed_c10d import _get_default_group, _get_default_store
+from torch.nn.modules.dropout import _DropoutNd as DropoutNd
 
-__all__ = ["broadcast_coalesced"]
+__all__ = ["DropoutNd", "broadcast_coalesced", "default_store"]
 
 
 def broadcast_coalesced(group: Any, tensors: Sequence[torch.Tensor], bucket_bytes: int, src: int) -> None:
@@ -23,3 +24,9 @@ def broadcast_coalesced(group: Any, tensors: Sequence[torch.Tensor], bucket_byte
     bucket instead of one per tensor). ``src`` is a rank within ``group``."""
     dist._broadcast_coalesced(group if group is not None else _get_default_group(), list(tensors), bucket_bytes,
                               src)
+
+
+def default_store() -> Any:
+    """The default process group's rendezvous store (a ``dist.Store``), which the liveness
+    probe of a failed collective writes to; raises when it cannot be reached."""
+    return _get_default_store()

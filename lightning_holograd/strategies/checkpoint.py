@@ -18,10 +18,17 @@ under the kind ``"bootstrap"``. ``exchange_state`` reads both versions.
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["STATE_KEY", "STATE_VERSION", "exchange_state", "protocol_state", "trainable_state"]
+import torch
+from lightning.fabric.plugins import TorchCheckpointIO
+from typing_extensions import override
+
+__all__ = ["STATE_KEY", "STATE_VERSION", "AtomicCheckpointIO", "atomic_save", "config_changes", "exchange_state", "protocol_state",
+           "trainable_state", "writes_atomically"]
 
 STATE_VERSION = 2
 STATE_KEY = f"HoloGradStrategy{ {'version': STATE_VERSION}!r}"
@@ -63,3 +70,55 @@ def _exchange_from_v1(state: Mapping[str, Any]) -> dict[str, Any]:
         traffic[totals] = {_V1_TRAFFIC_KINDS.get(kind, kind): value for kind, value in traffic[totals].items()}
     migrated = {key: value for key, value in state.items() if key != "excluded"}
     return {**migrated, "traffic": traffic, "slashed": list(state["excluded"])}
+
+
+def config_changes(checkpoint: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """Settings that differ between the checkpoint's run and this one, as "name: old -> new".
+    ``num_directions=None`` (K from the model) is no change: the saved family's K is kept."""
+    saved = (checkpoint.get(STATE_KEY) or checkpoint.get(_V1_KEY) or {}).get("config") or {}
+    return [f"{name}: {saved[name]!r} -> {value!r}" for name, value in current.items()
+            if name in saved and saved[name] != value and not (name == "num_directions" and value is None)]
+
+
+def writes_atomically(checkpoint_io: Any, filepath: Any) -> bool:
+    """True when the strategy writes this checkpoint itself (``atomic_save``): Lightning's own
+    ``TorchCheckpointIO`` and a local path. Lightning's writer stages the file in the system
+    temporary directory and moves it, which is a copy (torn if killed) when that directory
+    is on another filesystem, and never fsyncs."""
+    return type(checkpoint_io).__name__ == "TorchCheckpointIO" and "://" not in str(filepath)
+
+
+def atomic_save(checkpoint: Mapping[str, Any], filepath: Any) -> None:
+    """``torch.save`` to a temporary file beside ``filepath``, fsync, then rename over it: a
+    crash leaves either the old checkpoint or the new one, never a torn file."""
+    path = os.path.abspath(os.fspath(filepath))
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            torch.save(dict(checkpoint), stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+    folder = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(folder)  # the rename itself survives a power cut
+    finally:
+        os.close(folder)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's ``TorchCheckpointIO`` whose local writes are ``atomic_save`` (what the
+    Fabric strategy uses in place of the default writer)."""
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        if storage_options is None and "://" not in str(path):
+            atomic_save(checkpoint, path)
+        else:
+            super().save_checkpoint(checkpoint, path, storage_options=storage_options)

@@ -18,7 +18,14 @@ engine, the claim helpers); only the places where Fabric hands over control diff
   metrics, which ``fabric.strategy.pop_step_metrics()`` returns for ``fabric.log_dict``.
 - ``fabric.save`` / ``fabric.load``: the protocol state travels under the checkpoint key
   of ``checkpoint.py``; ``fabric.load`` restores it (also before ``fabric.setup``) and
-  does not return it among the remaining items.
+  does not return it among the remaining items. Local files are written atomically
+  (``AtomicCheckpointIO`` replaces Fabric's default writer; a user's CheckpointIO is kept).
+- Faults, as with the Trainer: every wait of the exchange is bounded by ``timeout``; the
+  commit's flag byte carries non-finite gradients and stop requests. ``fabric.setup``
+  installs a SIGTERM handler (main thread): the signal makes every rank raise
+  ``StopRequested`` (a ``SystemExit``, code 143) from ``fabric.backward`` at the same step,
+  and a watchdog exits a rank still blocked ``sigterm_grace`` seconds later; a handler
+  the script installed before ``fabric.setup`` is still called. ``teardown()`` removes it.
 
 Not available with Fabric: ``projection="jvp"`` (it re-runs a ``training_step``) and the
 Trainer callbacks (``ProofVerifier``, ``ADCBootstrap``, ``ByzantineSimulator``);
@@ -28,6 +35,8 @@ Trainer callbacks (``ProofVerifier``, ``ADCBootstrap``, ``ByzantineSimulator``);
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -41,13 +50,38 @@ from torch.distributed.constants import default_pg_timeout
 from typing_extensions import override
 
 from ..engine import HoloGradExchange, StepContext
-from .advice import HoloGradSetupWarning, advise, check_single_optimizer, check_strategy_arguments
-from .checkpoint import STATE_KEY, exchange_state, protocol_state, trainable_state
+from .advice import (
+    HoloGradSetupWarning,
+    advise,
+    check_single_optimizer,
+    check_strategy_arguments,
+)
+from .checkpoint import (
+    STATE_KEY,
+    AtomicCheckpointIO,
+    exchange_state,
+    protocol_state,
+    trainable_state,
+    writes_atomically,
+)
 from .claims import backward_projector, trainable_parameters
 from .config import HoloGradConfig
-from .lightning_private import BackwardSyncControl, process_group_backend, set_backward_sync_control
+from .lightning_private import (
+    BackwardSyncControl,
+    process_group_backend,
+    process_group_timeout,
+    set_backward_sync_control,
+)
 from .registry import register_names
-from .runtime import TrainableSet, after_step, build_exchange, load_exchange_state, module_state, run_exchange
+from .runtime import (
+    TrainableSet,
+    after_step,
+    build_exchange,
+    load_exchange_state,
+    module_state,
+    run_exchange,
+)
+from .signals import StopOnSignal
 
 __all__ = ["HoloGradFabricStrategy"]
 
@@ -95,12 +129,20 @@ class HoloGradFabricStrategy(DDPStrategy):
 
     Args: the protocol settings of ``HoloGradStrategy`` (``num_directions``, ``directions``,
     ``aggregation``, ... ``estimate_scale``; see README "Strategy settings"), except
-    ``projection="jvp"``; ``process_group_backend``, ``timeout`` and ``start_method`` as in
-    Fabric's ``DDPStrategy``. DistributedDataParallel arguments are refused.
+    ``projection="jvp"``; ``sigterm_grace`` and ``resume_rank_map`` as in ``HoloGradStrategy``; ``process_group_backend``,
+    ``timeout`` (also bounds every wait of the exchange) and ``start_method`` as in Fabric's
+    ``DDPStrategy``. DistributedDataParallel arguments are refused.
     """
 
     def __init__(self, process_group_backend: str | None = None, timeout: timedelta | None = default_pg_timeout,
-                 start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen", **settings: Any) -> None:
+                 start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen", sigterm_grace: float = 10.0,
+                 resume_rank_map: dict[int, int] | None = None, **settings: Any) -> None:
+        if isinstance(sigterm_grace, bool) or not isinstance(sigterm_grace, (int, float)) or not sigterm_grace > 0:
+            raise ValueError(f"sigterm_grace={sigterm_grace!r} must be a number of seconds > 0. HINT: 10.")
+        self.sigterm_grace = float(sigterm_grace)
+        self.resume_rank_map = resume_rank_map
+        self._stop_on_signal: StopOnSignal | None = None
+        self._previous_sigterm: Any = None
         fields = HoloGradConfig.__dataclass_fields__
         self.config = HoloGradConfig(**{k: v for k, v in settings.items() if k in fields})
         if self.config.projection == "jvp":
@@ -140,17 +182,42 @@ class HoloGradFabricStrategy(DDPStrategy):
         self._module = module
         resumed = self._pending[0]["family"] if self._pending is not None else None  # sets the direction version
         self.exchange, self.resolved_config = build_exchange(self.config, module, self.world_size, self.root_device,
-                                                             process_group_backend(self), resumed=resumed)
+                                                             process_group_backend(self), resumed=resumed,
+                                                             timeout=process_group_timeout(self))
         self._trainable = TrainableSet(module)
         self.exchange.comm.broadcast(module_state(module), kind="setup")
         if self._pending is not None:
             self._load_protocol_state(*self._pending)
             self._pending = None
+        self._install_stop_handling()
         if self.is_global_zero:
             family = self.exchange.family
             log.info("HoloGrad (Fabric): D=%d trainable coordinates, K=%d scalars/step, family=%s, world_size=%d",
                      family.dim, family.num_directions, family.name, self.world_size)
         return module
+
+    def _install_stop_handling(self) -> None:
+        """SIGTERM stops every rank at the same step (``signals.py``); main thread only."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        assert self.exchange is not None
+        self._stop_on_signal = StopOnSignal(self.exchange, None, self.sigterm_grace)  # ranks share no launcher kill
+        self._previous_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
+        self._stop_on_signal.install()
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        assert self._stop_on_signal is not None
+        self._stop_on_signal.notify(signum, frame)
+        if callable(self._previous_sigterm):  # the script's own handler, if it had one
+            self._previous_sigterm(signum, frame)
+
+    @override
+    def teardown(self) -> None:
+        if self._stop_on_signal is not None:
+            self._stop_on_signal.uninstall()
+            signal.signal(signal.SIGTERM, self._previous_sigterm or signal.SIG_DFL)
+            self._stop_on_signal = None
+        super().teardown()
 
     @override
     def setup_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -236,6 +303,8 @@ class HoloGradFabricStrategy(DDPStrategy):
             assert self.resolved_config is not None and self._trainable is not None
             state = {**state, STATE_KEY: protocol_state(self.resolved_config.as_dict(), self.exchange.state_dict(),
                                                         self._trainable.state_dict())}
+        if storage_options is None and writes_atomically(self.checkpoint_io, path):
+            self.checkpoint_io = AtomicCheckpointIO()  # Fabric's default writer, with atomic local writes
         super().save_checkpoint(path, state, storage_options=storage_options, filter=filter)
 
     @override
@@ -254,7 +323,7 @@ class HoloGradFabricStrategy(DDPStrategy):
 
     def _load_protocol_state(self, state: dict[str, Any], trainable: dict[str, Any] | None) -> None:
         assert self.exchange is not None and self._trainable is not None
-        self.resolved_config = load_exchange_state(self.exchange, state, self.config,
-                                                   self.root_device) or self.resolved_config
+        self.resolved_config = load_exchange_state(self.exchange, state, self.config, self.root_device,
+                                                   self.resume_rank_map) or self.resolved_config
         if trainable is not None:
             self._trainable.load_state_dict(trainable)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -41,9 +42,11 @@ def module_state(module: nn.Module) -> list[torch.Tensor]:
 
 def build_exchange(config: HoloGradConfig, module: nn.Module, world_size: int, root_device: torch.device,
                    backend: str, recompute: Callable[..., torch.Tensor] | None = None,
-                   resumed: Mapping[str, Any] | None = None) -> tuple[HoloGradExchange, HoloGradConfig]:
+                   resumed: Mapping[str, Any] | None = None,
+                   timeout: timedelta | None = None) -> tuple[HoloGradExchange, HoloGradConfig]:
     """The exchange for ``module``'s trainable parameters, and ``config`` resolved for their D;
-    ``resumed`` (the family state of a checkpoint about to be loaded) sets the direction version."""
+    ``resumed`` (the family state of a checkpoint about to be loaded) sets the direction version;
+    ``timeout`` (the process group's) bounds every wait of the exchange."""
     params = trainable_parameters(module)
     if not params:
         raise ValueError("the module has no parameter with requires_grad=True: nothing to train. HINT: unfreeze "
@@ -51,7 +54,7 @@ def build_exchange(config: HoloGradConfig, module: nn.Module, world_size: int, r
     dim = sum(p.numel() for p in params)
     resolved = config.resolve(dim)
     comm_device = root_device if backend == "nccl" else torch.device("cpu")
-    comm = Comm(TrafficMeter(world_size, dim), device=comm_device)
+    comm = Comm(TrafficMeter(world_size, dim), device=comm_device, timeout=timeout)
     family = _family_on(resolved, dim, root_device, resumed)
     chain = CommitmentChain(resolved.seed, direction_version=family.direction_version)
     exchange = HoloGradExchange(family, resolved.build_aggregator(), chain, comm, recompute=recompute,
@@ -114,19 +117,23 @@ class TrainableSet:
 
 
 def load_exchange_state(exchange: HoloGradExchange, state: Mapping[str, Any], config: HoloGradConfig,
-                        device: torch.device) -> HoloGradConfig | None:
-    """Load a checkpoint's exchange state. A stateless family saved for another D (the
-    trainable set differed at save time) is rebuilt for that D and K first; the next step
-    then follows the current trainable set. Returns the config the family now follows, if rebuilt."""
+                        device: torch.device, rank_map: Mapping[int, int] | None = None) -> HoloGradConfig | None:
+    """Load a checkpoint's exchange state (``rank_map``: see ``HoloGradExchange.load_state_dict``).
+    The family is rebuilt with the saved D and K first when it is stateless and was saved
+    for another D (the trainable set differed at save time; the next step follows the
+    current one) or, with ``num_directions=None``, another K (a checkpoint of another
+    default, e.g. 0.1.x's 1024: the run keeps its K). Returns the config the family now follows, if rebuilt."""
     saved = state["family"]
     family = exchange.family
-    if saved["dim"] != family.dim and saved["name"] == family.name and family.name not in STATEFUL_FAMILIES:
+    other_k = config.num_directions is None and saved["num_directions"] != family.num_directions
+    if ((saved["dim"] != family.dim or other_k) and saved["name"] == family.name
+            and family.name not in STATEFUL_FAMILIES):
         resolved = replace(config, num_directions=int(saved["num_directions"]))
         exchange.family = _family_on(resolved, int(saved["dim"]), device, saved)
         exchange.traffic.num_params = int(saved["dim"])
-        exchange.load_state_dict(state)
+        exchange.load_state_dict(state, rank_map)
         return resolved
-    exchange.load_state_dict(state)
+    exchange.load_state_dict(state, rank_map)
     return None
 
 

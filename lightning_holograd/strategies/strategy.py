@@ -16,6 +16,7 @@ claim is lives in ``claims.py``, the checkpoint format in ``checkpoint.py``.
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from collections.abc import Generator
 from contextlib import contextmanager
@@ -30,15 +31,42 @@ from typing_extensions import override
 from ..engine import HoloGradExchange, StepContext
 from ..protocol import FamilyName
 from ..protocol.defaults import DEFAULT_TARGET_COMPRESSION, EstimateScale
-from .advice import HoloGradSetupWarning, advise, check_single_optimizer, check_strategy_arguments
-from .checkpoint import STATE_KEY, exchange_state, protocol_state, trainable_state
+from .advice import (
+    HoloGradSetupWarning,
+    advise,
+    check_single_optimizer,
+    check_strategy_arguments,
+)
+from .checkpoint import (
+    STATE_KEY,
+    atomic_save,
+    config_changes,
+    exchange_state,
+    protocol_state,
+    trainable_state,
+    writes_atomically,
+)
 from .claims import Claims
-from .config import AggregationName, HoloGradConfig, ProjectionName
-from .launcher import HoloGradLauncher
-from .lightning_private import process_group_backend, set_launcher, start_method
+from .config import AggregationName, HoloGradConfig, ProjectionName, check_world_size
+from .launcher import HoloGradLauncher, die_with_parent
+from .lightning_private import (
+    process_group_backend,
+    process_group_timeout,
+    replace_sigterm_collectives,
+    set_launcher,
+    start_method,
+)
 from .metrics import HoloGradMetrics
 from .registry import STRATEGY_NAMES, register_names
-from .runtime import TrainableSet, after_step, build_exchange, load_exchange_state, module_state, run_exchange
+from .runtime import (
+    TrainableSet,
+    after_step,
+    build_exchange,
+    load_exchange_state,
+    module_state,
+    run_exchange,
+)
+from .signals import StopOnSignal
 
 __all__ = ["HoloGradStrategy", "HoloGradStrategyMixin", "STRATEGY_NAMES"]
 
@@ -70,7 +98,13 @@ class HoloGradStrategyMixin:
         target_compression: sets the default K (num_directions=None) to about D / target_compression.
         estimate_scale: factor on g_hat: ``unbiased`` (1), ``min_variance`` (1/(1 + v), the
             least mean-squared error; biased toward 0) or ``norm`` (1/sqrt(1 + v)).
-    Args (process group; as in ``DDPStrategy``): process_group_backend, timeout, start_method.
+    Args (faults; README "Failure and recovery"):
+        sigterm_grace: seconds a rank may take to stop after SIGTERM before it exits hard
+            (a rank blocked in a collective cannot stop cleanly).
+        resume_rank_map: {old rank: new rank} for resuming a checkpoint of another world
+            size that slashed ranks (None: such a resume is refused, with the reason).
+    Args (process group; as in ``DDPStrategy``): process_group_backend, timeout (also bounds
+        every wait of the exchange and of verification), start_method.
     DistributedDataParallel arguments (``find_unused_parameters``, comm hooks, ...) are refused:
     the module is never wrapped in DDP, so they would do nothing.
     """
@@ -97,6 +131,8 @@ class HoloGradStrategyMixin:
         projection: ProjectionName = "backward",
         audit_every: int = 100,
         sync_buffers: bool = True,
+        sigterm_grace: float = 10.0,
+        resume_rank_map: dict[int, int] | None = None,
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
@@ -127,6 +163,9 @@ class HoloGradStrategyMixin:
         self._step_inputs: list[tuple[Any, int]] = []  # (batch, batch_idx) of this step's micro-batches
         self._true_gradient_requested = False
         self._step_metrics: dict[str, float] = {}  # of the last optimizer step, until logged
+        self.sigterm_grace = float(sigterm_grace)
+        self.resume_rank_map = resume_rank_map
+        self._stop_on_signal: StopOnSignal | None = None
 
     # -- registration and launching -----------------------------------------------------------
     @classmethod
@@ -144,15 +183,24 @@ class HoloGradStrategyMixin:
 
     # -- setup -----------------------------------------------------------------------------
     @override
+    def setup_environment(self) -> None:
+        parent = getattr(self.launcher, "parent_pid", None)  # spawn/fork: ranks die with the parent
+        if parent is not None and parent != os.getpid():
+            die_with_parent(parent)
+        super().setup_environment()  # type: ignore[misc]
+
+    @override
     def configure_ddp(self) -> None:
         """Called by ``DDPStrategy.setup`` when fitting: build the exchange instead of wrapping
         the module in ``DistributedDataParallel`` (so ``DDPStrategy.configure_ddp`` is not called)."""
         self._check_supported()
         self.exchange = self._build_exchange()
+        check_world_size(self.exchange.aggregator, self.world_size)
         self.exchange.comm.broadcast(self._module_state(), kind="setup")  # rank 0's init everywhere
         if self._pending_state is not None:
             self._load_protocol_state(self._pending_state, self._pending_trainable)
             self._pending_state = self._pending_trainable = None
+        self._install_stop_handling()
         trainer = self.lightning_module.trainer
         if not any(isinstance(cb, self.metrics_callback_cls) for cb in trainer.callbacks):
             trainer.callbacks.append(self.metrics_callback_cls())
@@ -180,10 +228,24 @@ class HoloGradStrategyMixin:
         # A checkpoint loaded before setup decides the direction version (0.1.x checkpoints: 1).
         exchange, self.resolved_config = build_exchange(self.config, self.lightning_module, self.world_size,
                                                         self.root_device, process_group_backend(self),
-                                                        recompute=self._claims.recompute,
+                                                        recompute=self._claims.recompute, timeout=process_group_timeout(self),
                                                         resumed=(self._pending_state or {}).get("family"))
         self._trainable = TrainableSet(self.lightning_module)
         return exchange
+
+    def _install_stop_handling(self) -> None:
+        """SIGTERM on any rank stops every rank at the same step (``signals.py``)."""
+        trainer = self.lightning_module.trainer
+        self._stop_on_signal = StopOnSignal(self.exchange, self.launcher, self.sigterm_grace)
+        replace_sigterm_collectives(trainer, self._stop_on_signal.notify)
+        self._stop_on_signal.install()
+
+    @override
+    def teardown(self) -> None:
+        if self._stop_on_signal is not None:
+            self._stop_on_signal.uninstall()
+            self._stop_on_signal = None
+        super().teardown()  # type: ignore[misc]
 
     @override
     def _register_ddp_hooks(self) -> None:
@@ -289,6 +351,10 @@ class HoloGradStrategyMixin:
             assert self.resolved_config is not None and self._trainable is not None
             checkpoint[STATE_KEY] = protocol_state(self.resolved_config.as_dict(), self.exchange.state_dict(),
                                                    self._trainable.state_dict())
+        if storage_options is None and writes_atomically(self.checkpoint_io, filepath):  # type: ignore[attr-defined]
+            if self.is_global_zero:  # type: ignore[attr-defined]
+                atomic_save(checkpoint, filepath)
+            return
         super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)  # type: ignore[misc]
 
     @override
@@ -296,6 +362,8 @@ class HoloGradStrategyMixin:
         """Runs before ``setup``: stash the protocol state, applied in ``configure_ddp``."""
         checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)  # type: ignore[misc]
         state = exchange_state(checkpoint)
+        for change in config_changes(checkpoint, self.config.as_dict()):
+            log.warning("resuming with a changed setting: %s", change)
         if state is not None:
             self._pending_state, self._pending_trainable = state, trainable_state(checkpoint)
             if self.exchange is not None:  # already set up (e.g. restore after setup)
@@ -305,7 +373,7 @@ class HoloGradStrategyMixin:
 
     def _load_protocol_state(self, state: dict[str, Any], trainable: dict[str, Any] | None) -> None:
         assert self.exchange is not None and self._trainable is not None
-        rebuilt = load_exchange_state(self.exchange, state, self.config, self.root_device)
+        rebuilt = load_exchange_state(self.exchange, state, self.config, self.root_device, self.resume_rank_map)
         self.resolved_config = rebuilt or self.resolved_config
         if trainable is not None:  # the set the saved family followed; the next step follows the current one
             self._trainable.load_state_dict(trainable)

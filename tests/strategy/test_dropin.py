@@ -21,7 +21,7 @@ from lightning_holograd import HoloGradConfig, HoloGradSetupWarning, HoloGradStr
 from lightning_holograd.demos import ToyModule, fit
 from lightning_holograd.protocol.defaults import default_num_directions, estimate_scale_factor
 from lightning_holograd.strategies.advice import advise
-from lightning_holograd.strategies.checkpoint import STATE_KEY
+from lightning_holograd.strategies.checkpoint import STATE_KEY, config_changes
 from lightning_holograd.strategies.runtime import TrainableSet
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(300)]
@@ -75,6 +75,23 @@ def test_default_k_is_resolved_at_setup_and_recorded_in_the_checkpoint(tmp_path)
     saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)[STATE_KEY]
     assert saved["config"]["num_directions"] == 64 and saved["config"]["target_compression"] == 100.0
     assert saved["trainable"]["dim"] == D_TOY
+
+
+def test_num_directions_none_resumes_with_the_checkpoints_k(tmp_path):
+    """A checkpoint of an explicit K (or of 0.1.x's default 1024) resumed with
+    num_directions=None keeps that K and continues bitwise (mid-epoch: a resumable loader); the None is no "changed setting"."""
+    straight = fit(ToyModule(resumable=True), holograd(num_directions=8), tmp_path / "straight", max_steps=8)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    fit(ToyModule(resumable=True), holograd(num_directions=8), tmp_path / "first", max_steps=4, enable_checkpointing=True,
+        callbacks=[ckpt])
+    resumed = fit(ToyModule(resumable=True), holograd(), tmp_path / "resumed", max_steps=8,
+                  ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert resumed[0]["exchange"]["family"]["num_directions"] == 8 != default_num_directions(D_TOY)
+    assert resumed[0]["exchange"]["chain"] == straight[0]["exchange"]["chain"]
+    assert max_param_diff(resumed[0], straight[0]) == 0.0
+    saved = {STATE_KEY: {"config": HoloGradConfig(num_directions=8).as_dict()}}
+    assert config_changes(saved, HoloGradConfig().as_dict()) == []
+    assert config_changes(saved, HoloGradConfig(num_directions=16).as_dict()) == ["num_directions: 8 -> 16"]
 
 
 def test_advice_compression_below_one_names_the_fix():

@@ -9,6 +9,7 @@ samples, 2 ranks, batch 16), 4 epochs. Loss criterion: the mean loss of the last
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from lightning_holograd import HoloGradFabricStrategy
 from lightning_holograd.demos import ToyModule, free_port, make_dataset
+from lightning_holograd.engine import StopRequested
 from lightning_holograd.strategies.checkpoint import STATE_KEY
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(300)]
@@ -93,7 +95,7 @@ def test_fabric_loop_trains_with_identical_replicas_and_resumes_bitwise(tmp_path
     assert straight[0]["exchange"]["chain"]["step"] == 16  # one exchange per optimizer step
     losses = straight[0]["losses"]
     assert sum(losses[-4:]) < 0.6 * sum(losses[:4]), losses
-    assert straight[0]["metrics"]["holograd/bytes_per_step"] == 32 + 4 * 64  # K = 64 for D = 178
+    assert straight[0]["metrics"]["holograd/bytes_per_step"] == 33 + 4 * 64  # hash + flag byte; K = 64 for D = 178
     launch("holograd_fork", toy_loop, tmp_path / "first", 2, None, tmp_path / "ckpt.pt")
     saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert saved[STATE_KEY]["exchange"]["chain"]["step"] == 8 and saved[STATE_KEY]["config"]["num_directions"] == 64
@@ -190,3 +192,66 @@ def test_fabric_loop_trains_a_transformers_llama(tmp_path):
     assert identical(states) and states[0]["exchange"]["chain"]["step"] == 24
     losses = states[0]["losses"]
     assert sum(losses[-4:]) < 0.5 * sum(losses[:4]), losses
+
+
+# -- the reliability pieces (issue 16) under Fabric ---------------------------------------------
+
+
+def _sigterm_loop(fabric: Fabric, out: Path) -> None:
+    """Rank 1 receives SIGTERM during its 3rd step; a handler the script installed first is kept."""
+    seen: list[int] = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
+    model = ToyModule().net
+    model, optimizer = fabric.setup(model, torch.optim.SGD(model.parameters(), lr=0.05))
+    loader = fabric.setup_dataloaders(DataLoader(make_dataset(), batch_size=16))
+    steps = 0
+    try:
+        for x, y in loader:
+            if fabric.global_rank == 1 and steps == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+            fabric.backward(torch.nn.functional.mse_loss(model(x), y))
+            optimizer.step()
+            optimizer.zero_grad()
+            steps += 1
+        stopped = None
+    except StopRequested as stop:
+        stopped = {"step": stop.step, "ranks": stop.ranks, "code": stop.code}
+    fabric.strategy.teardown()
+    torch.save({"stopped": stopped, "steps": steps, "seen": seen, "handler_back": signal.getsignal(signal.SIGTERM)
+                is not fabric.strategy._on_sigterm}, out / f"rank{fabric.global_rank}.pt")
+
+
+def test_sigterm_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    """Fabric has no SIGTERM handling; the strategy's handler sets the stop flag, which the
+    next commit carries: both ranks raise StopRequested (exit code 143) before step 4."""
+    launch("holograd_fork", _sigterm_loop, tmp_path)
+    states = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    for state in states:
+        assert state["stopped"] == {"step": 3, "ranks": [1], "code": 143}, state
+        assert state["steps"] == 2 and state["handler_back"]
+    assert states[1]["seen"] == [signal.SIGTERM] and states[0]["seen"] == []
+
+
+def _save_once(fabric: Fabric, path: Path) -> None:
+    model = ToyModule().net
+    model, optimizer = fabric.setup(model, torch.optim.SGD(model.parameters(), lr=0.05))
+    fabric.save(path, {"model": model})
+    torch.save(type(fabric.strategy.checkpoint_io).__name__, path.with_suffix(f".io{fabric.global_rank}"))
+
+
+def test_fabric_save_writes_atomically(tmp_path):
+    """fabric.save to a local path goes through atomic_save (temporary file beside, fsync,
+    rename): the writer is AtomicCheckpointIO, and no temporary file is left behind."""
+    launch("holograd_fork", _save_once, tmp_path / "ckpt.pt")
+    assert [torch.load(tmp_path / f"ckpt.io{r}") for r in range(2)] == ["AtomicCheckpointIO"] * 2
+    assert STATE_KEY in torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.io0", "ckpt.io1", "ckpt.pt"]
+
+
+def test_atomic_checkpoint_io_uses_atomic_save(tmp_path, monkeypatch):
+    from lightning_holograd.strategies import checkpoint
+
+    calls = []
+    monkeypatch.setattr(checkpoint, "atomic_save", lambda state, path: calls.append(path))
+    checkpoint.AtomicCheckpointIO().save_checkpoint({"x": torch.ones(1)}, tmp_path / "a.pt")
+    assert calls == [tmp_path / "a.pt"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import inspect
 import os
+from datetime import timedelta
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -32,7 +33,7 @@ HELPERS = {"engine/torch_private.py", "strategies/lightning_private.py"}
 LIGHTNING_PRIVATE = ("_MultiProcessingLauncher", "_BackwardSyncControl", "_start_method", "_launcher",
                      "_get_process_group_backend", "_backward_sync_control", "_broadcast_coalesced",
                      "_get_default_group", "_get_default_store", "_DropoutNd", "_signal_connector",
-                     "_sigterm_notifier_fn", "_broadcast_sigterm_tensor")
+                     "_sigterm_notifier_fn", "_broadcast_sigterm_tensor", "_timeout")
 
 
 def test_private_names_appear_only_in_the_two_helpers():
@@ -100,6 +101,8 @@ def test_strategy_private_attributes_exist(namespace):
     assert strategy.launcher == "sentinel"  # the public property reads the slot we set
     strategy._process_group_backend = "gloo"
     assert lightning_private.process_group_backend(strategy) == "gloo"
+    timed = module.DDPStrategy(start_method="fork", timeout=timedelta(seconds=7))
+    assert lightning_private.process_group_timeout(timed) == timedelta(seconds=7)
 
 
 def test_fabric_backward_sync_control_is_what_no_backward_sync_uses():

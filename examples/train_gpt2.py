@@ -14,7 +14,9 @@ GPT-2 124M on N GPUs of one node, or on two nodes with N GPUs each:
 
 Any argument can be overridden on the command line (``--trainer.max_steps 50``,
 ``--trainer.strategy.num_directions 4096``, ``--data.dataset text --data.data_files
-'[a.txt]'``); ``python examples/train_gpt2.py fit --help`` lists them all. Lightning's
+'[a.txt]'``); ``python examples/train_gpt2.py fit --help`` lists them all except the
+strategy's, which ``python examples/train_gpt2.py fit --trainer.strategy.help
+lightning_holograd.HoloGradStrategy`` lists. Lightning's
 script launcher re-runs this file once per extra rank, hence the main guard.
 
 The model (``GPT2Module``) and the data (``GPT2DataModule``) are importable demos of the

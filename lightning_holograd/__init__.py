@@ -1,7 +1,8 @@
 """lightning-holograd: HoloGrad data-parallel training for PyTorch Lightning.
 
 ``import lightning_holograd`` registers ``strategy="holograd"`` (and ``holograd_spawn``,
-``holograd_fork``) with ``lightning.pytorch`` and, when installed, ``pytorch_lightning``.
+``holograd_fork``) with ``lightning.pytorch``, ``lightning.fabric`` and, when installed,
+``pytorch_lightning``.
 
 Layers (README "Architecture"): ``protocol`` (pure torch), ``engine`` (torch.distributed),
 ``strategies`` (Lightning), ``callbacks`` (user-facing settings); ``demos`` holds the
@@ -11,7 +12,13 @@ example tasks.
 from . import protocol
 from .callbacks import ADCBootstrap, ByzantineSimulator, ProofVerifier
 from .engine import HoloGradExchange, ReplicaDivergenceError, StepContext, TrafficMeter
-from .strategies import HoloGradConfig, HoloGradStrategy, PLHoloGradStrategy
+from .strategies import (
+    HoloGradConfig,
+    HoloGradFabricStrategy,
+    HoloGradSetupWarning,
+    HoloGradStrategy,
+    PLHoloGradStrategy,
+)
 
 __version__ = "0.1.0"
 
@@ -20,6 +27,8 @@ __all__ = [
     "ByzantineSimulator",
     "HoloGradConfig",
     "HoloGradExchange",
+    "HoloGradFabricStrategy",
+    "HoloGradSetupWarning",
     "HoloGradStrategy",
     "PLHoloGradStrategy",
     "ProofVerifier",

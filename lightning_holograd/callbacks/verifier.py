@@ -30,8 +30,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections import defaultdict
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,6 +42,7 @@ from torch import nn
 from typing_extensions import override
 
 from ..engine import HoloGradExchange, StepContext
+from ..engine.torch_private import DropoutNd
 from ..protocol import Ledger, Reason, draw_claims
 from ..engine.audit import audit_block
 from ..protocol.sharding import draw_audit_block, draw_sharded_claims
@@ -60,7 +63,26 @@ def ledger_anchor_metrics(ledger: Ledger) -> dict[str, float]:
 def stochastic_modules(module: nn.Module) -> list[str]:
     """Names of the dropout layers that are active in training mode (p > 0)."""
     return [name or type(sub).__name__ for name, sub in module.named_modules()
-            if isinstance(sub, nn.modules.dropout._DropoutNd) and sub.p > 0]
+            if isinstance(sub, DropoutNd) and sub.p > 0]
+
+
+def _check_ledger_path(ledger_path: str | os.PathLike[str] | None) -> None:
+    """Fail at construction, on every rank, for a path rank 0 could not create or write later."""
+    if ledger_path is None:
+        return
+    path = Path(ledger_path).absolute()
+    if path.is_dir():
+        raise ValueError(f"ledger_path={str(ledger_path)!r} is a directory. HINT: name a file in it, e.g. "
+                         f"ledger_path={str(Path(ledger_path) / 'ledger.jsonl')!r}.")
+    ancestor = path.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ValueError(f"ledger_path={str(ledger_path)!r} cannot be created: {str(ancestor)!r} is a file, not a "
+                         "directory. HINT: choose a path whose parent folders are folders (or do not exist yet).")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ValueError(f"ledger_path={str(ledger_path)!r} cannot be created: {str(ancestor)!r} is not writable. "
+                         "HINT: choose a writable folder.")
 
 
 class ProofVerifier(Callback):
@@ -109,6 +131,7 @@ class ProofVerifier(Callback):
         verifier_ranks = tuple(int(r) for r in verifier_ranks)
         if not verifier_ranks or any(r < 0 for r in verifier_ranks) or len(set(verifier_ranks)) != len(verifier_ranks):
             raise ValueError(f"verifier_ranks={verifier_ranks!r} must be distinct ranks >= 0, at least one.")
+        _check_ledger_path(ledger_path)
         if not isinstance(transfer_timeout, (int, float)) or not transfer_timeout > 0:
             raise ValueError(f"transfer_timeout={transfer_timeout!r} must be a number of seconds > 0. HINT: 60.")
         if isinstance(max_transfer_bytes, bool) or not isinstance(max_transfer_bytes, int) or max_transfer_bytes < 1:

@@ -29,9 +29,12 @@ from typing import Any, Literal, TypeVar
 import torch
 import torch.distributed as dist
 
+from .torch_private import broadcast_coalesced, default_store
 from .traffic import Op, TrafficMeter
 
-__all__ = ["ALL_TO_ALL_MODES", "Comm", "RankFailureError", "unresponsive_ranks"]
+__all__ = ["ALL_TO_ALL_MODES", "BROADCAST_BUCKET_BYTES", "Comm", "RankFailureError", "unresponsive_ranks"]
+
+BROADCAST_BUCKET_BYTES = 250 * 1024 * 1024  # DDP's and Lightning's module-state sync bucket
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -52,7 +55,7 @@ def unresponsive_ranks(tag: str, rank: int, world_size: int, wait_s: float = PRO
     store itself cannot be reached (it is hosted by rank 0, or by torchrun's agent).
     """
     try:
-        store = dist.distributed_c10d._get_default_store()  # the only private torch name of the package
+        store = default_store()
         store.set(f"holograd/alive/{tag}/{rank}", "1")
         keys = {r: f"holograd/alive/{tag}/{r}" for r in range(world_size)}
         deadline = time.monotonic() + wait_s
@@ -139,14 +142,20 @@ class Comm:
         return out.reshape(self.world_size, *tensor.shape)
 
     def broadcast(self, tensors: Iterable[torch.Tensor], kind: str | None, src: int = 0) -> None:
-        """Overwrite ``tensors`` in place with rank ``src``'s values (buffers, the initial state)."""
-        for tensor in tensors:
-            self._record(kind, "p2p", tensor.numel() * tensor.element_size())
-            if self.distributed:
-                staged = tensor.detach().to(self.device)  # the tensor itself when already there
-                self.run(kind or "broadcast", lambda: dist.broadcast(staged, src=self._global(src), group=self.group))
-                if staged.data_ptr() != tensor.data_ptr():
-                    tensor.detach().copy_(staged)
+        """Overwrite ``tensors`` in place with rank ``src``'s values (buffers, the initial state).
+
+        Coalesced as DDP's module-state sync is: tensors are packed into buckets of at most
+        ``BROADCAST_BUCKET_BYTES`` (grouped by dtype) and each bucket is one broadcast.
+        """
+        tensors = [tensor.detach() for tensor in tensors]
+        self._record(kind, "p2p", sum(tensor.numel() * tensor.element_size() for tensor in tensors))
+        if not self.distributed or not tensors:
+            return
+        staged = [tensor.to(self.device) for tensor in tensors]  # the tensors themselves when already there
+        self.run(kind or "broadcast", lambda: broadcast_coalesced(self.group, staged, BROADCAST_BUCKET_BYTES, src))
+        for tensor, copy in zip(tensors, staged):
+            if copy is not tensor:
+                tensor.copy_(copy)
 
     def all_reduce_sum(self, tensor: torch.Tensor, kind: str | None) -> torch.Tensor:
         """The sum of every rank's ``tensor``, as a new tensor on ``device``."""

@@ -12,6 +12,9 @@ index (1 for the first step), c_t the step commitment (32 bytes).
   digest of the aggregated scalars of step t-1 (d_0 is 32 zero bytes).
 - Step batch hash h_{t,i}: ``hash_batch`` of rank i's one micro-batch, or of the list
   of its micro-batches under gradient accumulation (``step_batch_hash``).
+- A change of the trainable parameters before step t+1 (new D and K, and the digest of
+  the new parameter mask) is folded into d_t: d_t <- SHA256(d_t || "holograd/trainable" ||
+  D || K || mask digest), D and K as 8 bytes little-endian, so c_{t+1} commits to it.
 - Direction seed: s_{t,j} = first 8 bytes of SHA256(c_t || j) read as an unsigned
   little-endian 64-bit integer, j encoded as 8 bytes little-endian. One hash per
   direction: no seed is a prefix-derived variant of another.
@@ -41,6 +44,7 @@ __all__ = [
 ]
 
 GENESIS_TAG = genesis_tag(DIRECTION_VERSION)  # b"holograd/v2/dirs2"; version 1: b"holograd/v1"
+TRAINABLE_TAG = b"holograd/trainable"
 DIGEST_SIZE = 32
 _ZERO_DIGEST = bytes(DIGEST_SIZE)
 
@@ -158,6 +162,15 @@ class CommitmentChain:
     def record_scalars(self, aggregated: torch.Tensor) -> bytes:
         """Set d_t, the digest of the aggregated scalars of the current step."""
         self.last_scalars_digest = scalars_digest(aggregated)
+        return self.last_scalars_digest
+
+    def record_trainable_change(self, dim: int, num_directions: int, mask_digest: bytes) -> bytes:
+        """Fold a new trainable set (D, K, the digest of the parameter mask) into d_t, so that the
+        next commitment binds it (docs/PROTOCOL.md §2.4)."""
+        if len(mask_digest) != DIGEST_SIZE:
+            raise ValueError(f"mask_digest has {len(mask_digest)} bytes, expected {DIGEST_SIZE}.")
+        payload = self.last_scalars_digest + TRAINABLE_TAG + _u64(dim) + _u64(num_directions) + mask_digest
+        self.last_scalars_digest = hashlib.sha256(payload).digest()
         return self.last_scalars_digest
 
     def seeds(self, num_directions: int, offset: int = 0) -> list[int]:

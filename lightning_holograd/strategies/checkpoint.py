@@ -4,7 +4,12 @@ Lightning's checkpoint has no slot for strategy state, so the strategy adds one 
 named like a callback's ``state_key`` (class name and the identifying arguments):
 
     checkpoint["HoloGradStrategy{'version': 2}"] = {"config": HoloGradConfig.as_dict(),
-                                                    "exchange": HoloGradExchange.state_dict()}
+                                                    "exchange": HoloGradExchange.state_dict(),
+                                                    "trainable": TrainableSet.state_dict()}
+
+``config`` is the config resolved for the model (K filled in when it was left to the
+default); ``trainable`` (D and the digest of the trainable-parameter mask the family
+followed) is absent from checkpoints written before it existed.
 
 Version 1 (lightning-holograd 0.1.0) kept the same two entries under ``"holograd"``, with
 the slashed ranks under ``exchange["excluded"]`` and the traffic of true-gradient steps
@@ -19,9 +24,11 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from lightning.fabric.plugins import TorchCheckpointIO
+from typing_extensions import override
 
-__all__ = ["STATE_KEY", "STATE_VERSION", "atomic_save", "config_changes", "exchange_state", "protocol_state",
-           "writes_atomically"]
+__all__ = ["STATE_KEY", "STATE_VERSION", "AtomicCheckpointIO", "atomic_save", "config_changes", "exchange_state", "protocol_state",
+           "trainable_state", "writes_atomically"]
 
 STATE_VERSION = 2
 STATE_KEY = f"HoloGradStrategy{ {'version': STATE_VERSION}!r}"
@@ -29,9 +36,19 @@ _V1_KEY = "holograd"
 _V1_TRAFFIC_KINDS = {"bootstrap": "true_gradient"}
 
 
-def protocol_state(config: Mapping[str, Any], exchange: Mapping[str, Any]) -> dict[str, Any]:
+def protocol_state(config: Mapping[str, Any], exchange: Mapping[str, Any],
+                   trainable: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The value stored under ``STATE_KEY``."""
-    return {"config": dict(config), "exchange": dict(exchange)}
+    state = {"config": dict(config), "exchange": dict(exchange)}
+    if trainable is not None:
+        state["trainable"] = dict(trainable)
+    return state
+
+
+def trainable_state(checkpoint: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The trainable set the saved family followed (None: not recorded, as in version 1)."""
+    state = checkpoint.get(STATE_KEY)
+    return dict(state["trainable"]) if state is not None and "trainable" in state else None
 
 
 def exchange_state(checkpoint: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -56,10 +73,11 @@ def _exchange_from_v1(state: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def config_changes(checkpoint: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-    """Settings that differ between the checkpoint's run and this one, as "name: old -> new"."""
+    """Settings that differ between the checkpoint's run and this one, as "name: old -> new".
+    ``num_directions=None`` (K from the model) is no change: the saved family's K is kept."""
     saved = (checkpoint.get(STATE_KEY) or checkpoint.get(_V1_KEY) or {}).get("config") or {}
     return [f"{name}: {saved[name]!r} -> {value!r}" for name, value in current.items()
-            if name in saved and saved[name] != value]
+            if name in saved and saved[name] != value and not (name == "num_directions" and value is None)]
 
 
 def writes_atomically(checkpoint_io: Any, filepath: Any) -> bool:
@@ -92,3 +110,15 @@ def atomic_save(checkpoint: Mapping[str, Any], filepath: Any) -> None:
         os.fsync(folder)  # the rename itself survives a power cut
     finally:
         os.close(folder)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's ``TorchCheckpointIO`` whose local writes are ``atomic_save`` (what the
+    Fabric strategy uses in place of the default writer)."""
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        if storage_options is None and "://" not in str(path):
+            atomic_save(checkpoint, path)
+        else:
+            super().save_checkpoint(checkpoint, path, storage_options=storage_options)

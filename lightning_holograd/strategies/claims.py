@@ -30,10 +30,12 @@ from typing import Any
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import nn
+from torch.nn.utils import parameters_to_vector
 
 from ..protocol import DirectionFamily
 
-__all__ = ["Claims", "Inputs", "flat_grad", "jvp_scalars", "training_loss", "write_grad"]
+__all__ = ["Claims", "Inputs", "backward_projector", "flat_grad", "jvp_scalars", "trainable_parameters", "training_loss",
+           "write_grad"]
 
 Inputs = Sequence[tuple[Any, int]]  # the step's micro-batches: [(batch, batch_idx), ...]
 
@@ -48,11 +50,16 @@ def training_loss(output: Any, purpose: str) -> torch.Tensor:
     return loss
 
 
+def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """Parameters whose gradients are exchanged, in a fixed order: ``requires_grad``, module order."""
+    return [p for p in module.parameters() if p.requires_grad]
+
+
 def flat_grad(params: Sequence[nn.Parameter]) -> torch.Tensor:
     """The gradients of ``params`` as one float32 vector (D,); zeros where ``.grad`` is None."""
-    grads = [p.grad.reshape(-1).to(torch.float32) if p.grad is not None
-             else torch.zeros(p.numel(), dtype=torch.float32, device=p.device) for p in params]
-    return torch.cat(grads)
+    grads = [p.grad.to(torch.float32).contiguous() if p.grad is not None
+             else torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in params]
+    return parameters_to_vector(grads)
 
 
 def write_grad(params: Sequence[nn.Parameter], flat: torch.Tensor) -> None:
@@ -115,16 +122,26 @@ def jvp_scalars(module: nn.Module, params: Sequence[nn.Parameter], inputs: Input
     return scalars
 
 
-class Claims:
-    """This rank's claims and recomputed claims, for the strategy's module and ``family``."""
+def backward_projector(family: DirectionFamily, params: Sequence[nn.Parameter]) -> Callable[[list[int]], torch.Tensor]:
+    """``project(seeds)`` of the gradient the local backward left in ``params``' ``.grad``."""
+    grad = flat_grad(params)
+    return lambda seeds: family.project(grad, seeds)
 
-    def __init__(self, strategy: Any, family: DirectionFamily) -> None:
-        self.strategy = strategy  # a HoloGradStrategy: its module, precision plugin and device
-        self.family = family
+
+class Claims:
+    """This rank's claims and recomputed claims, for the strategy's module and its exchange's family."""
+
+    def __init__(self, strategy: Any) -> None:
+        self.strategy = strategy  # a HoloGradStrategy: its module, precision plugin, device and exchange
+
+    @property
+    def family(self) -> DirectionFamily:
+        """The exchange's current family (rebuilt when the trainable parameters change)."""
+        return self.strategy.exchange.family
 
     def parameters(self) -> list[nn.Parameter]:
         """Parameters whose gradients are exchanged, in a fixed order (module order)."""
-        return [p for p in self.strategy.lightning_module.parameters() if p.requires_grad]
+        return trainable_parameters(self.strategy.lightning_module)
 
     def projector(self, inputs: Inputs) -> Callable[[list[int]], torch.Tensor]:
         """``project(seeds)`` for ``HoloGradExchange.step``: this rank's claim for ``inputs``."""
@@ -132,8 +149,7 @@ class Claims:
         if self.strategy.config.projection == "jvp":
             accumulate = module.trainer.accumulate_grad_batches
             return lambda seeds: jvp_scalars(module, params, inputs, accumulate, self.family, seeds)
-        grad = flat_grad(params)  # after the local backward
-        return lambda seeds: self.family.project(grad, seeds)
+        return backward_projector(self.family, params)  # after the local backward
 
     @torch.no_grad()
     def recompute(self, inputs: Inputs, seeds: list[int]) -> torch.Tensor:

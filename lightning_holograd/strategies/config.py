@@ -1,9 +1,15 @@
-"""Validated, flat settings of a HoloGrad run (what LightningCLI reads from YAML)."""
+"""Validated, flat settings of a HoloGrad run (what LightningCLI reads from YAML).
+
+Validation never builds a direction family (a codebook would allocate K x K floats):
+settings that depend on the model (the default K, ``codebook_rank`` against D) are
+resolved and checked at setup, by ``resolve(dim)``.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal, get_args
 
 from lightning.fabric.utilities.rank_zero import rank_zero_warn
@@ -20,6 +26,13 @@ from ..protocol import (
 from ..engine.exchange import check_aggregation_path
 from ..protocol.chain import direction_seeds, genesis_commitment
 from ..protocol.codebook_fit import CODEBOOK_FITS, CODEBOOK_STRUCTURES, check_codebook_settings
+from ..protocol.defaults import (
+    DEFAULT_TARGET_COMPRESSION,
+    ESTIMATE_SCALES,
+    default_num_directions,
+    estimate_scale_factor,
+    variance_ratio,
+)
 
 __all__ = ["HoloGradConfig", "AggregationName", "ProjectionName", "check_world_size"]
 
@@ -41,7 +54,7 @@ def _int_at_least(name: str, value: Any, low: int, hint: str = "") -> None:
 class HoloGradConfig:
     """All protocol knobs of ``HoloGradStrategy``; see README "Strategy settings"."""
 
-    num_directions: int = 1024
+    num_directions: int | None = None  # K; None: from D at setup (``default_num_directions``)
     directions: str = "sketch"
     aggregation: str = "mean"
     trim_ratio: float = 0.1
@@ -66,13 +79,17 @@ class HoloGradConfig:
     audit_every: int = 100
     sync_buffers: bool = True
     aggregation_path: str = "all_gather"  # docs/PROTOCOL.md §4.5: auto, all_gather, sharded, all_reduce
+    target_compression: float = DEFAULT_TARGET_COMPRESSION  # sets the default K: about D / target_compression
+    estimate_scale: str = "unbiased"  # factor on g_hat: "unbiased" (1), "min_variance", "norm"
 
     def __post_init__(self) -> None:
-        _int_at_least("num_directions", self.num_directions, 1,
-                      "the number of scalars each rank sends per step, e.g. 1024.")
+        if self.num_directions is not None:
+            _int_at_least("num_directions", self.num_directions, 1,
+                          "the number of scalars each rank sends per step; None picks it from the model size.")
         _choice("directions", self.directions, FAMILY_NAMES)
         _choice("aggregation", self.aggregation, get_args(AggregationName))
         _choice("projection", self.projection, get_args(ProjectionName))
+        _choice("estimate_scale", self.estimate_scale, ESTIMATE_SCALES)
         if not isinstance(self.trim_ratio, (int, float)) or not 0.0 <= self.trim_ratio < 0.5:
             raise ValueError(f"trim_ratio={self.trim_ratio!r} must lie in [0, 0.5). HINT: 0.25 drops a quarter of "
                              "the ranks at each end of every direction.")
@@ -82,12 +99,19 @@ class HoloGradConfig:
             raise ValueError(f"clip_row_norms={self.clip_row_norms!r} must be True or False.")
         if not isinstance(self.seed, str) or not self.seed:
             raise ValueError(f"seed={self.seed!r} must be a non-empty string shared by all ranks.")
+        if (isinstance(self.target_compression, bool) or not isinstance(self.target_compression, (int, float))
+                or not math.isfinite(self.target_compression) or self.target_compression < 1):
+            raise ValueError(f"target_compression={self.target_compression!r} must be a finite number >= 1. HINT: "
+                             "the default K is about D / target_compression; 100 sends 1 % of DDP's bytes at 2 ranks.")
+        if self.estimate_scale != "unbiased" and self.directions in ("codebook", "momentum"):
+            raise ValueError(f"estimate_scale={self.estimate_scale!r} needs an unbiased family, got "
+                             f"directions={self.directions!r}. HINT: use estimate_scale='unbiased' with this family.")
         if self.codebook_rank is not None:
             _int_at_least("codebook_rank", self.codebook_rank, 1)
-            if self.codebook_rank > self.num_directions:
+            if self.num_directions is not None and self.codebook_rank > self.num_directions:
                 raise ValueError(f"codebook_rank={self.codebook_rank} exceeds num_directions={self.num_directions}. "
                                  "HINT: num_directions counts codebook columns plus exploration directions.")
-        if self.directions == "momentum" and self.num_directions < 2:
+        if self.directions == "momentum" and self.num_directions is not None and self.num_directions < 2:
             raise ValueError(f"num_directions={self.num_directions} is too small for directions='momentum'. "
                              "HINT: use >= 2 (one momentum direction plus exploration directions).")
         if self.projection == "jvp" and self.directions == "identity":
@@ -98,10 +122,16 @@ class HoloGradConfig:
         _int_at_least("audit_every", self.audit_every, 0, "0 disables the replica audit.")
         if self.chunk_size is not None:
             _int_at_least("chunk_size", self.chunk_size, 1, "None sizes chunks to the device's working set.")
-        # Remaining range checks (oja_lr, exploration_weight, momentum_beta, chunk multiple)
-        # are done by the family constructors; build a tiny one now so they fail here.
-        self.build_family(dim=max(self.num_directions, 1))
+        self._check_family_knobs()
         check_aggregation_path(self.aggregation_path, self.build_aggregator())
+
+    def _check_family_knobs(self) -> None:
+        """The family constructors' range checks, without building a family (no allocation)."""
+        for name, value, high_open in (("exploration_weight", self.exploration_weight, False),
+                                       ("momentum_beta", self.momentum_beta, True)):
+            ok = isinstance(value, (int, float)) and (0.0 <= value < 1.0 if high_open else 0.0 <= value <= 1.0)
+            if not ok:
+                raise ValueError(f"{name}={value!r} must lie in [0, 1{')' if high_open else ']'}.")
 
     def _check_codebook(self) -> None:
         """The codebook settings and the diagnostic schedule, checked without building a family."""
@@ -122,26 +152,56 @@ class HoloGradConfig:
             raise ValueError(f"diagnostic_every={self.diagnostic_every} needs the local gradient, which "
                              f"projection={self.projection!r} never computes. HINT: use projection='backward'.")
 
+    # -- settings that depend on the model -----------------------------------------------------
+    def resolve(self, dim: int) -> HoloGradConfig:
+        """This config for a model with ``dim`` trainable coordinates: K filled in and checked
+        against D. Raises when a setting cannot work for this model, naming the user's argument."""
+        num_directions = self.num_directions
+        if self.directions == "identity":
+            num_directions = dim
+        elif num_directions is None:
+            num_directions = default_num_directions(dim, self.target_compression)
+            if self.codebook_rank is not None:
+                num_directions = max(num_directions, self.codebook_rank)
+        if self.directions == "codebook":
+            rank = self.codebook_rank if self.codebook_rank is not None else num_directions
+            if rank > dim:
+                argument = (f"codebook_rank={self.codebook_rank}" if self.codebook_rank is not None
+                            else f"num_directions={num_directions} (codebook_rank=None uses all of them as columns)")
+                raise ValueError(f"{argument} exceeds the model's {dim} trainable parameters. HINT: set "
+                                 f"codebook_rank <= {dim}, e.g. codebook_rank={max(1, dim // 4)}.")
+        return replace(self, num_directions=num_directions)
+
+    def scale_factor(self, dim: int) -> float:
+        """The factor ``estimate_scale`` applies to g_hat for D = ``dim`` (resolved K)."""
+        assert self.num_directions is not None, "resolve(dim) first"
+        return estimate_scale_factor(self.estimate_scale, self.directions, dim, self.num_directions)
+
+    def norm_inflation(self, dim: int) -> float | None:
+        """sqrt(E||g_hat||^2 / ||g||^2) of the unscaled estimate (None for a biased family)."""
+        assert self.num_directions is not None, "resolve(dim) first"
+        ratio = variance_ratio(self.directions, dim, self.num_directions)
+        return None if ratio is None else math.sqrt(1.0 + ratio)
+
     def build_family(self, dim: int, resumed: Mapping[str, Any] | None = None,
                      param_shapes: Sequence[Sequence[int]] | None = None) -> DirectionFamily:
-        """The direction family over ``dim`` trainable coordinates; ``resumed``, the family state
-        of a checkpoint about to be loaded, decides the direction version (new runs: the current
-        one; a lightning-holograd 0.1.x checkpoint: version 1, docs/PROTOCOL.md §3.8);
-        ``param_shapes``: the trainable parameters' shapes in flat-gradient order (the
-        codebook's blocks and factors)."""
+        """The direction family over ``dim`` trainable coordinates (K resolved for ``dim`` if unset);
+        ``resumed``, the family state of a checkpoint about to be loaded, decides the direction
+        version (new runs: the current one; a lightning-holograd 0.1.x checkpoint: version 1,
+        docs/PROTOCOL.md §3.8); ``param_shapes``: the trainable parameters' shapes in
+        flat-gradient order (the codebook's blocks and factors)."""
+        config = self.resolve(dim)
         resume = resume_settings(resumed)
-        if self.directions == "identity":
+        if config.directions == "identity":
             return make_family("identity", dim, dim, **resume)
-        if self.codebook_rank is not None and self.directions == "codebook" and self.codebook_rank > dim:
-            raise ValueError(f"codebook_rank={self.codebook_rank} exceeds the model's {dim} trainable parameters. "
-                             "HINT: lower codebook_rank.")
-        init_seed = direction_seeds(genesis_commitment(self.seed) + b"/basis", 1)[0]
+        init_seed = direction_seeds(genesis_commitment(config.seed) + b"/basis", 1)[0]
         return make_family(
-            self.directions, dim, self.num_directions, codebook_rank=self.codebook_rank, oja_lr=self.oja_lr,
-            qr_every=self.qr_every, exploration_weight=self.exploration_weight, momentum_beta=self.momentum_beta,
-            init_seed=init_seed, chunk_size=self.chunk_size, **resume,
-            codebook_structure=self.codebook_structure, param_shapes=param_shapes, codebook_fit=self.codebook_fit,
-            sketch_size=self.sketch_size, sketch_decay=self.sketch_decay, tracking_lr=self.tracking_lr,
+            config.directions, dim, config.num_directions, codebook_rank=config.codebook_rank,
+            oja_lr=config.oja_lr, qr_every=config.qr_every, exploration_weight=config.exploration_weight,
+            momentum_beta=config.momentum_beta, init_seed=init_seed, chunk_size=config.chunk_size, **resume,
+            codebook_structure=config.codebook_structure, param_shapes=param_shapes,
+            codebook_fit=config.codebook_fit, sketch_size=config.sketch_size, sketch_decay=config.sketch_decay,
+            tracking_lr=config.tracking_lr,
         )
 
     def build_aggregator(self) -> Aggregator:

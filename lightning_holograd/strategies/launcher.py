@@ -20,8 +20,9 @@ import tempfile
 from typing import Any
 
 import torch
-from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from typing_extensions import override
+
+from .lightning_private import MultiProcessingLauncher
 
 __all__ = ["HoloGradLauncher", "ShipProtocolStateMixin", "die_with_parent"]
 
@@ -43,7 +44,7 @@ def die_with_parent(parent_pid: int) -> None:
 
 
 class ShipProtocolStateMixin:
-    """Placed before a ``_MultiProcessingLauncher`` in the MRO."""
+    """Placed before Lightning's spawn/fork launcher (``_MultiProcessingLauncher``) in the MRO."""
 
     parent_pid: int | None = None  # the process that called fit; ranks die with it
 
@@ -76,5 +77,5 @@ class ShipProtocolStateMixin:
                 os.remove(path)
 
 
-class HoloGradLauncher(ShipProtocolStateMixin, _MultiProcessingLauncher):
+class HoloGradLauncher(ShipProtocolStateMixin, MultiProcessingLauncher):
     """The spawn/fork launcher of ``HoloGradStrategy`` (``lightning.pytorch``)."""

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.strategies import DDPStrategy
-from pytorch_lightning.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 
 from .launcher import ShipProtocolStateMixin
+from .lightning_private import pl_multiprocessing_launcher
 from .metrics import HoloGradMetricsMixin
 from .strategy import HoloGradStrategyMixin
 
@@ -21,7 +21,7 @@ class PLHoloGradMetrics(HoloGradMetricsMixin, Callback):
     """The metrics callback for ``pytorch_lightning``."""
 
 
-class PLHoloGradLauncher(ShipProtocolStateMixin, _MultiProcessingLauncher):
+class PLHoloGradLauncher(ShipProtocolStateMixin, pl_multiprocessing_launcher()):  # type: ignore[misc]
     """The spawn/fork launcher of ``PLHoloGradStrategy``."""
 
 

@@ -17,40 +17,70 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Generator, Iterator
+import warnings
+from collections.abc import Generator
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any, Callable, ClassVar, Literal
 
 import torch
-from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.strategies import DDPStrategy
 from torch.distributed.constants import default_pg_timeout
 from typing_extensions import override
 
-from ..engine import Comm, HoloGradExchange, StepContext, TrafficMeter
+from ..engine import HoloGradExchange, StepContext
 from ..engine.exchange import AggregationPath
-from ..protocol import CodebookFit, CodebookStructure, CommitmentChain, FamilyName, step_batch_hash
-from .checkpoint import STATE_KEY, atomic_save, config_changes, exchange_state, protocol_state, writes_atomically
-from .claims import Claims, flat_grad, write_grad
+from ..protocol import CodebookFit, CodebookStructure, FamilyName
+from ..protocol.defaults import DEFAULT_TARGET_COMPRESSION, EstimateScale
+from .advice import (
+    HoloGradSetupWarning,
+    advise,
+    check_single_optimizer,
+    check_strategy_arguments,
+)
+from .checkpoint import (
+    STATE_KEY,
+    atomic_save,
+    config_changes,
+    exchange_state,
+    protocol_state,
+    trainable_state,
+    writes_atomically,
+)
+from .claims import Claims
 from .config import AggregationName, HoloGradConfig, ProjectionName, check_world_size
 from .launcher import HoloGradLauncher, die_with_parent
-from .lightning_private import replace_sigterm_collectives
+from .lightning_private import (
+    process_group_backend,
+    process_group_timeout,
+    replace_sigterm_collectives,
+    set_launcher,
+    start_method,
+)
 from .metrics import HoloGradMetrics
+from .registry import STRATEGY_NAMES, register_names
+from .runtime import (
+    TrainableSet,
+    after_step,
+    build_exchange,
+    load_exchange_state,
+    module_state,
+    run_exchange,
+)
 from .signals import StopOnSignal
 
 __all__ = ["HoloGradStrategy", "HoloGradStrategyMixin", "STRATEGY_NAMES"]
 
 log = logging.getLogger(__name__)
 
-STRATEGY_NAMES = {"holograd": "popen", "holograd_spawn": "spawn", "holograd_fork": "fork"}
 
 
 class HoloGradStrategyMixin:
     """HoloGrad data parallelism: K scalars per rank and step instead of a gradient all-reduce.
 
     Args (protocol; see README "Strategy settings"):
-        num_directions: K, scalars each rank sends per optimizer step.
+        num_directions: K, scalars each rank sends per optimizer step (None: about
+            D / ``target_compression``, resolved at setup from the model's D).
         directions: direction family (``sketch`` is O(D) for any K; ``gaussian`` and
             ``rademacher`` are paper-faithful dense families; ``codebook`` is ADC;
             ``momentum`` is HoloGrad's momentum-centric mode; ``identity`` is an exact
@@ -76,6 +106,9 @@ class HoloGradStrategyMixin:
             rank aggregates one, all_gather of the aggregates: bytes per rank independent of
             N), ``all_reduce`` (``mean`` only, no verification), ``auto`` (the cheapest of
             them that computes the same thing, decided at each step; recommended from N = 3 on).
+        target_compression: sets the default K (num_directions=None) to about D / target_compression.
+        estimate_scale: factor on g_hat: ``unbiased`` (1), ``min_variance`` (1/(1 + v), the
+            least mean-squared error; biased toward 0) or ``norm`` (1/sqrt(1 + v)).
     Args (faults; README "Failure and recovery"):
         sigterm_grace: seconds a rank may take to stop after SIGTERM before it exits hard
             (a rank blocked in a collective cannot stop cleanly).
@@ -83,6 +116,8 @@ class HoloGradStrategyMixin:
             size that slashed ranks (None: such a resume is refused, with the reason).
     Args (process group; as in ``DDPStrategy``): process_group_backend, timeout (also bounds
         every wait of the exchange and of verification), start_method.
+    DistributedDataParallel arguments (``find_unused_parameters``, comm hooks, ...) are refused:
+    the module is never wrapped in DDP, so they would do nothing.
     """
 
     # Set by each concrete class: the package's metrics callback and spawn/fork launcher.
@@ -91,7 +126,7 @@ class HoloGradStrategyMixin:
 
     def __init__(
         self,
-        num_directions: int = 1024,
+        num_directions: int | None = None,
         directions: FamilyName = "sketch",
         aggregation: AggregationName = "mean",
         trim_ratio: float = 0.1,
@@ -119,6 +154,8 @@ class HoloGradStrategyMixin:
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+        target_compression: float = DEFAULT_TARGET_COMPRESSION,
+        estimate_scale: EstimateScale = "unbiased",
         **kwargs: Any,
     ) -> None:
         self.config = HoloGradConfig(
@@ -130,10 +167,15 @@ class HoloGradStrategyMixin:
             sketch_decay=sketch_decay, tracking_lr=tracking_lr, diagnostic_every=diagnostic_every,
             chunk_size=chunk_size, projection=projection, audit_every=audit_every, sync_buffers=sync_buffers,
             aggregation_path=aggregation_path,
+            target_compression=target_compression, estimate_scale=estimate_scale,
         )
+        lightning_arguments = check_strategy_arguments(kwargs)  # DDP-only arguments are refused
         super().__init__(process_group_backend=process_group_backend, timeout=timeout, start_method=start_method,
-                         **kwargs)
+                         **lightning_arguments)
         self.exchange: HoloGradExchange | None = None  # built at setup, on every rank
+        self.resolved_config: HoloGradConfig | None = None  # config with K resolved for the model, at setup
+        self._trainable: TrainableSet | None = None  # the trainable set the family follows
+        self._pending_trainable: dict[str, Any] | None = None
         # Rank 0's exchange state after a spawn/fork fit, in the process that called fit.
         self.final_protocol_state: dict[str, Any] | None = None
         self._claims: Claims | None = None
@@ -150,25 +192,15 @@ class HoloGradStrategyMixin:
     @classmethod
     @override
     def register_strategies(cls, strategy_registry: Any) -> None:
-        """Register ``holograd`` (script launcher), ``holograd_spawn`` and ``holograd_fork``.
-
-        Registering again replaces only this package's own entries (a re-import, a module
-        reload); a name that another package registered is refused.
-        """
-        for name, start_method in STRATEGY_NAMES.items():
-            existing = strategy_registry[name]["strategy"] if name in strategy_registry else None
-            if existing is not None and (existing.__module__, existing.__qualname__) != (cls.__module__,
-                                                                                          cls.__qualname__):
-                raise ValueError(f"strategy name {name!r} is already registered to {existing.__module__}."
-                                 f"{existing.__qualname__}. HINT: pass HoloGradStrategy(...) as an instance.")
-            strategy_registry.register(name, cls, description=f"HoloGrad scalar exchange ({start_method} launcher)",
-                                       override=True, start_method=start_method)
+        """Register ``holograd`` (script launcher), ``holograd_spawn`` and ``holograd_fork``
+        (``registry.register_names``: a name another package registered is refused)."""
+        register_names(cls, strategy_registry)
 
     @override
     def _configure_launcher(self) -> None:
         super()._configure_launcher()  # type: ignore[misc]
-        if self._start_method != "popen":  # type: ignore[attr-defined]
-            self._launcher = self.launcher_cls(self, start_method=self._start_method)  # type: ignore[attr-defined]
+        if start_method(self) != "popen":
+            set_launcher(self, self.launcher_cls(self, start_method=start_method(self)))
 
     # -- setup -----------------------------------------------------------------------------
     @override
@@ -187,35 +219,40 @@ class HoloGradStrategyMixin:
         check_world_size(self.exchange.aggregator, self.world_size)
         self.exchange.comm.broadcast(self._module_state(), kind="setup")  # rank 0's init everywhere
         if self._pending_state is not None:
-            self.exchange.load_state_dict(self._pending_state, self.resume_rank_map)
-            self._pending_state = None
+            self._load_protocol_state(self._pending_state, self._pending_trainable)
+            self._pending_state = self._pending_trainable = None
         self._install_stop_handling()
         trainer = self.lightning_module.trainer
         if not any(isinstance(cb, self.metrics_callback_cls) for cb in trainer.callbacks):
             trainer.callbacks.append(self.metrics_callback_cls())
         family = self.exchange.family
-        log.info("HoloGrad: D=%d trainable coordinates, K=%d scalars/step, family=%s, world_size=%d",
-                 family.dim, family.num_directions, family.name, self.world_size)
+        if self.is_global_zero:
+            log.info("HoloGrad: D=%d trainable coordinates, K=%d scalars/step%s, family=%s, world_size=%d",
+                     family.dim, family.num_directions,
+                     " (num_directions=None: D / target_compression)" if self.config.num_directions is None else "",
+                     family.name, self.world_size)
+
+    @override
+    def setup(self, trainer: Any) -> None:
+        """``DDPStrategy.setup``, then the checks that need the optimizers (which exist only now)."""
+        super().setup(trainer)  # type: ignore[misc]
+        if self.exchange is None or trainer.state.fn != "fit":  # TrainerFn.FITTING, in either namespace
+            return
+        check_single_optimizer(self.optimizers)
+        assert self.resolved_config is not None
+        if self.is_global_zero:
+            for message in advise(self.resolved_config, self.exchange.family.dim, self.world_size, self.optimizers):
+                warnings.warn(message, HoloGradSetupWarning, stacklevel=2)
 
     def _build_exchange(self) -> HoloGradExchange:
-        params = [p for p in self.lightning_module.parameters() if p.requires_grad]
-        if not params:
-            raise ValueError("the LightningModule has no parameter with requires_grad=True: nothing to train.")
-        dim = sum(p.numel() for p in params)
+        self._claims = Claims(self)
         # A checkpoint loaded before setup decides the direction version (0.1.x checkpoints: 1).
-        # Shapes in flat-gradient order (Claims.parameters); a 0-d parameter is one coordinate.
-        family = self.config.build_family(dim, (self._pending_state or {}).get("family"),
-                                          param_shapes=[tuple(p.shape) or (1,) for p in params])
-        if hasattr(family, "to"):
-            family.to(self.root_device)
-        comm_device = self.root_device if self._get_process_group_backend() == "nccl" else torch.device("cpu")
-        comm = Comm(TrafficMeter(self.world_size, dim), device=comm_device, timeout=self._timeout)
-        self._claims = Claims(self, family)
-        chain = CommitmentChain(self.config.seed, direction_version=family.direction_version)
-        return HoloGradExchange(family, self.config.build_aggregator(), chain, comm,
-                                recompute=self._claims.recompute,
-                                to_cpu=lambda inputs: move_data_to_device(inputs, "cpu"),
-                                aggregation_path=self.config.aggregation_path)
+        exchange, self.resolved_config = build_exchange(self.config, self.lightning_module, self.world_size,
+                                                        self.root_device, process_group_backend(self),
+                                                        recompute=self._claims.recompute, timeout=process_group_timeout(self),
+                                                        resumed=(self._pending_state or {}).get("family"))
+        self._trainable = TrainableSet(self.lightning_module)
+        return exchange
 
     def _install_stop_handling(self) -> None:
         """SIGTERM on any rank stops every rank at the same step (``signals.py``)."""
@@ -246,16 +283,9 @@ class HoloGradStrategyMixin:
         if self.config.projection == "jvp" and not self.lightning_module.automatic_optimization:
             raise ValueError("projection='jvp' re-runs training_step and needs automatic optimization. "
                              "HINT: use projection='backward' with manual optimization.")
-        if len(self.optimizers) > 1:
-            raise ValueError(
-                f"HoloGrad exchanges one gradient per step but the module configures {len(self.optimizers)} "
-                "optimizers. HINT: use a single optimizer (parameter groups are fine)."
-            )
 
-    def _module_state(self) -> Iterator[torch.Tensor]:
-        module = self.lightning_module
-        yield from (p.data for p in module.parameters())
-        yield from module.buffers()
+    def _module_state(self) -> list[torch.Tensor]:
+        return module_state(self.lightning_module)
 
     # -- which micro-batch is the last one -------------------------------------------------
     @contextmanager
@@ -279,7 +309,7 @@ class HoloGradStrategyMixin:
     def backward(self, closure_loss: torch.Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
         """``Strategy.backward`` with the exchange between the local backward and
         ``precision_plugin.post_backward`` (which calls ``on_after_backward``); with
-        ``projection="jvp"`` there is no local backward. ``test_hook_order`` pins the order."""
+        ``projection="jvp"`` there is no local backward. tests/test_private_names.py pins the copied body."""
         module = self.lightning_module
         self.pre_backward(closure_loss)
         closure_loss = self.precision_plugin.pre_backward(closure_loss, module)
@@ -316,36 +346,20 @@ class HoloGradStrategyMixin:
             raise RuntimeError("HoloGrad found no training batch for this step. HINT: training_step must run "
                                "(and return a loss) on every rank for every optimizer step.")
         inputs, self._step_inputs = self._step_inputs, []
-        batch_hash = step_batch_hash([batch for batch, _ in inputs])
-        params = self._claims.parameters()
-        if self._true_gradient_requested:
-            self._true_gradient_requested = False
-            estimate = self.exchange.true_gradient_step(flat_grad(params), batch_hash)
-        else:
-            every = self.config.diagnostic_every  # 0-based step index s measured when s % M == 0
-            diagnostic = flat_grad(params) if every and self.exchange.chain.step % every == 0 else None
-            estimate = self.exchange.step(batch_hash, self._claims.projector(inputs), extras={"inputs": inputs},
-                                          diagnostic=diagnostic)
-        write_grad(params, estimate)
-        assert self.exchange.last_context is not None
-        return self.exchange.last_context
+        assert self._trainable is not None and self.resolved_config is not None
+        self.resolved_config = self._trainable.follow(self.lightning_module, self.exchange, self.config,
+                                                      self.root_device) or self.resolved_config
+        true_gradient, self._true_gradient_requested = self._true_gradient_requested, False
+        project = None if true_gradient else self._claims.projector(inputs)
+        return run_exchange(self.exchange, self._claims.parameters(), inputs, project, true_gradient,
+                            scale=self.resolved_config.scale_factor(self.exchange.family.dim),
+                            diagnostic_every=self.config.diagnostic_every)
 
     def _after_optimizer_step(self) -> None:
         assert self.exchange is not None
-        if self.config.sync_buffers:
-            buffers = list(self.lightning_module.buffers())
-            if buffers:
-                self.exchange.comm.broadcast(buffers, kind="buffers")
-        step = self.exchange.chain.step
-        if self.config.audit_every and step % self.config.audit_every == 0:
-            self.exchange.audit(self._module_state(), step)
-        ctx = self.exchange.last_context
-        if ctx is not None:  # metrics of the whole step, logged at batch end
-            self._step_metrics = self.exchange.traffic.metrics()
-            self._step_metrics["holograd/true_gradient_step"] = float(ctx.true_gradient)
-            self._step_metrics["holograd/slashed_ranks"] = float(len(self.exchange.slashing.slashed))
-            if "captured_energy" in ctx.extras:
-                self._step_metrics["holograd/captured_energy"] = float(ctx.extras["captured_energy"])
+        metrics = after_step(self.exchange, self.config, self.lightning_module)
+        if metrics:  # metrics of the whole step, logged at batch end
+            self._step_metrics = metrics
 
     def pop_step_metrics(self) -> dict[str, float]:
         """The metrics of the last optimizer step, once (empty until the next step ends)."""
@@ -356,7 +370,9 @@ class HoloGradStrategyMixin:
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
         if self.exchange is not None:
-            checkpoint[STATE_KEY] = protocol_state(self.config.as_dict(), self.exchange.state_dict())
+            assert self.resolved_config is not None and self._trainable is not None
+            checkpoint[STATE_KEY] = protocol_state(self.resolved_config.as_dict(), self.exchange.state_dict(),
+                                                   self._trainable.state_dict())
         if storage_options is None and writes_atomically(self.checkpoint_io, filepath):  # type: ignore[attr-defined]
             if self.is_global_zero:  # type: ignore[attr-defined]
                 atomic_save(checkpoint, filepath)
@@ -371,11 +387,18 @@ class HoloGradStrategyMixin:
         for change in config_changes(checkpoint, self.config.as_dict()):
             log.warning("resuming with a changed setting: %s", change)
         if state is not None:
-            self._pending_state = state
+            self._pending_state, self._pending_trainable = state, trainable_state(checkpoint)
             if self.exchange is not None:  # already set up (e.g. restore after setup)
-                self.exchange.load_state_dict(state, self.resume_rank_map)
-                self._pending_state = None
+                self._load_protocol_state(state, self._pending_trainable)
+                self._pending_state = self._pending_trainable = None
         return checkpoint
+
+    def _load_protocol_state(self, state: dict[str, Any], trainable: dict[str, Any] | None) -> None:
+        assert self.exchange is not None and self._trainable is not None
+        rebuilt = load_exchange_state(self.exchange, state, self.config, self.root_device, self.resume_rank_map)
+        self.resolved_config = rebuilt or self.resolved_config
+        if trainable is not None:  # the set the saved family followed; the next step follows the current one
+            self._trainable.load_state_dict(trainable)
 
 
 class HoloGradStrategy(HoloGradStrategyMixin, DDPStrategy):

@@ -230,3 +230,13 @@ def test_draw_and_ledger_vectors():
     _assert_vector("claim_digest(A[2])", digest)
     _assert_vector("record 0 hash", record.hash)
     assert record.to_json() in _spec_text()
+
+
+def test_group_seed_vectors():
+    """§9.1: s_{t,g,j} with c_t = 32 zero bytes; group 0 is §2.2's seed, the others hash u64le(g) first."""
+    commitment = bytes(32)
+    for group, index in ((0, 0), (1, 0), (1, 1), (2, 0)):
+        seed = direction_seeds(commitment, index + 1, group=group)[index]
+        _assert_vector(f"s_{{t,{group},{index}}}", seed)
+        prefix = commitment + (struct.pack("<Q", group) if group else b"")
+        assert seed == int.from_bytes(hashlib.sha256(prefix + struct.pack("<Q", index)).digest()[:8], "little")

@@ -12,6 +12,10 @@ coordinates. Per step, on every rank, in this order (docs/PROTOCOL.md §2-§4):
    g_hat = family.reconstruct(a, seeds) (the family's synthesis followed by its state
    update), and chain.record_scalars(a).
 
+With G > 1 direction groups (docs/PROTOCOL.md §9.1) rank i projects onto the seeds of
+its group i mod G, step 5 aggregates within each group and g_hat is the row-weighted
+mean of the G group syntheses (``protocol.groups``).
+
 Call contract: every rank calls ``step`` (or ``true_gradient_step``) once per optimizer
 step, with its own gradient and batch hash; both block until all ranks arrive. A rank
 that skips a step deadlocks the job. Slashed ranks keep taking part in the collectives,
@@ -28,6 +32,7 @@ from typing import Any
 import torch
 
 from ..protocol import AggregationResult, Aggregator, CommitmentChain, DirectionFamily, hash_batch
+from ..protocol.groups import GroupedAggregation, aggregate_groups, group_of, synthesize_groups
 from .comm import Comm
 from .slashing import Slashing
 from .traffic import TrafficMeter
@@ -48,13 +53,22 @@ class StepContext:
 
     step: int
     commitment: bytes
-    seeds: list[int]
+    seeds: list[int]  # of this rank's direction group
     batch_hashes: list[bytes]
     local_scalars: torch.Tensor | None = None  # (K,) as submitted by this rank
     matrix: torch.Tensor | None = None  # (N, K) all submitted rows
-    result: AggregationResult | None = None
+    result: AggregationResult | GroupedAggregation | None = None
     true_gradient: bool = False  # a true-gradient step (bootstrap/refresh): not verifiable
     extras: dict[str, Any] = field(default_factory=dict)
+    group_seeds: list[list[int]] = field(default_factory=list)  # seeds of every direction group, in group order
+
+    @property
+    def num_groups(self) -> int:
+        return max(len(self.group_seeds), 1)
+
+    def seeds_of(self, rank: int) -> list[int]:
+        """The seeds ``rank`` projected onto: those of its direction group."""
+        return self.group_seeds[group_of(rank, len(self.group_seeds))] if self.group_seeds else self.seeds
 
 
 ClaimHook = Callable[[StepContext, torch.Tensor], torch.Tensor]
@@ -73,6 +87,7 @@ class HoloGradExchange:
         family, aggregator, chain: the protocol objects (``lightning_holograd.protocol``).
         comm: the collectives (process group, communication device, traffic meter).
         recompute, to_cpu: for ``verification`` (see ``VerificationTransport``).
+        num_groups: G, the direction groups (1: every rank shares the directions).
     """
 
     def __init__(
@@ -83,12 +98,16 @@ class HoloGradExchange:
         comm: Comm,
         recompute: Recompute | None = None,
         to_cpu: Callable[[Any], Any] | None = None,
+        num_groups: int = 1,
     ) -> None:
+        if num_groups > 1 and not family.unbiased:
+            raise ValueError(f"num_groups={num_groups} needs an unbiased seed-defined family, got {family.name!r}.")
         self.family = family
         self.aggregator = aggregator
         self.chain = chain
         self.comm = comm
-        self.slashing = Slashing(comm.world_size, aggregator)
+        self.num_groups = num_groups
+        self.slashing = Slashing(comm.world_size, aggregator, num_groups)
         self.verification = VerificationTransport(comm, recompute, to_cpu)
         self.claim_hooks: list[ClaimHook] = []
         self.review_hooks: list[ReviewHook] = []
@@ -118,8 +137,11 @@ class HoloGradExchange:
         hashes = self.comm.all_gather(local, "hashes").cpu()
         batch_hashes = [bytes(row.tolist()) for row in hashes]
         commitment = self.chain.advance(batch_hashes)
-        seeds = self.chain.seeds(self.family.num_seeds) if self.family.num_seeds else []
-        return StepContext(self.chain.step, commitment, seeds, batch_hashes, true_gradient=true_gradient)
+        count = self.family.num_seeds
+        group_seeds = [self.chain.seeds(count, group=g) if count else [] for g in range(self.num_groups)]
+        seeds = group_seeds[group_of(self.comm.rank, self.num_groups)]
+        return StepContext(self.chain.step, commitment, seeds, batch_hashes, true_gradient=true_gradient,
+                           group_seeds=group_seeds)
 
     def step(
         self,
@@ -142,10 +164,14 @@ class HoloGradExchange:
         ctx.matrix = self.comm.all_gather(scalars.to(torch.float32), "scalars").to(scalars.device)
         for review in self.review_hooks:
             review(ctx)
-        ctx.result = self.aggregator(ctx.matrix, self.slashing.slashed)
+        if self.num_groups == 1:
+            ctx.result = self.aggregator(ctx.matrix, self.slashing.slashed)
+            estimate = self.family.reconstruct(ctx.result.scalars, ctx.seeds)
+        else:
+            ctx.result = aggregate_groups(self.aggregator, ctx.matrix, self.slashing.slashed, self.num_groups)
+            estimate = synthesize_groups(self.family, ctx.result.scalars, ctx.result.weights, ctx.group_seeds)
         if ctx.result.nonfinite_ranks:
             log.warning("step %d: dropped non-finite scalars of ranks %s", ctx.step, list(ctx.result.nonfinite_ranks))
-        estimate = self.family.reconstruct(ctx.result.scalars, ctx.seeds)
         self.chain.record_scalars(ctx.result.scalars)
         self._finish(ctx)
         return estimate
@@ -201,9 +227,14 @@ class HoloGradExchange:
             "family": self.family.state_dict(),
             "traffic": self.traffic.state_dict(),
             "slashed": self.slashing.state_dict(),
+            "direction_groups": self.num_groups,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        saved_groups = int(state.get("direction_groups", 1))  # absent before direction groups existed
+        if saved_groups != self.num_groups:
+            raise ValueError(f"checkpoint was trained with {saved_groups} direction group(s), this run has "
+                             f"{self.num_groups}. HINT: resume with the same direction_groups and world size.")
         self.chain.load_state_dict(state["chain"])
         self.family.load_state_dict(state["family"])
         self.traffic.load_state_dict(state["traffic"])

@@ -5,7 +5,8 @@ The engine moves data and applies the protocol's checks; what a claim *is* (the 
 ``training_step``, loss scaling and projection at theta_t) comes from above as
 ``recompute(inputs, seeds) -> (K,) scalars``. ``inputs`` are a claimant's micro-batches
 of the step, ``[(batch, batch_idx), ...]``, as the layer above handed them to the
-exchange in ``StepContext.extras["inputs"]``.
+exchange in ``StepContext.extras["inputs"]``; ``seeds`` are those of the claimant's
+direction group (``StepContext.seeds_of``).
 
 A report (one per checked claim, the fields of a ledger ``verify`` record) holds
 ``accepted``, ``reason`` (a ``Reason`` value), ``claim_digest``, ``recomputed_digest``,
@@ -87,7 +88,7 @@ class VerificationTransport:
             elif me == verifier:
                 inputs = self.comm.recv_object(claimant)
                 reports[claimant] = check_claim(ctx.matrix[claimant], inputs, ctx.batch_hashes[claimant],
-                                                ctx.seeds, self.recompute, rtol, atol)
+                                                ctx.seeds_of(claimant), self.recompute, rtol, atol)
         gathered = self.comm.all_gather_object(reports, "verification")
         trusted: dict[int, dict[str, Any]] = {}
         for rank in verifier_ranks:  # only verifier ranks' verdicts on their own claimants count

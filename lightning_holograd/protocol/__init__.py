@@ -26,6 +26,7 @@ from .directions import (
     SketchDirections,
 )
 from .factory import FAMILY_NAMES, FamilyName, make_family
+from .groups import DirectionGroups, GroupedAggregation, aggregate_groups, group_of, synthesize_groups
 from .ledger import Ledger, LedgerRecord, LedgerTamperError
 from .subspace import CodebookDirections, MomentumDirections, captured_energy
 from .verification import Reason, Verdict, claim_digest, draw_claims, judge_claim
@@ -40,9 +41,11 @@ __all__ = [
     "CodebookDirections",
     "CommitmentChain",
     "DirectionFamily",
+    "DirectionGroups",
     "FAMILY_NAMES",
     "FamilyName",
     "GaussianDirections",
+    "GroupedAggregation",
     "IdentityDirections",
     "KrumAggregator",
     "Ledger",
@@ -57,6 +60,7 @@ __all__ = [
     "SketchDirections",
     "TrimmedMeanAggregator",
     "Verdict",
+    "aggregate_groups",
     "attack_generator",
     "attack_row",
     "captured_energy",
@@ -65,10 +69,12 @@ __all__ = [
     "draw_claims",
     "evasive_liars",
     "genesis_commitment",
+    "group_of",
     "hash_batch",
     "judge_claim",
     "make_aggregator",
     "make_family",
     "scalars_digest",
     "step_batch_hash",
+    "synthesize_groups",
 ]

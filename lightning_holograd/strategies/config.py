@@ -7,11 +7,15 @@ from typing import Any, Literal, get_args
 
 from ..protocol import FAMILY_NAMES, Aggregator, DirectionFamily, make_aggregator, make_family
 from ..protocol.chain import direction_seeds, genesis_commitment
+from ..protocol.groups import PER_RANK, check_direction_groups, resolve_direction_groups
 
 __all__ = ["HoloGradConfig", "AggregationName", "ProjectionName"]
 
 AggregationName = Literal["mean", "median", "trimmed_mean", "krum"]
 ProjectionName = Literal["backward", "jvp"]
+# Families whose directions are a pure function of the seeds and unbiased: the ones that
+# direction groups give independent directions (docs/PROTOCOL.md §9.1).
+GROUPABLE_FAMILIES = ("sketch", "gaussian", "rademacher")
 
 
 def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -44,6 +48,7 @@ class HoloGradConfig:
     projection: str = "backward"
     audit_every: int = 100
     sync_buffers: bool = True
+    direction_groups: int | str = 1  # G, or "per_rank" (G = world size); docs/PROTOCOL.md §9.1
 
     def __post_init__(self) -> None:
         _int_at_least("num_directions", self.num_directions, 1,
@@ -75,10 +80,36 @@ class HoloGradConfig:
         _int_at_least("audit_every", self.audit_every, 0, "0 disables the replica audit.")
         if self.chunk_size is not None:
             _int_at_least("chunk_size", self.chunk_size, 1, "None sizes chunks to the device's working set.")
+        self._check_direction_groups()
         # Remaining range checks (oja_lr, exploration_weight, momentum_beta, chunk multiple)
         # are done by the family constructors; build a tiny one now so they fail here.
         self.build_family(dim=max(self.num_directions, 1))
         self.build_aggregator()
+
+    def _check_direction_groups(self) -> None:
+        """What can be checked without the world size; ``num_groups`` checks the rest at setup."""
+        groups = self.direction_groups
+        if groups != PER_RANK:
+            resolve_direction_groups(groups, 1)  # type and range
+        if groups == 1:
+            return
+        if self.directions not in GROUPABLE_FAMILIES:
+            raise ValueError(
+                f"direction_groups={groups!r} needs a family whose directions are a pure function of the seeds and "
+                f"unbiased ({', '.join(GROUPABLE_FAMILIES)}), got directions={self.directions!r}: its basis (or the "
+                "identity) is the same for every rank, so groups would add nothing. HINT: use direction_groups=1, "
+                "or directions='sketch'."
+            )
+        if groups == PER_RANK and self.aggregation != "mean":
+            raise ValueError(
+                f"direction_groups='per_rank' with aggregation={self.aggregation!r}: every rank is alone in its "
+                "group, so there is nothing to take a median, trimmed mean or Krum score of. HINT: use "
+                "aggregation='mean' (clip_row_norms=True bounds each rank's influence), or fewer groups of >= 3 ranks."
+            )
+
+    def num_groups(self, world_size: int) -> int:
+        """G on ``world_size`` ranks; ValueError when a group is too small for the aggregation."""
+        return check_direction_groups(self.direction_groups, self.build_aggregator(), world_size)
 
     def build_family(self, dim: int) -> DirectionFamily:
         """The direction family over ``dim`` trainable coordinates."""

@@ -62,6 +62,8 @@ class HoloGradStrategyMixin:
         projection: ``backward`` (local backward + dot products) or ``jvp`` (forward-mode).
         audit_every: compare a parameter digest across ranks every N steps (0: never).
         sync_buffers: broadcast module buffers from rank 0 after every optimizer step.
+        direction_groups: G groups of ranks (rank i in group i mod G) with independent
+            directions, or ``"per_rank"`` (G = world size); 1 shares the directions.
     Args (process group; as in ``DDPStrategy``): process_group_backend, timeout, start_method.
     """
 
@@ -87,6 +89,7 @@ class HoloGradStrategyMixin:
         projection: ProjectionName = "backward",
         audit_every: int = 100,
         sync_buffers: bool = True,
+        direction_groups: int | Literal["per_rank"] = 1,
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
@@ -98,6 +101,7 @@ class HoloGradStrategyMixin:
             seed=seed, codebook_rank=codebook_rank, oja_lr=oja_lr, qr_every=qr_every,
             exploration_weight=exploration_weight, momentum_beta=momentum_beta,
             chunk_size=chunk_size, projection=projection, audit_every=audit_every, sync_buffers=sync_buffers,
+            direction_groups=direction_groups,
         )
         super().__init__(process_group_backend=process_group_backend, timeout=timeout, start_method=start_method,
                          **kwargs)
@@ -150,8 +154,8 @@ class HoloGradStrategyMixin:
         if not any(isinstance(cb, self.metrics_callback_cls) for cb in trainer.callbacks):
             trainer.callbacks.append(self.metrics_callback_cls())
         family = self.exchange.family
-        log.info("HoloGrad: D=%d trainable coordinates, K=%d scalars/step, family=%s, world_size=%d",
-                 family.dim, family.num_directions, family.name, self.world_size)
+        log.info("HoloGrad: D=%d trainable coordinates, K=%d scalars/step, family=%s, world_size=%d, groups=%d",
+                 family.dim, family.num_directions, family.name, self.world_size, self.exchange.num_groups)
 
     def _build_exchange(self) -> HoloGradExchange:
         params = [p for p in self.lightning_module.parameters() if p.requires_grad]
@@ -166,7 +170,8 @@ class HoloGradStrategyMixin:
         self._claims = Claims(self, family)
         return HoloGradExchange(family, self.config.build_aggregator(), CommitmentChain(self.config.seed), comm,
                                 recompute=self._claims.recompute,
-                                to_cpu=lambda inputs: move_data_to_device(inputs, "cpu"))
+                                to_cpu=lambda inputs: move_data_to_device(inputs, "cpu"),
+                                num_groups=self.config.num_groups(self.world_size))
 
     @override
     def _register_ddp_hooks(self) -> None:

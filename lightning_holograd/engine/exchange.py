@@ -16,6 +16,10 @@ With G > 1 direction groups (docs/PROTOCOL.md §9.1) rank i projects onto the se
 its group i mod G, step 5 aggregates within each group and g_hat is the row-weighted
 mean of the G group syntheses (``protocol.groups``).
 
+With ``num_public_values`` = E > 0 (local steps, docs/PROTOCOL.md §9.2) a row holds the
+K scalars followed by E public values; all K + E columns are aggregated alike, only the
+first K are synthesised, and the aggregated E values are ``StepContext.public_values``.
+
 Call contract: every rank calls ``step`` (or ``true_gradient_step``) once per optimizer
 step, with its own gradient and batch hash; both block until all ranks arrive. A rank
 that skips a step deadlocks the job. Slashed ranks keep taking part in the collectives,
@@ -61,6 +65,7 @@ class StepContext:
     true_gradient: bool = False  # a true-gradient step (bootstrap/refresh): not verifiable
     extras: dict[str, Any] = field(default_factory=dict)
     group_seeds: list[list[int]] = field(default_factory=list)  # seeds of every direction group, in group order
+    public_values: torch.Tensor | None = None  # (E,) aggregated values after the K scalars (local steps)
 
     @property
     def num_groups(self) -> int:
@@ -107,6 +112,7 @@ class HoloGradExchange:
         self.chain = chain
         self.comm = comm
         self.num_groups = num_groups
+        self.num_public_values = 0  # E values after the K scalars of a row (set by local steps)
         self.slashing = Slashing(comm.world_size, aggregator, num_groups)
         self.verification = VerificationTransport(comm, recompute, to_cpu)
         self.claim_hooks: list[ClaimHook] = []
@@ -148,12 +154,15 @@ class HoloGradExchange:
         batch_hash: bytes,
         project: Callable[[list[int]], torch.Tensor],
         extras: Mapping[str, Any] | None = None,
+        optimizer_steps: int = 1,
     ) -> torch.Tensor:
         """Exchange one step's claims and return g_hat (D,), identical on every rank.
 
-        ``project(seeds)`` returns this rank's (K,) scalars (the family's projection of the
-        local gradient, or a forward-mode equivalent). ``extras`` (e.g. this rank's
+        ``project(seeds)`` returns this rank's (K + E,) row (the family's projection of the
+        local gradient, or a forward-mode equivalent, then E = ``num_public_values`` values). ``extras`` (e.g. this rank's
         micro-batches under ``"inputs"``) are handed to the hooks via the context.
+        ``optimizer_steps``: the optimizer steps this exchange stands for (a round's inner
+        steps), for the traffic meter's per-step figures and compression.
         """
         ctx = self.commit(batch_hash)
         ctx.extras.update(extras or {})
@@ -164,16 +173,20 @@ class HoloGradExchange:
         ctx.matrix = self.comm.all_gather(scalars.to(torch.float32), "scalars").to(scalars.device)
         for review in self.review_hooks:
             review(ctx)
+        k = self.family.num_directions
         if self.num_groups == 1:
             ctx.result = self.aggregator(ctx.matrix, self.slashing.slashed)
-            estimate = self.family.reconstruct(ctx.result.scalars, ctx.seeds)
+            estimate = self.family.reconstruct(ctx.result.scalars[:k], ctx.seeds)
+            ctx.public_values = ctx.result.scalars[k:]
         else:
             ctx.result = aggregate_groups(self.aggregator, ctx.matrix, self.slashing.slashed, self.num_groups)
-            estimate = synthesize_groups(self.family, ctx.result.scalars, ctx.result.weights, ctx.group_seeds)
+            scalars, weights = ctx.result.scalars, ctx.result.weights
+            estimate = synthesize_groups(self.family, scalars[:, :k], weights, ctx.group_seeds)
+            ctx.public_values = torch.tensor(weights, dtype=torch.float32, device=scalars.device) @ scalars[:, k:]
         if ctx.result.nonfinite_ranks:
             log.warning("step %d: dropped non-finite scalars of ranks %s", ctx.step, list(ctx.result.nonfinite_ranks))
         self.chain.record_scalars(ctx.result.scalars)
-        self._finish(ctx)
+        self._finish(ctx, optimizer_steps)
         return estimate
 
     def true_gradient_step(self, flat_grad: torch.Tensor, batch_hash: bytes) -> torch.Tensor:
@@ -195,8 +208,8 @@ class HoloGradExchange:
         self._finish(ctx)
         return grad
 
-    def _finish(self, ctx: StepContext) -> None:
-        self.traffic.end_step()
+    def _finish(self, ctx: StepContext, optimizer_steps: int = 1) -> None:
+        self.traffic.end_step(optimizer_steps)
         self.last_context = ctx
 
     # -- replica audit -------------------------------------------------------------------

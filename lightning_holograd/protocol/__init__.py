@@ -28,6 +28,7 @@ from .directions import (
 from .factory import FAMILY_NAMES, FamilyName, make_family
 from .groups import DirectionGroups, GroupedAggregation, aggregate_groups, group_of, synthesize_groups
 from .ledger import Ledger, LedgerRecord, LedgerTamperError
+from .rounds import INNER_STATE_NAMES, InnerState, OuterStep, make_inner_state, round_batch_hash
 from .subspace import CodebookDirections, MomentumDirections, captured_energy
 from .verification import Reason, Verdict, claim_digest, draw_claims, judge_claim
 
@@ -46,7 +47,9 @@ __all__ = [
     "FamilyName",
     "GaussianDirections",
     "GroupedAggregation",
+    "INNER_STATE_NAMES",
     "IdentityDirections",
+    "InnerState",
     "KrumAggregator",
     "Ledger",
     "LedgerRecord",
@@ -55,6 +58,7 @@ __all__ = [
     "MedianAggregator",
     "MomentumDirections",
     "NotEnoughRanksError",
+    "OuterStep",
     "RademacherDirections",
     "Reason",
     "SketchDirections",
@@ -74,6 +78,8 @@ __all__ = [
     "judge_claim",
     "make_aggregator",
     "make_family",
+    "make_inner_state",
+    "round_batch_hash",
     "scalars_digest",
     "step_batch_hash",
     "synthesize_groups",

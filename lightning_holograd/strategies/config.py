@@ -8,6 +8,7 @@ from typing import Any, Literal, get_args
 from ..protocol import FAMILY_NAMES, Aggregator, DirectionFamily, make_aggregator, make_family
 from ..protocol.chain import direction_seeds, genesis_commitment
 from ..protocol.groups import PER_RANK, check_direction_groups, resolve_direction_groups
+from ..protocol.rounds import INNER_STATE_NAMES, OuterStep
 
 __all__ = ["HoloGradConfig", "AggregationName", "ProjectionName"]
 
@@ -16,6 +17,9 @@ ProjectionName = Literal["backward", "jvp"]
 # Families whose directions are a pure function of the seeds and unbiased: the ones that
 # direction groups give independent directions (docs/PROTOCOL.md §9.1).
 GROUPABLE_FAMILIES = ("sketch", "gaussian", "rademacher")
+# Families that can carry a pseudo-gradient (docs/PROTOCOL.md §9.2): the stateless ones.
+LOCAL_STEP_FAMILIES = GROUPABLE_FAMILIES + ("identity",)
+_ROUND_DEFAULTS = {"inner_state": "public_v", "outer_lr": 1.0, "outer_momentum": 0.0}
 
 
 def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -49,6 +53,10 @@ class HoloGradConfig:
     audit_every: int = 100
     sync_buffers: bool = True
     direction_groups: int | str = 1  # G, or "per_rank" (G = world size); docs/PROTOCOL.md §9.1
+    local_steps: int = 1  # H inner optimizer steps per exchange (round); docs/PROTOCOL.md §9.2
+    inner_state: str = "public_v"  # the inner optimizer state at a round start: "public_v" or "reset"
+    outer_lr: float = 1.0  # theta_{r+1} = theta_r - outer_lr * delta_hat (with outer_momentum = 0)
+    outer_momentum: float = 0.0  # Nesterov momentum of the outer step (0: plain averaging)
 
     def __post_init__(self) -> None:
         _int_at_least("num_directions", self.num_directions, 1,
@@ -81,6 +89,7 @@ class HoloGradConfig:
         if self.chunk_size is not None:
             _int_at_least("chunk_size", self.chunk_size, 1, "None sizes chunks to the device's working set.")
         self._check_direction_groups()
+        self._check_local_steps()
         # Remaining range checks (oja_lr, exploration_weight, momentum_beta, chunk multiple)
         # are done by the family constructors; build a tiny one now so they fail here.
         self.build_family(dim=max(self.num_directions, 1))
@@ -106,6 +115,26 @@ class HoloGradConfig:
                 "group, so there is nothing to take a median, trimmed mean or Krum score of. HINT: use "
                 "aggregation='mean' (clip_row_norms=True bounds each rank's influence), or fewer groups of >= 3 ranks."
             )
+
+    def _check_local_steps(self) -> None:
+        _int_at_least("local_steps", self.local_steps, 1, "1 exchanges every optimizer step; H > 1 runs H inner "
+                      "steps per exchange.")
+        _choice("inner_state", self.inner_state, INNER_STATE_NAMES)
+        OuterStep(self.outer_lr, self.outer_momentum)  # range checks
+        if self.local_steps == 1:
+            changed = [name for name, default in _ROUND_DEFAULTS.items() if getattr(self, name) != default]
+            if changed:
+                raise ValueError(f"{changed[0]}={getattr(self, changed[0])!r} only applies with local_steps > 1. "
+                                 f"HINT: set local_steps (e.g. 16), or leave {changed[0]} at its default.")
+            return
+        if self.directions not in LOCAL_STEP_FAMILIES:
+            raise ValueError(
+                f"local_steps={self.local_steps} with directions={self.directions!r}: the codebook and momentum bases "
+                "track gradients, and a round exchanges a pseudo-gradient. HINT: use directions='sketch' (or "
+                "'gaussian', 'rademacher'; 'identity' gives exact local SGD).")
+        if self.projection == "jvp":
+            raise ValueError(f"local_steps={self.local_steps} with projection='jvp': a pseudo-gradient is not the "
+                             "derivative of a loss. HINT: use projection='backward'.")
 
     def num_groups(self, world_size: int) -> int:
         """G on ``world_size`` ranks; ValueError when a group is too small for the aggregation."""

@@ -33,6 +33,7 @@ from .checkpoint import STATE_KEY, exchange_state, protocol_state
 from .claims import Claims, flat_grad, write_grad
 from .config import AggregationName, HoloGradConfig, ProjectionName
 from .launcher import HoloGradLauncher
+from .local_steps import LocalRounds, is_last_optimizer_step
 from .metrics import HoloGradMetrics
 
 __all__ = ["HoloGradStrategy", "HoloGradStrategyMixin", "STRATEGY_NAMES"]
@@ -64,6 +65,12 @@ class HoloGradStrategyMixin:
         sync_buffers: broadcast module buffers from rank 0 after every optimizer step.
         direction_groups: G groups of ranks (rank i in group i mod G) with independent
             directions, or ``"per_rank"`` (G = world size); 1 shares the directions.
+        local_steps: H, inner optimizer steps per round; each round exchanges the
+            projected pseudo-gradient once (1: the gradient, every step).
+        inner_state: the inner optimizer state at a round start, from public data
+            (``public_v``: Adam with m = 0 and the ranks' mean v per tensor; ``reset``).
+        outer_lr, outer_momentum: the outer step theta -= outer_lr * delta_hat, with
+            Nesterov momentum when outer_momentum > 0.
     Args (process group; as in ``DDPStrategy``): process_group_backend, timeout, start_method.
     """
 
@@ -90,6 +97,10 @@ class HoloGradStrategyMixin:
         audit_every: int = 100,
         sync_buffers: bool = True,
         direction_groups: int | Literal["per_rank"] = 1,
+        local_steps: int = 1,
+        inner_state: Literal["public_v", "reset"] = "public_v",
+        outer_lr: float = 1.0,
+        outer_momentum: float = 0.0,
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
@@ -101,7 +112,8 @@ class HoloGradStrategyMixin:
             seed=seed, codebook_rank=codebook_rank, oja_lr=oja_lr, qr_every=qr_every,
             exploration_weight=exploration_weight, momentum_beta=momentum_beta,
             chunk_size=chunk_size, projection=projection, audit_every=audit_every, sync_buffers=sync_buffers,
-            direction_groups=direction_groups,
+            direction_groups=direction_groups, local_steps=local_steps, inner_state=inner_state, outer_lr=outer_lr,
+            outer_momentum=outer_momentum,
         )
         super().__init__(process_group_backend=process_group_backend, timeout=timeout, start_method=start_method,
                          **kwargs)
@@ -109,7 +121,9 @@ class HoloGradStrategyMixin:
         # Rank 0's exchange state after a spawn/fork fit, in the process that called fit.
         self.final_protocol_state: dict[str, Any] | None = None
         self._claims: Claims | None = None
+        self._rounds: LocalRounds | None = None  # with local_steps > 1, built at setup
         self._pending_state: dict[str, Any] | None = None  # from a checkpoint loaded before setup
+        self._pending_rounds: dict[str, Any] | None = None
         self._sync_blocked = False
         self._step_inputs: list[tuple[Any, int]] = []  # (batch, batch_idx) of this step's micro-batches
         self._true_gradient_requested = False
@@ -150,6 +164,9 @@ class HoloGradStrategyMixin:
         if self._pending_state is not None:
             self.exchange.load_state_dict(self._pending_state)
             self._pending_state = None
+        if self._rounds is not None and self._pending_rounds is not None:
+            self._rounds.load_state_dict(self._pending_rounds)
+            self._pending_rounds = None
         trainer = self.lightning_module.trainer
         if not any(isinstance(cb, self.metrics_callback_cls) for cb in trainer.callbacks):
             trainer.callbacks.append(self.metrics_callback_cls())
@@ -168,8 +185,9 @@ class HoloGradStrategyMixin:
         comm_device = self.root_device if self._get_process_group_backend() == "nccl" else torch.device("cpu")
         comm = Comm(TrafficMeter(self.world_size, dim), device=comm_device)
         self._claims = Claims(self, family)
+        self._rounds = LocalRounds(self) if self.config.local_steps > 1 else None
         return HoloGradExchange(family, self.config.build_aggregator(), CommitmentChain(self.config.seed), comm,
-                                recompute=self._claims.recompute,
+                                recompute=self._claims.recompute if self._rounds is None else self._rounds.replay,
                                 to_cpu=lambda inputs: move_data_to_device(inputs, "cpu"),
                                 num_groups=self.config.num_groups(self.world_size))
 
@@ -188,6 +206,10 @@ class HoloGradStrategyMixin:
         if self.config.projection == "jvp" and not self.lightning_module.automatic_optimization:
             raise ValueError("projection='jvp' re-runs training_step and needs automatic optimization. "
                              "HINT: use projection='backward' with manual optimization.")
+        if self.config.local_steps > 1 and not self.lightning_module.automatic_optimization:
+            raise ValueError(f"local_steps={self.config.local_steps} needs automatic optimization: a verifier "
+                             "replays the inner steps, which manual optimization keeps inside training_step. "
+                             "HINT: use automatic optimization, or local_steps=1.")
         if len(self.optimizers) > 1:
             raise ValueError(
                 f"HoloGrad exchanges one gradient per step but the module configures {len(self.optimizers)} "
@@ -228,7 +250,7 @@ class HoloGradStrategyMixin:
         automatic = module.automatic_optimization
         if self.config.projection == "backward" or not automatic:
             self.precision_plugin.backward(closure_loss, module, optimizer, *args, **kwargs)
-        if automatic and not self._sync_blocked and self.exchange is not None:
+        if automatic and not self._sync_blocked and self.exchange is not None and self._rounds is None:
             self.exchange_gradients()
         closure_loss = self.precision_plugin.post_backward(closure_loss, module)
         self.post_backward(closure_loss)
@@ -236,15 +258,32 @@ class HoloGradStrategyMixin:
 
     @override
     def optimizer_step(self, optimizer: Any, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
-        if self.exchange is not None and not self.lightning_module.automatic_optimization:
+        rounds = self._rounds if self.exchange is not None else None
+        if rounds is not None:
+            rounds.before_inner_step()
+        elif self.exchange is not None and not self.lightning_module.automatic_optimization:
             self.exchange_gradients()  # manual optimization: exchange what manual_backward accumulated
         output = super().optimizer_step(optimizer, closure, model, **kwargs)  # type: ignore[misc]
-        if self.exchange is not None:
+        if rounds is not None:
+            inputs, self._step_inputs = self._step_inputs, []
+            if rounds.after_inner_step(inputs) or is_last_optimizer_step(self.lightning_module.trainer):
+                self._end_round()
+        elif self.exchange is not None:
             self._after_optimizer_step()
         return output
 
+    def _end_round(self) -> None:
+        """Exchange the round's pseudo-gradients, then buffers, audit and metrics, then a new round."""
+        assert self._rounds is not None
+        self._rounds.finish()
+        self._after_optimizer_step()
+        self._rounds.begin()
+
     def request_true_gradient(self) -> None:
         """Make the next exchange a true-gradient step (the all-reduced mean gradient)."""
+        if self._rounds is not None:
+            raise ValueError(f"true-gradient steps (ADCBootstrap) need local_steps=1, got local_steps="
+                             f"{self.config.local_steps}. HINT: remove ADCBootstrap, or set local_steps=1.")
         self._true_gradient_requested = True
 
     @torch.no_grad()
@@ -291,11 +330,54 @@ class HoloGradStrategyMixin:
         metrics, self._step_metrics = self._step_metrics, {}
         return metrics
 
+    # -- local steps: the shared parameters between round boundaries --------------------------
+    @override
+    def on_train_start(self) -> None:
+        super().on_train_start()  # type: ignore[misc]
+        if self._rounds is not None:
+            self._rounds.start_training()
+
+    @override
+    def on_train_end(self) -> None:
+        """A round cut short by a stop that ``is_last_optimizer_step`` cannot see is exchanged here."""
+        if self._rounds is not None and self._rounds.in_round:
+            self._end_round()
+        super().on_train_end()  # type: ignore[misc]
+
+    @override
+    def on_validation_start(self) -> None:
+        super().on_validation_start()  # type: ignore[misc]
+        if self._rounds is not None:
+            self._rounds.enter_shared()  # validation sees theta_r, not this rank's local parameters
+
+    @override
+    def on_validation_end(self) -> None:
+        if self._rounds is not None:
+            self._rounds.exit_shared()
+        super().on_validation_end()  # type: ignore[misc]
+
+    @override
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        """Mid-round, checkpoints hold theta_r and the round-start buffers (identical on every rank)."""
+        if self._rounds is None or not self._rounds.in_round:
+            return super().lightning_module_state_dict()  # type: ignore[misc]
+        with self._rounds.shared():
+            return {name: value.clone() for name, value in super().lightning_module_state_dict().items()}  # type: ignore[misc]
+
+    @override
+    def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
+        """Mid-round, checkpoints hold the round-start (public) inner state."""
+        if self._rounds is None or not self._rounds.in_round:
+            return super().optimizer_state(optimizer)  # type: ignore[misc]
+        return self._rounds.shared_optimizer_state(getattr(optimizer, "_optimizer", optimizer))
+
     # -- checkpoints ---------------------------------------------------------------------------
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
         if self.exchange is not None:
             checkpoint[STATE_KEY] = protocol_state(self.config.as_dict(), self.exchange.state_dict())
+            if self._rounds is not None:
+                checkpoint[STATE_KEY]["rounds"] = self._rounds.state_dict()
         super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)  # type: ignore[misc]
 
     @override
@@ -308,6 +390,10 @@ class HoloGradStrategyMixin:
             if self.exchange is not None:  # already set up (e.g. restore after setup)
                 self.exchange.load_state_dict(state)
                 self._pending_state = None
+        self._pending_rounds = checkpoint.get(STATE_KEY, {}).get("rounds")
+        if self._rounds is not None and self._pending_rounds is not None:
+            self._rounds.load_state_dict(self._pending_rounds)
+            self._pending_rounds = None
         return checkpoint
 
 

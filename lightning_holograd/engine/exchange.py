@@ -167,6 +167,10 @@ class HoloGradExchange:
         ctx = self.commit(batch_hash)
         ctx.extras.update(extras or {})
         scalars = project(ctx.seeds)
+        expected = self.family.num_directions + self.num_public_values
+        if scalars.shape != (expected,):
+            raise ValueError(f"project returned shape {tuple(scalars.shape)}, expected ({expected},): K = "
+                             f"{self.family.num_directions} scalars and {self.num_public_values} public values.")
         for hook in self.claim_hooks:
             scalars = hook(ctx, scalars)
         ctx.local_scalars = scalars

@@ -2,8 +2,8 @@
 
 Code comments point at the repo's own spec as "docs/PROTOCOL.md §N". These tests keep
 those pointers valid, keep the private design files out of the package, and recompute
-the spec's test vectors (§2.8, §3.2, §6.11) with the package, so the text cannot drift
-from what the code computes.
+the spec's test vectors (§2.8, §3.2, §3.3, §3.8, §6.11) with the package, so the text
+cannot drift from what the code computes.
 """
 
 from __future__ import annotations
@@ -13,12 +13,14 @@ import re
 import struct
 from pathlib import Path
 
-import pytest
 import torch
 
 from lightning_holograd.protocol import (
     CommitmentChain,
+    GaussianDirections,
     Ledger,
+    RademacherDirections,
+    SketchDirections,
     claim_digest,
     direction_seeds,
     draw_claims,
@@ -26,6 +28,8 @@ from lightning_holograd.protocol import (
     hash_batch,
     scalars_digest,
 )
+from lightning_holograd.protocol.direction_hash import gaussian_table, hash_words
+from lightning_holograd.protocol.directions_v1 import block_seed
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGE = REPO / "lightning_holograd"
@@ -169,10 +173,10 @@ def _example_batch() -> dict:
             "y": [torch.tensor(0.5, dtype=torch.float32), None, 3, "a"]}
 
 
-def _step_one() -> tuple[CommitmentChain, bytes, bytes, bytes]:
+def _step_one(direction_version: int = 2) -> tuple[CommitmentChain, bytes, bytes, bytes]:
     h0 = hash_batch(torch.tensor([1.0, 2.0], dtype=torch.float32))
     h1 = hash_batch(torch.tensor([3.0, 4.0], dtype=torch.float32))
-    chain = CommitmentChain("holograd")
+    chain = CommitmentChain("holograd", direction_version=direction_version)
     c1 = chain.advance([h0, h1])
     return chain, h0, h1, c1
 
@@ -197,18 +201,55 @@ def test_chain_vectors():
 def test_chain_vectors_follow_the_written_formulas():
     """The byte layouts of §2.1, §2.2 and §2.4, written out independently of the package."""
     chain, h0, h1, c1 = _step_one()
-    c0 = hashlib.sha256(b"holograd/v1" + b"holograd").digest()
+    c0 = hashlib.sha256(b"holograd/v2/dirs2" + b"holograd").digest()
     assert c1 == hashlib.sha256(c0 + struct.pack("<Q", 1) + h0 + h1 + bytes(32)).digest()
+    assert genesis_commitment("holograd", 1) == hashlib.sha256(b"holograd/v1" + b"holograd").digest()
     assert chain.seeds(1)[0] == int.from_bytes(hashlib.sha256(c1 + struct.pack("<Q", 0)).digest()[:8], "little")
     assert h0 == hashlib.sha256(b"T|torch.float32|(2,)|" + struct.pack("<2f", 1.0, 2.0)).digest()
 
 
-def test_block_seed_vector():
-    directions = pytest.importorskip("lightning_holograd.protocol.directions")
-    if not hasattr(directions, "block_seed") or "`block_seed(s_{1,0}, 0)`" not in _spec_text():
-        pytest.skip("the block generator of §3.2 has been replaced")
-    chain, *_ = _step_one()
-    _assert_vector("block_seed(s_{1,0}, 0)", directions.block_seed(chain.seeds(1)[0], 0))
+def test_version_1_vectors():
+    """§3.8: the chain of §2.8 under the version-1 genesis tag, and version 1's block seed."""
+    _assert_vector('genesis_v1("holograd")', genesis_commitment("holograd", 1).hex())
+    chain, *_ = _step_one(direction_version=1)
+    seed = chain.seeds(1)[0]
+    _assert_vector("s_{1,0} (version 1)", seed)
+    _assert_vector("block_seed(s_{1,0} (version 1), 0)", block_seed(seed, 0))
+
+
+_WORD_ROW = re.compile(r"^\| `0x([0-9A-F]{16})` \| (\d+) \| `0x([0-9A-F]{8})` \|$", re.MULTILINE)
+
+
+def test_hash_word_table():
+    """Every row of §3.2's reference table is word(s, e) as the package computes it."""
+    rows = _WORD_ROW.findall(_spec_text())
+    assert len(rows) >= 9, "docs/PROTOCOL.md §3.2 lost its reference values of word(s, e)."
+    for seed, index, word in rows:
+        computed = int(hash_words([int(seed, 16)], int(index), int(index) + 1)[0, 0])
+        assert computed == int(word, 16), f"word(0x{seed}, {index}) is 0x{computed:08X}, the spec says 0x{word}"
+
+
+def _signs(values: list[float]) -> str:
+    return ", ".join("+1" if v > 0 else "-1" for v in values)
+
+
+def test_family_value_vectors():
+    """§3.2's family values at d = 0..3 and §3.3's table T, recomputed with the families."""
+    seed, table = 0x0123456789ABCDEF, gaussian_table("cpu")
+    sketch = SketchDirections(4, 64)
+    directions = torch.stack([sketch.direction([seed], k) for k in range(64)])  # (K, 4)
+    assert torch.equal(directions.abs().sum(dim=0), torch.ones(4))  # one bucket per coordinate
+    _assert_vector("sketch buckets(0..3)", ", ".join(str(int(k)) for k in directions.abs().argmax(dim=0)))
+    _assert_vector("sketch signs(0..3)", _signs(directions.sum(dim=0).tolist()))
+    rademacher = RademacherDirections(4, 64)
+    _assert_vector("rademacher z_0(0..3)", _signs(rademacher.direction([seed, 0], 0).tolist()))
+    _assert_vector("rademacher z_3(0..3)", _signs(rademacher.direction([seed, 0], 3).tolist()))
+    gaussian = GaussianDirections(4, 1).direction([seed], 0)
+    atoms = [int((table == value).nonzero()) for value in gaussian]  # the atoms are distinct
+    _assert_vector("gaussian z_0(0..3)", ", ".join(f"T[{i}]" for i in atoms))
+    _assert_vector("T[0]", repr(float(table[0])))
+    _assert_vector("T[32768]", repr(float(table[32768])))
+    _assert_vector("sha256(T)", hashlib.sha256(table.numpy().astype("<f4").tobytes()).hexdigest())
 
 
 def test_draw_and_ledger_vectors():
@@ -220,8 +261,8 @@ def test_draw_and_ledger_vectors():
         _assert_vector(f"u_{rank}", repr(u))
         assert draw_claims(c1, matrix, u + 1e-12, [rank]) == [rank]  # the formula is the package's
         assert draw_claims(c1, matrix, u, [rank]) == []
-    assert draw_claims(c1, matrix, 0.5, [1, 2, 3]) == [2]
-    assert "the draw picks rank 2" in _spec_text()
+    assert draw_claims(c1, matrix, 0.5, [1, 2, 3]) == [2, 3]
+    assert "the draw picks ranks 2 and 3" in _spec_text()
 
     digest = claim_digest(matrix[2])
     ledger = Ledger()

@@ -25,9 +25,10 @@ from .directions import (
     RademacherDirections,
     SketchDirections,
 )
-from .factory import FAMILY_NAMES, FamilyName, make_family
+from .factory import FAMILY_NAMES, FamilyName, make_family, resume_settings
 from .groups import DirectionGroups, GroupedAggregation, aggregate_groups, group_of, synthesize_groups
 from .ledger import Ledger, LedgerRecord, LedgerTamperError
+from .codebook_fit import CODEBOOK_FITS, CODEBOOK_STRUCTURES, CodebookFit, CodebookStructure
 from .rounds import INNER_STATE_NAMES, InnerState, OuterStep, make_inner_state, round_batch_hash
 from .subspace import CodebookDirections, MomentumDirections, captured_energy
 from .verification import Reason, Verdict, claim_digest, draw_claims, judge_claim
@@ -39,6 +40,10 @@ __all__ = [
     "DIRECTION_VERSION",
     "AggregationResult",
     "Aggregator",
+    "CODEBOOK_FITS",
+    "CODEBOOK_STRUCTURES",
+    "CodebookFit",
+    "CodebookStructure",
     "CodebookDirections",
     "CommitmentChain",
     "DirectionFamily",
@@ -79,6 +84,7 @@ __all__ = [
     "make_aggregator",
     "make_family",
     "make_inner_state",
+    "resume_settings",
     "round_batch_hash",
     "scalars_digest",
     "step_batch_hash",

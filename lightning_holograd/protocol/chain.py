@@ -5,7 +5,8 @@ index (1 for the first step), c_t the step commitment (32 bytes).
 
 - Genesis: c_0 = SHA256("holograd/v2/dirs2" || S_0), S_0 the run's seed string. The tag
   names the direction-function version (DIRECTION_VERSION), so runs whose directions are
-  defined differently never share a chain.
+  defined differently never share a chain; a resumed lightning-holograd 0.1.x run
+  (direction version 1) keeps its tag "holograd/v1".
 - Step: c_t = SHA256(c_{t-1} || t || h_{t,0} || ... || h_{t,N-1} || d_{t-1}), where t is
   encoded as 8 bytes little-endian, h_{t,i} is rank i's batch hash and d_{t-1} the
   digest of the aggregated scalars of step t-1 (d_0 is 32 zero bytes).
@@ -31,6 +32,7 @@ from typing import Any
 import torch
 
 from .direction_hash import DIRECTION_VERSION
+from .direction_versions import GENESIS_TAGS, genesis_tag
 
 __all__ = [
     "DIGEST_SIZE",
@@ -43,7 +45,7 @@ __all__ = [
     "genesis_commitment",
 ]
 
-GENESIS_TAG = f"holograd/v2/dirs{DIRECTION_VERSION}".encode()  # b"holograd/v2/dirs2"
+GENESIS_TAG = genesis_tag(DIRECTION_VERSION)  # b"holograd/v2/dirs2"; version 1: b"holograd/v1"
 DIGEST_SIZE = 32
 _ZERO_DIGEST = bytes(DIGEST_SIZE)
 
@@ -52,11 +54,12 @@ def _u64(value: int) -> bytes:
     return struct.pack("<Q", value)
 
 
-def genesis_commitment(seed: str) -> bytes:
-    """c_0 = SHA256(GENESIS_TAG || seed), GENESIS_TAG = "holograd/v2/dirs2"."""
+def genesis_commitment(seed: str, direction_version: int = DIRECTION_VERSION) -> bytes:
+    """c_0 = SHA256(tag || seed); the tag is "holograd/v2/dirs2" (GENESIS_TAG) for new runs,
+    "holograd/v1" for a resumed run of direction version 1."""
     if not isinstance(seed, str):
         raise TypeError(f"seed={seed!r} must be a str. HINT: pass the run's seed string, e.g. seed='run-1'.")
-    return hashlib.sha256(GENESIS_TAG + seed.encode("utf-8")).digest()
+    return hashlib.sha256(genesis_tag(direction_version) + seed.encode("utf-8")).digest()
 
 
 def direction_seeds(commitment: bytes, num_directions: int, offset: int = 0, group: int = 0) -> list[int]:
@@ -137,11 +140,13 @@ class CommitmentChain:
     Call contract (every rank, every step, same order):
       ``seeds = chain.advance(batch_hashes)`` then, after aggregation,
       ``chain.record_scalars(aggregated)``.
+    ``direction_version`` picks the genesis tag: the direction family's version.
     """
 
-    def __init__(self, seed: str) -> None:
+    def __init__(self, seed: str, direction_version: int = DIRECTION_VERSION) -> None:
         self.seed = seed
-        self.genesis = genesis_commitment(seed)
+        self.tag = genesis_tag(direction_version).decode()
+        self.genesis = genesis_commitment(seed, direction_version)
         self.head = self.genesis  # c_t of the last advanced step
         self.step = 0  # t of the last advanced step
         self.last_scalars_digest = _ZERO_DIGEST  # d_{t}
@@ -171,8 +176,11 @@ class CommitmentChain:
         return direction_seeds(self.head, num_directions, offset, group)
 
     def state_dict(self) -> dict[str, Any]:
+        """A version-1 chain keeps lightning-holograd 0.1.x's format: no ``genesis_tag``, which
+        ``load_state_dict`` reads as "holograd/v1"."""
+        tag = {} if self.tag == GENESIS_TAGS[1].decode() else {"genesis_tag": self.tag}
         return {
-            "genesis_tag": GENESIS_TAG.decode(),
+            **tag,
             "seed": self.seed,
             "head": self.head.hex(),
             "step": self.step,
@@ -180,13 +188,14 @@ class CommitmentChain:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        tag = state.get("genesis_tag")
-        if tag != GENESIS_TAG.decode():
-            written = "lightning-holograd 0.1.x, genesis tag 'holograd/v1'" if tag is None else f"genesis tag {tag!r}"
+        tag = state.get("genesis_tag", GENESIS_TAGS[1].decode())  # version 1 stores no tag
+        if tag != self.tag:
+            written = "lightning-holograd 0.1.x" if "genesis_tag" not in state else f"genesis tag {tag!r}"
             raise ValueError(
-                f"checkpoint chain has genesis_tag={tag!r} (written by {written}); this version's chain "
-                f"starts from {GENESIS_TAG.decode()!r} and defines directions differently. "
-                "HINT: resume it with lightning-holograd 0.1.x, or start a new run."
+                f"checkpoint chain has genesis_tag={state.get('genesis_tag')!r} (written by {written}, tag "
+                f"{tag!r}); this chain starts from {self.tag!r}, whose directions are defined differently. "
+                "HINT: build the chain with the checkpoint's direction_version (CommitmentChain(seed, "
+                "direction_version=...)); HoloGradStrategy does so when it resumes."
             )
         if state["seed"] != self.seed:
             raise ValueError(

@@ -1,4 +1,4 @@
-"""Counter-based hash that defines every direction value (docs/PROTOCOL.md §3).
+"""Counter-based hash that defines every direction value (docs/PROTOCOL.md §3.2).
 
 A direction's coordinate is a pure integer function of a 64-bit seed and an index, so
 any device computes the same bits: a CPU verifier can check a GPU worker. This module
@@ -47,7 +47,7 @@ __all__ = [
     "sign_table",
 ]
 
-DIRECTION_VERSION = 2  # 1: torch.Generator per 8192-coordinate block (lightning-holograd 0.1.x)
+DIRECTION_VERSION = 2  # 1: torch.Generator per coordinate block (0.1.x; directions_v1, resume only)
 
 MASK32 = 0xFFFFFFFF
 WEYL = 0x9E3779B9  # floor(2^32 / golden ratio): spreads consecutive indices

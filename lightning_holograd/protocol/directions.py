@@ -18,9 +18,9 @@ every chunk size.
   (j mod 32) of word(s_{floor(j/32)}, d) is 0, else -1.
 - gaussian (one seed per direction): coordinate d of direction j is the Gaussian table's
   atom at the 16-bit half (low for even d, high for odd d) of word(s_j, floor(d/2)).
-``chunk_size`` (optional) caps how many coordinates are materialised at once; the old
-``block_size`` (DIRECTION_VERSION 1: one torch.Generator per block) is accepted and
-ignored.
+``chunk_size`` (optional) caps how many coordinates are materialised at once; it never
+changes a value. There are no blocks (version 1's generator blocks live in
+``directions_v1``, used only to resume lightning-holograd 0.1.x checkpoints).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from typing import Any, ClassVar
 import torch
 
 from .direction_hash import DIRECTION_VERSION, ChunkBuffers, gaussian_table, seed_keys, sign_table
+from .direction_versions import stored_direction_version, version_mismatch
 
 __all__ = [
     "DIRECTION_VERSION",
@@ -42,7 +43,6 @@ __all__ = [
     "IdentityDirections",
 ]
 
-DEFAULT_BLOCK_SIZE = 8192  # accepted for compatibility; no effect since DIRECTION_VERSION 2
 DEFAULT_CHUNK_SIZE = None  # no cap beyond the device's working set
 _GRANULE = 64  # chunk boundaries are multiples of this (even: Gaussian pairs never split)
 # Cap on a chunk's largest temporary, in elements, by device type: a few L2 caches on a
@@ -68,6 +68,7 @@ class DirectionFamily(abc.ABC):
 
     name: ClassVar[str]
     unbiased: ClassVar[bool]  # E[synthesize(project(g))] == g over the seeds
+    direction_version: ClassVar[int] = DIRECTION_VERSION  # 1 only for directions_v1's families
 
     def __init__(self, dim: int, num_directions: int) -> None:
         _check_positive("dim", dim)
@@ -109,19 +110,12 @@ class DirectionFamily(abc.ABC):
             "name": self.name,
             "dim": self.dim,
             "num_directions": self.num_directions,
-            "direction_version": DIRECTION_VERSION,
+            "direction_version": self.direction_version,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        version = state.get("direction_version")
-        if version != DIRECTION_VERSION:
-            written = "lightning-holograd 0.1.x" if version is None else f"direction version {version}"
-            raise ValueError(
-                f"checkpoint direction family has direction_version={version!r} (written by {written}); "
-                f"this version generates directions with direction_version={DIRECTION_VERSION}, so the "
-                "checkpoint's steps cannot be continued or verified. HINT: resume it with "
-                "lightning-holograd 0.1.x, or start a new run."
-            )
+        if stored_direction_version(state) != self.direction_version:
+            raise ValueError(version_mismatch(state, self.direction_version))
         for key in ("name", "dim", "num_directions"):
             if state[key] != getattr(self, key):
                 raise ValueError(
@@ -161,11 +155,9 @@ class _HashedFamily(DirectionFamily):
         self,
         dim: int,
         num_directions: int,
-        block_size: int = DEFAULT_BLOCK_SIZE,
         chunk_size: int | None = DEFAULT_CHUNK_SIZE,
     ) -> None:
         super().__init__(dim, num_directions)
-        _check_positive("block_size", block_size)  # accepted and ignored (see module docstring)
         if chunk_size is not None:
             _check_positive("chunk_size", chunk_size)
         self.chunk_size = chunk_size
@@ -343,10 +335,9 @@ class SketchDirections(_HashedFamily):
         self,
         dim: int,
         num_directions: int,
-        block_size: int = DEFAULT_BLOCK_SIZE,
         chunk_size: int | None = DEFAULT_CHUNK_SIZE,
     ) -> None:
-        super().__init__(dim, num_directions, block_size, chunk_size)
+        super().__init__(dim, num_directions, chunk_size)
         if num_directions > 1 << 32:
             raise ValueError(f"num_directions={num_directions} must be <= 2^32 for the sketch.")
 

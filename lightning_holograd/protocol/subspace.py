@@ -26,18 +26,11 @@ from typing import Any
 import torch
 
 from .chain import direction_seeds
-from .codebook_fit import (
-    CODEBOOK_FITS,
-    CODEBOOK_STRUCTURES,
-    GradientSketch,
-    check_codebook_settings,
-    default_layout,
-    fit_layout,
-)
+from .codebook_fit import GradientSketch, check_codebook_settings, default_layout, fit_layout
 from .codebook_layout import Layout, Segment, segments_from_shapes
-from .directions import DEFAULT_BLOCK_SIZE, DEFAULT_CHUNK_SIZE, DirectionFamily, GaussianDirections
+from .directions import DEFAULT_CHUNK_SIZE, DirectionFamily, GaussianDirections
 
-__all__ = ["CODEBOOK_FITS", "CODEBOOK_STRUCTURES", "CodebookDirections", "MomentumDirections", "captured_energy"]
+__all__ = ["CodebookDirections", "MomentumDirections", "captured_energy"]
 
 
 def captured_energy(basis: torch.Tensor, true_grad: torch.Tensor) -> float:
@@ -72,7 +65,7 @@ class _SubspaceFamily(DirectionFamily):
     unbiased = False
 
     def __init__(self, dim: int, rank: int, num_exploration: int, exploration_weight: float, init_seed: int,
-                 block_size: int, chunk_size: int) -> None:
+                 chunk_size: int | None) -> None:
         if num_exploration < 0:
             raise ValueError(f"num_exploration={num_exploration} must be >= 0.")
         if not 0 <= init_seed < 2**64:
@@ -88,9 +81,9 @@ class _SubspaceFamily(DirectionFamily):
         self.num_exploration = num_exploration
         self.exploration_weight = float(exploration_weight)
         self.init_seed = init_seed
-        self.block_size, self.chunk_size = block_size, chunk_size
+        self.chunk_size = chunk_size
         self.exploration = (
-            GaussianDirections(dim, num_exploration, block_size=block_size, chunk_size=chunk_size)
+            GaussianDirections(dim, num_exploration, chunk_size=chunk_size)
             if num_exploration
             else None
         )
@@ -103,7 +96,7 @@ class _SubspaceFamily(DirectionFamily):
         """(rows, count) Gaussian columns from seeds derived from ``init_seed`` and ``tag``."""
         if count == 0:
             return torch.zeros(rows, 0, device=device)
-        init = GaussianDirections(rows, count, block_size=self.block_size, chunk_size=self.chunk_size)
+        init = GaussianDirections(rows, count, chunk_size=self.chunk_size)
         seeds = direction_seeds(self.init_seed.to_bytes(8, "little") + tag, count)
         return torch.stack([init.direction(seeds, j, device) for j in range(count)], dim=1)
 
@@ -203,8 +196,7 @@ class CodebookDirections(_SubspaceFamily):
         qr_every: int = 50,
         exploration_weight: float = 0.0,
         init_seed: int = 0,
-        block_size: int = DEFAULT_BLOCK_SIZE,
-        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        chunk_size: int | None = DEFAULT_CHUNK_SIZE,
         *,
         structure: str = "dense",
         param_shapes: Sequence[Sequence[int]] | None = None,
@@ -213,7 +205,7 @@ class CodebookDirections(_SubspaceFamily):
         sketch_decay: float = 1.0,
         tracking_lr: float = 0.0,
     ) -> None:
-        super().__init__(dim, rank, num_exploration, exploration_weight, init_seed, block_size, chunk_size)
+        super().__init__(dim, rank, num_exploration, exploration_weight, init_seed, chunk_size)
         check_codebook_settings(structure, fit, oja_lr, qr_every, sketch_size, sketch_decay, tracking_lr)
         self.structure, self.fit = structure, fit
         self.oja_lr, self.qr_every, self.tracking_lr = float(oja_lr), qr_every, float(tracking_lr)
@@ -343,15 +335,14 @@ class MomentumDirections(_SubspaceFamily):
         beta: float = 0.9,
         exploration_weight: float = 0.0,
         init_seed: int = 0,
-        block_size: int = DEFAULT_BLOCK_SIZE,
-        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        chunk_size: int | None = DEFAULT_CHUNK_SIZE,
     ) -> None:
         if num_exploration < 1:
             raise ValueError(
                 f"num_exploration={num_exploration} must be >= 1: the momentum direction alone never "
                 "rotates. HINT: use num_directions >= 2 (one momentum + exploration directions)."
             )
-        super().__init__(dim, 1, num_exploration, exploration_weight, init_seed, block_size, chunk_size)
+        super().__init__(dim, 1, num_exploration, exploration_weight, init_seed, chunk_size)
         _check_fraction("beta", beta, 0.0, 1.0, high_open=True)
         self.beta = float(beta)
         start = self._seeded_columns(b"", dim, 1, "cpu")[:, 0]

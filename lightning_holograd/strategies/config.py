@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, get_args
 
-from ..protocol import FAMILY_NAMES, Aggregator, DirectionFamily, make_aggregator, make_family
+from ..protocol import FAMILY_NAMES, Aggregator, DirectionFamily, make_aggregator, make_family, resume_settings
 from ..protocol.chain import direction_seeds, genesis_commitment
 from ..protocol.groups import PER_RANK, check_direction_groups, resolve_direction_groups
 from ..protocol.rounds import INNER_STATE_NAMES, OuterStep
@@ -140,10 +141,13 @@ class HoloGradConfig:
         """G on ``world_size`` ranks; ValueError when a group is too small for the aggregation."""
         return check_direction_groups(self.direction_groups, self.build_aggregator(), world_size)
 
-    def build_family(self, dim: int) -> DirectionFamily:
-        """The direction family over ``dim`` trainable coordinates."""
+    def build_family(self, dim: int, resumed: Mapping[str, Any] | None = None) -> DirectionFamily:
+        """The direction family over ``dim`` trainable coordinates; ``resumed``, the family state
+        of a checkpoint about to be loaded, decides the direction version (new runs: the current
+        one; a lightning-holograd 0.1.x checkpoint: version 1, docs/PROTOCOL.md §3.8)."""
+        resume = resume_settings(resumed)
         if self.directions == "identity":
-            return make_family("identity", dim, dim)
+            return make_family("identity", dim, dim, **resume)
         if self.codebook_rank is not None and self.directions == "codebook" and self.codebook_rank > dim:
             raise ValueError(f"codebook_rank={self.codebook_rank} exceeds the model's {dim} trainable parameters. "
                              "HINT: lower codebook_rank.")
@@ -151,7 +155,7 @@ class HoloGradConfig:
         return make_family(
             self.directions, dim, self.num_directions, codebook_rank=self.codebook_rank, oja_lr=self.oja_lr,
             qr_every=self.qr_every, exploration_weight=self.exploration_weight, momentum_beta=self.momentum_beta,
-            init_seed=init_seed, chunk_size=self.chunk_size,
+            init_seed=init_seed, chunk_size=self.chunk_size, **resume,
         )
 
     def build_aggregator(self) -> Aggregator:

@@ -179,14 +179,16 @@ class HoloGradStrategyMixin:
         if not params:
             raise ValueError("the LightningModule has no parameter with requires_grad=True: nothing to train.")
         dim = sum(p.numel() for p in params)
-        family = self.config.build_family(dim)
+        # A checkpoint loaded before setup decides the direction version (0.1.x checkpoints: 1).
+        family = self.config.build_family(dim, (self._pending_state or {}).get("family"))
         if hasattr(family, "to"):
             family.to(self.root_device)
         comm_device = self.root_device if self._get_process_group_backend() == "nccl" else torch.device("cpu")
         comm = Comm(TrafficMeter(self.world_size, dim), device=comm_device)
         self._claims = Claims(self, family)
         self._rounds = LocalRounds(self) if self.config.local_steps > 1 else None
-        return HoloGradExchange(family, self.config.build_aggregator(), CommitmentChain(self.config.seed), comm,
+        chain = CommitmentChain(self.config.seed, direction_version=family.direction_version)
+        return HoloGradExchange(family, self.config.build_aggregator(), chain, comm,
                                 recompute=self._claims.recompute if self._rounds is None else self._rounds.replay,
                                 to_cpu=lambda inputs: move_data_to_device(inputs, "cpu"),
                                 num_groups=self.config.num_groups(self.world_size))

@@ -164,7 +164,8 @@ def test_load_state_dict_with_other_seed_rejected():
 
 def test_genesis_tag_names_the_direction_version_and_old_chains_are_refused():
     """The tag carries DIRECTION_VERSION, so two direction definitions never share a chain; a
-    0.1.x chain state (no tag, genesis "holograd/v1") or another tag is refused, untouched."""
+    0.1.x chain state (no tag, genesis "holograd/v1") or another tag is refused, untouched, by
+    a version-2 chain (a version-1 chain resumes it: test_directions_v1.py)."""
     from lightning_holograd.protocol.chain import GENESIS_TAG
     from lightning_holograd.protocol.directions import DIRECTION_VERSION
 
@@ -176,7 +177,7 @@ def test_genesis_tag_names_the_direction_version_and_old_chains_are_refused():
     old = {key: value for key, value in state.items() if key != "genesis_tag"}
     for bad, shown in ((old, "genesis_tag=None"), ({**state, "genesis_tag": "holograd/v2/dirs3"}, "dirs3")):
         fresh = CommitmentChain("s")
-        with pytest.raises(ValueError, match=f"{shown}.*HINT: resume it with lightning-holograd 0.1.x, or start a new run"):
+        with pytest.raises(ValueError, match=f"{shown}.*HINT: build the chain with the checkpoint's direction_version"):
             fresh.load_state_dict(bad)
         assert fresh.step == 0 and fresh.head == genesis_commitment("s")
 

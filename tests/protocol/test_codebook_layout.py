@@ -25,8 +25,7 @@ def _stream(seed: int, count: int, dim: int = DIM) -> list[torch.Tensor]:
 
 
 def _fitted(structure: str, rank: int, shapes=SHAPES, dim: int = DIM, **kwargs) -> CodebookDirections:
-    codebook = CodebookDirections(dim, rank, structure=structure, param_shapes=shapes, block_size=256,
-                                  chunk_size=256, **kwargs)
+    codebook = CodebookDirections(dim, rank, structure=structure, param_shapes=shapes, chunk_size=256, **kwargs)
     for grad in _stream(0, 6, dim):
         codebook.observe_gradient(grad)
     return codebook
@@ -38,7 +37,7 @@ def test_structured_basis_acts_as_its_dense_matrix(structure, fitted):
     """project, synthesize, direction and captured_energy all equal the dense U's maths."""
     codebook = (_fitted(structure, 20, num_exploration=3) if fitted else
                 CodebookDirections(DIM, 20, num_exploration=3, structure=structure, param_shapes=SHAPES,
-                                   block_size=256, chunk_size=256))
+                                   chunk_size=256))
     basis = codebook.basis  # (D, r)
     used = codebook.layout.used
     assert torch.allclose(basis[:, :used].T @ basis[:, :used], torch.eye(used), atol=1e-5)
@@ -135,7 +134,7 @@ def test_subspace_iteration_matches_the_gram_path(monkeypatch):
 def test_refresh_refits_and_decay_favours_recent_gradients():
     """A true gradient after tracking refits U from the sketch; with decay 0.01 the newest
     gradient dominates the sketch, so a rank-1 dense codebook points along it."""
-    codebook = CodebookDirections(DIM, 1, sketch_decay=0.01, block_size=256, chunk_size=256)
+    codebook = CodebookDirections(DIM, 1, sketch_decay=0.01, chunk_size=256)
     old, new = _stream(4, 2)
     codebook.observe_gradient(old)
     codebook.observe_gradient(new)
@@ -147,7 +146,7 @@ def test_without_shapes_every_structure_is_dense():
     grads = _stream(5, 4)
     bases = []
     for structure in ("dense", "block", "factor"):
-        codebook = CodebookDirections(DIM, 4, structure=structure, block_size=256, chunk_size=256)
+        codebook = CodebookDirections(DIM, 4, structure=structure, chunk_size=256)
         for grad in grads:
             codebook.observe_gradient(grad)
         bases.append(codebook.basis)

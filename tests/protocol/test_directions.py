@@ -310,16 +310,12 @@ def test_direction_prefix_does_not_depend_on_dim(name):
     assert torch.equal(small.direction(seeds, 1), large.direction(seeds, 1)[:1000])
 
 
-@pytest.mark.parametrize("name", UNBIASED)
-def test_block_size_is_accepted_and_ignored(name):
-    """DIRECTION_VERSION 1 drew each block of block_size coordinates from its own generator;
-    version 2 has no blocks: the argument is accepted (configs still pass it) and changes
-    nothing."""
-    first = make_family(name, 1000, 2, block_size=256, chunk_size=512)
-    other = make_family(name, 1000, 2, block_size=512, chunk_size=512)
-    seeds = _seeds(f"block/{name}", 0, first.num_seeds)
-    for index in range(2):
-        assert torch.equal(first.direction(seeds, index), other.direction(seeds, index))
+@pytest.mark.parametrize("cls", [GaussianDirections, RademacherDirections, SketchDirections])
+def test_version_2_families_have_no_block_size(cls):
+    """DIRECTION_VERSION 1 drew each block of block_size coordinates from its own generator
+    (lightning-holograd 0.1.x); version 2 has no blocks, so its families take no block_size."""
+    with pytest.raises(TypeError, match="block_size"):
+        cls(1000, 2, block_size=256)
 
 
 def test_rademacher_entries_are_signs():
@@ -338,26 +334,30 @@ def test_identity_family_is_exact():
 
 
 def test_family_state_dict_checks_settings():
-    """chunk_size and block_size do not change the directions (see above), so a checkpoint
-    written with other values loads; K and the family name do."""
-    family = GaussianDirections(64, 4, block_size=64, chunk_size=64)
-    family.load_state_dict(GaussianDirections(64, 4, block_size=128, chunk_size=128).state_dict())
+    """chunk_size does not change the directions (see above), so a checkpoint written with
+    another value loads; K and the family name do."""
+    family = GaussianDirections(64, 4, chunk_size=64)
+    family.load_state_dict(GaussianDirections(64, 4, chunk_size=128).state_dict())
     with pytest.raises(ValueError, match="num_directions=8"):
-        family.load_state_dict(GaussianDirections(64, 8, block_size=64, chunk_size=64).state_dict())
+        family.load_state_dict(GaussianDirections(64, 8, chunk_size=64).state_dict())
     with pytest.raises(ValueError, match="name='rademacher'"):
-        family.load_state_dict(RademacherDirections(64, 4, block_size=64, chunk_size=64).state_dict())
+        family.load_state_dict(RademacherDirections(64, 4, chunk_size=64).state_dict())
 
 
 @pytest.mark.parametrize("name", [*UNBIASED, "identity", "codebook"])
 def test_family_state_names_the_direction_version_and_refuses_others(name):
     """A 0.1.x checkpoint (no direction_version: generator blocks) or another version cannot
-    be continued with these directions: refused with what to do, before any state changes."""
+    be continued with these directions: refused with what to do, before any state changes
+    (a version-1 family resumes it where one exists: test_directions_v1.py)."""
     family = make_family(name, 64, 64 if name == "identity" else 4)
     state = family.state_dict()
     assert state["direction_version"] == DIRECTION_VERSION == 2
     family.load_state_dict(state)
     old = {key: value for key, value in state.items() if key != "direction_version"}
-    hint = "HINT: resume it with lightning-holograd 0.1.x, or start a new run"
+    if name == "codebook":
+        hint = "HINT: start a new run or finish it with lightning-holograd 0.1.x"
+    else:
+        hint = r"HINT: build the family with make_family\(\.\.\., direction_version=1\)"
     with pytest.raises(ValueError, match=f"direction_version=None \\(written by lightning-holograd 0.1.x\\).*{hint}"):
         family.load_state_dict(old)
     with pytest.raises(ValueError, match=f"direction_version=1 .*{hint}"):
@@ -419,7 +419,7 @@ def test_hash_words_match_the_python_reference_at_the_edges():
     assert words.tolist() == [[_ref_word(s, e) for e in range((1 << 32) - 3, (1 << 32) + 3)] for s in _EDGE_SEEDS[:2]]
 
 
-# The reference values printed in docs/directions.md (seed, index, word).
+# The reference values printed in docs/PROTOCOL.md §3.2 (seed, index, word).
 _DOCUMENTED_WORDS = [
     (0x0000000000000000, 1, 0x01FCE552),
     (0x0000000000000000, 1 << 32, 0x2D6C6775),
@@ -434,7 +434,7 @@ _DOCUMENTED_WORDS = [
 
 
 def test_documented_reference_values():
-    """The words and family values docs/directions.md prints for outside verifiers."""
+    """The words and family values docs/PROTOCOL.md §3.2 prints for outside verifiers."""
     for seed, index, word in _DOCUMENTED_WORDS:
         assert _ref_word(seed, index) == word
         assert int(hash_words([seed], index, index + 1)[0, 0]) == word
@@ -537,11 +537,11 @@ def test_rejects_bad_dim(cls):
 
 
 @pytest.mark.parametrize("cls", ALL_RANDOM)
-def test_rejects_non_positive_chunk_and_block_size(cls):
+def test_rejects_non_positive_chunk_size(cls):
     with pytest.raises(ValueError, match="chunk_size=0 must be a positive integer"):
         cls(64, 4, chunk_size=0)
-    with pytest.raises(ValueError, match="block_size=-8 must be a positive integer"):
-        cls(64, 4, block_size=-8)
+    with pytest.raises(ValueError, match="chunk_size=-8 must be a positive integer"):
+        cls(64, 4, chunk_size=-8)
 
 
 @pytest.mark.parametrize("name", UNBIASED)

@@ -66,7 +66,7 @@ def test_basis_stays_orthonormal(qr_every, oja_lr):
     tests the O(D r) rank-one re-orthonormalisation alone: without it, one update would
     leave U^T U = I + (2 alpha + alpha^2) b b^T, an error of order alpha (0.1 .. 3)."""
     dim, rank = 512, 16
-    codebook = CodebookDirections(dim, rank, oja_lr=oja_lr, qr_every=qr_every, block_size=512, chunk_size=512,
+    codebook = CodebookDirections(dim, rank, oja_lr=oja_lr, qr_every=qr_every, chunk_size=512,
                                   fit="oja")
     assert _orthonormality_error(codebook.basis) < 1e-5
     gen = torch.Generator().manual_seed(3)
@@ -83,7 +83,7 @@ def test_rank_one_update_equals_qr_of_oja_step():
     """The rank-one correction must span the same subspace as QR of the raw Oja step
     U + alpha u_hat (u_hat^T U); compare projectors after one update."""
     dim, rank, oja_lr = 256, 8, 0.5
-    codebook = CodebookDirections(dim, rank, oja_lr=oja_lr, qr_every=10**9, block_size=256, chunk_size=256, fit="oja")
+    codebook = CodebookDirections(dim, rank, oja_lr=oja_lr, qr_every=10**9, chunk_size=256, fit="oja")
     before = codebook.basis.clone()
     grad = before @ torch.arange(1.0, rank + 1) + torch.randn(dim, generator=torch.Generator().manual_seed(0))
     codebook.observe_gradient(grad)
@@ -103,7 +103,7 @@ def test_periodic_qr_does_not_change_the_basis():
     grads = [next(stream) for _ in range(60)]
     bases = []
     for qr_every in (1, 10**9):
-        codebook = CodebookDirections(dim, rank, oja_lr=0.3, qr_every=qr_every, block_size=512, chunk_size=512,
+        codebook = CodebookDirections(dim, rank, oja_lr=0.3, qr_every=qr_every, chunk_size=512,
                                       fit="oja")
         for grad in grads:
             codebook.observe_gradient(grad)
@@ -112,16 +112,16 @@ def test_periodic_qr_does_not_change_the_basis():
 
 
 def test_initial_basis_is_seeded_and_orthonormal():
-    first = CodebookDirections(256, 8, init_seed=5, block_size=256, chunk_size=256)
-    again = CodebookDirections(256, 8, init_seed=5, block_size=256, chunk_size=256)
-    other = CodebookDirections(256, 8, init_seed=6, block_size=256, chunk_size=256)
+    first = CodebookDirections(256, 8, init_seed=5, chunk_size=256)
+    again = CodebookDirections(256, 8, init_seed=5, chunk_size=256)
+    other = CodebookDirections(256, 8, init_seed=6, chunk_size=256)
     assert torch.equal(first.basis, again.basis)
     assert not torch.allclose(first.basis, other.basis)
     assert _orthonormality_error(first.basis) < 1e-5
 
 
 def test_observe_ignores_zero_and_non_finite_gradients():
-    codebook = CodebookDirections(64, 4, block_size=64, chunk_size=64)
+    codebook = CodebookDirections(64, 4, chunk_size=64)
     before = codebook.basis.clone()
     codebook.observe_gradient(torch.zeros(64))
     bad = torch.ones(64)
@@ -141,7 +141,7 @@ def test_oja_converges_to_planted_subspace_from_true_gradients():
     (ceiling 0.987, see PlantedStream); a random basis captures about r/D = 0.008."""
     dim, rank = 512, 4
     stream = PlantedStream(dim, rank, noise_std=0.01)
-    codebook = CodebookDirections(dim, rank, oja_lr=0.2, qr_every=50, block_size=512, chunk_size=512, fit="oja")
+    codebook = CodebookDirections(dim, rank, oja_lr=0.2, qr_every=50, chunk_size=512, fit="oja")
     assert stream.mean_captured_energy(codebook.basis) < 0.05
     for _ in range(300):
         codebook.observe_gradient(stream.sample())
@@ -164,7 +164,7 @@ def test_exploration_estimates_rotate_the_basis_toward_the_planted_subspace():
     dim, rank, num_exploration = 256, 4, 32
     stream = PlantedStream(dim, rank, noise_std=0.01, seed=1)
     codebook = CodebookDirections(
-        dim, rank, num_exploration=num_exploration, oja_lr=0.3, qr_every=50, block_size=256, chunk_size=256,
+        dim, rank, num_exploration=num_exploration, oja_lr=0.3, qr_every=50, chunk_size=256,
         fit="oja",
     )
     fresh = [stream.sample() for _ in range(100)]
@@ -186,7 +186,7 @@ def test_estimate_inside_span_cannot_rotate_the_basis():
     every column in span(U): the subspace never moves, however many steps are taken."""
     dim, rank = 256, 4
     stream = PlantedStream(dim, rank, noise_std=0.01, seed=2)
-    codebook = CodebookDirections(dim, rank, oja_lr=0.5, qr_every=10, block_size=256, chunk_size=256, fit="oja")
+    codebook = CodebookDirections(dim, rank, oja_lr=0.5, qr_every=10, chunk_size=256, fit="oja")
     projector = codebook.basis @ codebook.basis.T
     for _ in range(100):
         codebook.reconstruct(codebook.project(stream.sample(), []), [])
@@ -199,7 +199,7 @@ def test_captured_energy_against_estimate_is_the_trap():
     """gamma against g_hat reads 1 (g_hat = U U^T g is in span(U) by construction) while
     against the true gradient it is r/D-ish for an untrained basis (E = 8/256 = 0.03)."""
     dim, rank = 256, 8
-    codebook = make_family("codebook", dim, rank, block_size=256, chunk_size=256)
+    codebook = make_family("codebook", dim, rank, chunk_size=256)
     grad = torch.randn(dim, generator=torch.Generator().manual_seed(7))
     estimate = codebook.synthesize(codebook.project(grad, []), [])
     torch.testing.assert_close(estimate, codebook.basis @ (codebook.basis.T @ grad))
@@ -216,9 +216,9 @@ def test_exploration_weight_one_is_unbiased_and_zero_is_the_projection():
     dim, rank, num_exploration, draws = 64, 4, 8, 500
     grad = torch.randn(dim, generator=torch.Generator().manual_seed(8))
     unbiased = CodebookDirections(
-        dim, rank, num_exploration=num_exploration, exploration_weight=1.0, block_size=64, chunk_size=64
+        dim, rank, num_exploration=num_exploration, exploration_weight=1.0, chunk_size=64
     )
-    projection = CodebookDirections(dim, rank, num_exploration=num_exploration, block_size=64, chunk_size=64)
+    projection = CodebookDirections(dim, rank, num_exploration=num_exploration, chunk_size=64)
     exact = projection.basis @ (projection.basis.T @ grad)
     chain = CommitmentChain("weights")
     total = torch.zeros(dim, dtype=torch.float64)
@@ -234,7 +234,7 @@ def test_exploration_weight_one_is_unbiased_and_zero_is_the_projection():
 
 
 def test_codebook_directions_and_scalars():
-    codebook = CodebookDirections(128, 4, num_exploration=3, block_size=128, chunk_size=128)
+    codebook = CodebookDirections(128, 4, num_exploration=3, chunk_size=128)
     seeds = [11, 22, 33]
     grad = torch.randn(128, generator=torch.Generator().manual_seed(9))
     matrix = torch.stack([codebook.direction(seeds, j) for j in range(7)])  # (K, D)
@@ -245,10 +245,10 @@ def test_codebook_directions_and_scalars():
 def test_codebook_state_dict_round_trip_continues_identically():
     stream = PlantedStream(128, 4, noise_std=0.1, seed=5)
     grads = [stream.sample() for _ in range(20)]
-    original = CodebookDirections(128, 4, oja_lr=0.3, qr_every=3, block_size=128, chunk_size=128, fit="oja")
+    original = CodebookDirections(128, 4, oja_lr=0.3, qr_every=3, chunk_size=128, fit="oja")
     for grad in grads[:7]:
         original.observe_gradient(grad)
-    resumed = CodebookDirections(128, 4, oja_lr=0.3, qr_every=3, init_seed=99, block_size=128, chunk_size=128,
+    resumed = CodebookDirections(128, 4, oja_lr=0.3, qr_every=3, init_seed=99, chunk_size=128,
                                    fit="oja")
     resumed.load_state_dict(original.state_dict())
     assert resumed.num_updates == 7
@@ -257,7 +257,7 @@ def test_codebook_state_dict_round_trip_continues_identically():
         resumed.observe_gradient(grad)
     assert torch.equal(resumed.basis, original.basis)
     with pytest.raises(ValueError, match="num_directions=4.*num_directions=5"):
-        CodebookDirections(128, 5, block_size=128, chunk_size=128, fit="oja").load_state_dict(original.state_dict())
+        CodebookDirections(128, 5, chunk_size=128, fit="oja").load_state_dict(original.state_dict())
 
 
 # -- fitting to true gradients and tracking (issue 13) ---------------------------------
@@ -312,8 +312,7 @@ def test_bootstrap_fit_captures_a_planted_stream(structure):
         stream, dim, rank, shapes = PlantedStream(512, 4, noise_std=0.01, seed=3), 512, 8, None
     else:
         stream, dim, rank, shapes = PlantedFactorStream(seed=3), 1064, 9, SHAPES
-    codebook = CodebookDirections(dim, rank, structure=structure, param_shapes=shapes, block_size=512,
-                                  chunk_size=1024)
+    codebook = CodebookDirections(dim, rank, structure=structure, param_shapes=shapes, chunk_size=1024)
     fresh = [stream.sample() for _ in range(100)]
     assert _mean_energy(codebook, fresh) < 0.05
     for _ in range(10):
@@ -331,7 +330,7 @@ def test_fit_and_tracking_are_bitwise_reproducible(structure):
     for _ in range(2):
         stream = PlantedFactorStream(noise_std=0.1, seed=4)
         codebook = CodebookDirections(1064, 12, num_exploration=8, structure=structure, param_shapes=SHAPES,
-                                      tracking_lr=0.05, sketch_size=4, block_size=512, chunk_size=1024)
+                                      tracking_lr=0.05, sketch_size=4, chunk_size=1024)
         chain = CommitmentChain("same")
         for step in range(14):  # 6 true gradients (one frequent-directions shrink at 5), then 8 tracked steps
             if step < 6:
@@ -356,7 +355,7 @@ def _two_rank_worker(rank: int, port: int, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     stream = PlantedFactorStream(noise_std=0.1, seed=10 + rank)  # each rank its own data
     codebook = CodebookDirections(1064, 9, num_exploration=6, structure="factor", param_shapes=SHAPES,
-                                  tracking_lr=0.05, block_size=512, chunk_size=1024)
+                                  tracking_lr=0.05, chunk_size=1024)
     chain = CommitmentChain("two-ranks")
     for step in range(11):
         local = stream.sample()
@@ -391,6 +390,10 @@ def test_two_gloo_ranks_hold_the_same_codebook(tmp_path):
         proc.start()
     for proc in procs:
         proc.join(timeout=60)
+    for proc in procs:
+        if proc.is_alive():  # a hung rank must not outlive the test
+            proc.terminate()
+            proc.join()
     assert [p.exitcode for p in procs] == [0, 0]
     digests = [(tmp_path / f"rank{r}.txt").read_text().split() for r in range(2)]
     assert digests[0] == digests[1]
@@ -403,7 +406,7 @@ def test_sketch_codebook_state_dict_round_trip_continues_identically():
     stream = PlantedFactorStream(noise_std=0.1, seed=5)
     grads = [stream.sample() for _ in range(16)]
     kwargs = dict(num_exploration=4, structure="factor", param_shapes=SHAPES, tracking_lr=0.05, sketch_size=4,
-                  block_size=512, chunk_size=1024)
+                  chunk_size=1024)
 
     def step(family, index):
         if index < 5 or index == 12:  # bootstrap, then a refresh step
@@ -438,7 +441,7 @@ def _rotating_run(fit: str, rate: float, seed: int, dim: int = 1024, steps: int 
     q, _ = torch.linalg.qr(torch.randn(dim, 4, generator=gen))
     start, end = q[:, :2], q[:, 2:]
     rates = {"oja_lr": rate} if fit == "oja" else {"tracking_lr": rate}
-    codebook = CodebookDirections(dim, 2, num_exploration=32, fit=fit, block_size=1024, chunk_size=1024, **rates)
+    codebook = CodebookDirections(dim, 2, num_exploration=32, fit=fit, chunk_size=1024, **rates)
     for _ in range(4):  # start both rules at span(A): a sketch fit, or Oja's own steps on A's directions
         codebook.observe_gradient(start @ torch.randn(2, generator=gen))
     if fit == "oja":
@@ -475,7 +478,7 @@ def test_tracking_needs_exploration_and_a_rate():
     """Without exploration u lies in span(U) (no rotation possible); tracking_lr = 0 is off."""
     stream = PlantedStream(256, 4, noise_std=0.1, seed=6)
     for kwargs in ({"tracking_lr": 0.5}, {"tracking_lr": 0.0, "num_exploration": 8}):
-        codebook = CodebookDirections(256, 4, block_size=256, chunk_size=256, **kwargs)
+        codebook = CodebookDirections(256, 4, chunk_size=256, **kwargs)
         before = codebook.basis.clone()
         chain = CommitmentChain("off")
         for step in range(5):
@@ -496,7 +499,7 @@ def test_momentum_direction_rotates_toward_a_persistent_gradient():
     for D = 64, e = 8, beta = 0.9. A random start has |cos| ~ 1/sqrt(D) = 0.125.
     We require the last-50-step mean above 0.7 and a gain of at least 0.4 over the start."""
     dim, num_exploration = 64, 8
-    momentum = MomentumDirections(dim, num_exploration, beta=0.9, block_size=64, chunk_size=64)
+    momentum = MomentumDirections(dim, num_exploration, beta=0.9, chunk_size=64)
     target = torch.randn(dim, generator=torch.Generator().manual_seed(10))
 
     def alignment() -> float:
@@ -520,10 +523,10 @@ def test_momentum_direction_rotates_toward_a_persistent_gradient():
 
 def test_momentum_state_dict_round_trip():
     grads = list(itertools.islice(_random_unit_stream(64, seed=11), 10))
-    original = MomentumDirections(64, 2, beta=0.8, block_size=64, chunk_size=64)
+    original = MomentumDirections(64, 2, beta=0.8, chunk_size=64)
     for grad in grads[:4]:
         original.observe_gradient(grad)
-    resumed = MomentumDirections(64, 2, beta=0.8, init_seed=3, block_size=64, chunk_size=64)
+    resumed = MomentumDirections(64, 2, beta=0.8, init_seed=3, chunk_size=64)
     resumed.load_state_dict(original.state_dict())
     for grad in grads[4:]:
         original.observe_gradient(grad)
@@ -568,7 +571,7 @@ def test_subspace_families_reject_bad_settings():
 
 
 def test_subspace_families_check_gradient_and_seeds():
-    codebook = CodebookDirections(64, 4, num_exploration=2, block_size=64, chunk_size=64)
+    codebook = CodebookDirections(64, 4, num_exploration=2, chunk_size=64)
     with pytest.raises(ValueError, match=r"flat_grad has shape \(63,\), expected \(64,\)"):
         codebook.project(torch.zeros(63), [1, 2])
     with pytest.raises(ValueError, match="got 1 seeds, codebook needs 2"):
@@ -578,9 +581,9 @@ def test_subspace_families_check_gradient_and_seeds():
 
 
 def test_make_family_codebook_splits_columns_and_exploration():
-    family = make_family("codebook", 64, 8, codebook_rank=5, block_size=64, chunk_size=64)
+    family = make_family("codebook", 64, 8, codebook_rank=5, chunk_size=64)
     assert (family.rank, family.num_exploration, family.num_directions, family.num_seeds) == (5, 3, 8, 3)
-    momentum = make_family("momentum", 64, 4, block_size=64, chunk_size=64)
+    momentum = make_family("momentum", 64, 4, chunk_size=64)
     assert (momentum.rank, momentum.num_exploration, momentum.num_seeds) == (1, 3, 3)
 
 

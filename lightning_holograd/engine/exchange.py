@@ -159,7 +159,8 @@ class HoloGradExchange:
         """Exchange one step's claims and return g_hat (D,), identical on every rank.
 
         ``project(seeds)`` returns this rank's (K + E,) row (the family's projection of the
-        local gradient, or a forward-mode equivalent, then E = ``num_public_values`` values). ``extras`` (e.g. this rank's
+        local gradient, or a forward-mode equivalent, then E = ``num_public_values`` values).
+        ``extras`` (e.g. this rank's
         micro-batches under ``"inputs"``) are handed to the hooks via the context.
         ``optimizer_steps``: the optimizer steps this exchange stands for (a round's inner
         steps), for the traffic meter's per-step figures and compression.

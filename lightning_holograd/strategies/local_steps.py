@@ -141,10 +141,13 @@ class LocalRounds:
         delta = self.theta - _flat(params)
         statistics = self.inner_state.statistics(self.optimizer).to(delta.device)
         family = exchange.family
-        batch_hash = round_batch_hash([[batch for batch, _ in step] for step in self.steps])
-        inputs = [([[batch for batch, _ in step] for step in self.steps], [[i for _, i in step] for step in self.steps])]
-        estimate = exchange.step(batch_hash, lambda seeds: torch.cat([family.project(delta, seeds), statistics]),
-                                 extras={"inputs": inputs}, optimizer_steps=len(self.steps))
+        batches = [[batch for batch, _ in step] for step in self.steps]  # R
+        inputs = [(batches, [[batch_idx for _, batch_idx in step] for step in self.steps])]  # [(R, I)]
+        def row(seeds: list[int]) -> torch.Tensor:  # (K + E,)
+            return torch.cat([family.project(delta, seeds), statistics])
+
+        estimate = exchange.step(round_batch_hash(batches), row, extras={"inputs": inputs},
+                                 optimizer_steps=len(self.steps))
         _write(params, self.outer.apply(self.theta, estimate))
         public = exchange.last_context.public_values
         self.public = None if public is None or public.numel() == 0 else public.detach().cpu().clone()

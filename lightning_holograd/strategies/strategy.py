@@ -364,7 +364,8 @@ class HoloGradStrategyMixin:
         if self._rounds is None or not self._rounds.in_round:
             return super().lightning_module_state_dict()  # type: ignore[misc]
         with self._rounds.shared():
-            return {name: value.clone() for name, value in super().lightning_module_state_dict().items()}  # type: ignore[misc]
+            state = super().lightning_module_state_dict()  # type: ignore[misc]
+            return {name: value.clone() for name, value in state.items()}
 
     @override
     def optimizer_state(self, optimizer: Any) -> dict[str, Any]:

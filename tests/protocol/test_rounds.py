@@ -116,7 +116,8 @@ def test_public_v_round_start_is_a_function_of_public_values_only():
         policy.start_round(optimizer, public, steps_done=8)
     for p, q, value in zip(first.param_groups[0]["params"][:2], second.param_groups[0]["params"][:2], (0.25, 0.5)):
         a, b = first.state[p], second.state[q]
-        assert torch.equal(a["exp_avg"], torch.zeros_like(p)) and torch.equal(a["exp_avg_sq"], torch.full_like(p, value))
+        assert torch.equal(a["exp_avg"], torch.zeros_like(p))
+        assert torch.equal(a["exp_avg_sq"], torch.full_like(p, value))
         assert all(torch.equal(a[key], b[key]) for key in ("step", "exp_avg", "exp_avg_sq"))
         assert a["step"].item() == 8.0 and a["step"].dtype == torch.float32 and a["step"].device.type == "cpu"
     assert len(first.state) == 2  # nothing for the frozen tensor

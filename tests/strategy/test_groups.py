@@ -142,7 +142,8 @@ def test_omniscient_attack_without_an_honest_group_peer_is_refused(tmp_path):
         ({"direction_groups": 2, "directions": "codebook", "num_directions": 8}, "directions='codebook'.*HINT"),
         ({"direction_groups": 2, "directions": "momentum"}, "directions='momentum'"),
         ({"direction_groups": "per_rank", "directions": "identity"}, "directions='identity'"),
-        ({"direction_groups": "per_rank", "aggregation": "median"}, "aggregation='median'.*HINT: use aggregation='mean'"),
+        ({"direction_groups": "per_rank", "aggregation": "median"},
+         "aggregation='median'.*HINT: use aggregation='mean'"),
         ({"direction_groups": "per_rank", "aggregation": "krum"}, "aggregation='krum'"),
     ],
 )

@@ -92,9 +92,10 @@ def test_a_lying_rank_is_slashed_and_an_honest_one_never(tmp_path, cheater):
     assert_identical_replicas(states)
     assert states[0]["exchange"]["slashed"] == [2]
     records = list(Ledger.load(tmp_path / "ledger.jsonl"))
-    rejected = [(r.step, r.rank, r.data["reason"]) for r in records if r.event == "verify" and r.data["verdict"] == "reject"]
+    verdicts = [r for r in records if r.event == "verify"]
+    rejected = [(r.step, r.rank, r.data["reason"]) for r in verdicts if r.data["verdict"] == "reject"]
     assert rejected == [(3, 2, "mismatch")]
-    accepted = sorted((r.step, r.rank) for r in records if r.event == "verify" and r.data["verdict"] == "accept")
+    accepted = sorted((r.step, r.rank) for r in verdicts if r.data["verdict"] == "accept")
     assert accepted == sorted([(s, 1) for s in range(1, 6)] + [(1, 2), (2, 2)])
 
 

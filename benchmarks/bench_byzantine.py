@@ -36,11 +36,8 @@ import os
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # forked ranks must not inherit an OpenMP pool
 
 import argparse  # noqa: E402
-import datetime as _dt  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
-import platform  # noqa: E402
-import shlex  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -48,15 +45,14 @@ import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
-import torch  # noqa: E402
-
-_BENCH_DIR = Path(__file__).resolve().parent
-
 import lightning.pytorch as L  # noqa: E402
+import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import lightning_holograd  # noqa: E402
 from lightning_holograd import ByzantineSimulator, HoloGradStrategy  # noqa: E402
+from benchmarks.harness import (RESULTS, finish_metadata, make_parser, read_report,  # noqa: E402
+                                run_metadata, write_report)
 from lightning_holograd.demos import ToyModule, free_port, make_dataset  # noqa: E402
 
 ATTACKS = ("random", "scale", "sign_flip", "alie", "ipm")
@@ -145,7 +141,7 @@ def markdown(results: list[dict[str, Any]], defences: list[str], attacks: list[s
     lines = [
         "# Byzantine robustness on CPU: 1 of 4 ranks lying",
         "",
-        f"- command: `{meta['command']}`",
+        f"- command: `{meta['command']}`" + (f"; commit `{meta['commit']}`" if meta.get("commit") else ""),
         f"- torch {meta['torch']}, lightning {meta['lightning']}, python {meta['python']}, date {meta['date']}",
         f"- task: MLP 8-16-2 (D = 178) regression, 256 samples, batch 16 per rank, SGD lr 0.05, "
         f"gaussian directions K = 64, N = 4 ranks, {meta['steps']} steps; attacker rank {meta['attacker']} "
@@ -157,7 +153,7 @@ def markdown(results: list[dict[str, Any]], defences: list[str], attacks: list[s
                                               f"{', evasive attacker' if meta['evasive'] else ''}"
                                               if VERIFY_COLUMN in defences else ""),
         f"- reference: clean run with mean aggregation, final loss {reference['final']:.4g} "
-        f"(initial {reference['initial']:.4g}); total wall {meta['wall_s']:.0f} s",
+        f"(initial {reference['initial']:.4g}); total wall {meta.get('total_wall_s', meta.get('wall_s')):.0f} s",
         "",
     ]
     for key, title in (("final", "Final"), ("best", "Best")):
@@ -169,10 +165,10 @@ def markdown(results: list[dict[str, Any]], defences: list[str], attacks: list[s
             label = attack if "=" not in attack else attack.replace("=", f" {_STRENGTH_SYMBOL[attack.split('=')[0]]}=")
             lines.append(f"| {label} | " + " | ".join(row) + " |")
         lines.append("")
-    slashed = [r for r in results if r["slashed"]]
+    slashed = [r for r in results if r.get("slashed", r.get("excluded"))]  # "excluded" in older JSON
     if slashed:
         lines.append("Ranks slashed by the end: " + ", ".join(
-            f"{r['attack']}/{r['defence']}: {r['slashed']}" for r in slashed) + ".")
+            f"{r['attack']}/{r['defence']}: {r.get('slashed', r.get('excluded'))}" for r in slashed) + ".")
         lines.append("")
     return "\n".join(lines)
 
@@ -189,7 +185,7 @@ def _valid_attack(spec: str) -> bool:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = make_parser(__doc__)
     parser.add_argument("--attacks", default=DEFAULT_ATTACKS,
                         help=f"comma-separated, each one of {','.join(ATTACKS)}, or name=strength for "
                              f"{','.join(STRENGTH)}")
@@ -203,7 +199,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-verifier", action="store_true", help=f"drop the '{VERIFY_COLUMN}' column")
     parser.add_argument("--p-verify", type=float, default=0.25)
     parser.add_argument("--evasive", action="store_true", help="only_unverified attacker in the verify column")
-    parser.add_argument("--out", type=Path, default=_BENCH_DIR / "results" / "byzantine_cpu.md")
+    parser.add_argument("--out", type=Path, default=RESULTS / "byzantine_cpu.md")
+    parser.add_argument("--report-only", action="store_true", help="rebuild the tables from the JSON")
     args = parser.parse_args(argv)
     args.with_verifier = not args.no_verifier
     args.attack_list = [a for a in args.attacks.split(",") if a]
@@ -223,12 +220,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    torch.set_num_threads(1)
-    logging.getLogger("lightning").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore")
-    start = time.perf_counter()
+def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for attack in [None, *args.attack_list]:
@@ -237,18 +229,29 @@ def main(argv: list[str] | None = None) -> None:
                 results.append(result)
                 print(f"{result['attack']:>10} {defence:>13}: final {result['final']:.4g} best {result['best']:.4g} "
                       f"({result['seconds']:.1f} s)", file=sys.stderr, flush=True)
-    meta = {
-        "command": "python -m benchmarks.bench_byzantine " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-        "torch": torch.__version__, "lightning": L.__version__, "python": platform.python_version(),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "steps": args.steps,
-        "attacker": args.attacker, "scale": args.scale, "alie_z": args.alie_z, "ipm_epsilon": args.ipm_epsilon,
-        "p_verify": args.p_verify, "evasive": args.evasive, "world_size": WORLD_SIZE,
-        "defences": {d: DEFENCES.get(d, {"aggregation": "mean", "verifier": True}) for d in args.defence_list},
-        "wall_s": time.perf_counter() - start,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(markdown(results, args.defence_list, args.attack_list, meta))
-    args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.report_only:
+        payload = read_report(args.out)
+        meta, results = payload["meta"], payload["results"]
+        attacks = list(dict.fromkeys(r["attack"] for r in results if r["attack"] != "clean"))
+        write_report(args.out, markdown(results, list(meta["defences"]), attacks, meta), payload)
+        return
+    torch.set_num_threads(1)
+    logging.getLogger("lightning").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    start = time.perf_counter()
+    meta = run_metadata(
+        "bench_byzantine", argv, steps=args.steps, attacker=args.attacker, scale=args.scale, alie_z=args.alie_z,
+        ipm_epsilon=args.ipm_epsilon, p_verify=args.p_verify, evasive=args.evasive, world_size=WORLD_SIZE,
+        defences={d: DEFENCES.get(d, {"aggregation": "mean", "verifier": True}) for d in args.defence_list})
+    results = run_all(args)
+    finish_metadata(meta, start)
+    write_report(args.out, markdown(results, args.defence_list, args.attack_list, meta),
+                 {"meta": meta, "results": results})
     print(f"wrote {args.out} and {args.out.with_suffix('.json')}", file=sys.stderr)
 
 

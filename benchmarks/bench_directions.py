@@ -45,193 +45,18 @@ same directions); chunks are sized by the device's working-set cap
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import json
 import math
-import os
 import platform
-import shlex
-import statistics
-import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-_BENCH_DIR = Path(__file__).resolve().parent
-
-from lightning_holograd.protocol import DIRECTION_VERSION, direction_seeds, make_family  # noqa: E402
-from lightning_holograd.protocol.direction_hash import hash_words  # noqa: E402
-
-FAMILIES = ("gaussian", "rademacher", "sketch", "codebook", "momentum")
-STATEFUL = ("codebook", "codebook-halfexp", "momentum")
-# Assumed single-thread CPU QR rate (flop/s) for the first codebook setup estimate only;
-# later estimates are rescaled by what was measured.
-_QR_FLOPS_PRIOR = 5e9
-# First-guess cost of one call, in units of the references (rescaled by what is measured):
-# gaussian about one randn per value, rademacher about an eighth, the sketch a few index_adds.
-_PRIOR_X_RANDN = {"gaussian": 1.0, "rademacher": 0.15}
-_PRIOR_SKETCH_X_INDEX_ADD = 3.0
-
-
-# --------------------------------------------------------------------------- helpers
-def _csv_ints(text: str) -> list[int]:
-    values = []
-    for item in text.split(","):
-        item = item.strip()
-        if item:
-            values.append(int(float(item)))  # accepts 1e6
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
-def _csv_families(text: str) -> list[str]:
-    names = [s.strip() for s in text.split(",") if s.strip()]
-    allowed = set(FAMILIES) | {"codebook-halfexp"}
-    bad = [n for n in names if n not in allowed]
-    if bad or not names:
-        raise argparse.ArgumentTypeError(f"unknown families {bad}; choose from {', '.join(sorted(allowed))}")
-    return names
-
-
-def _loadavg() -> float | None:
-    try:
-        return round(os.getloadavg()[0], 2)
-    except (AttributeError, OSError):  # not available on every platform
-        return None
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _time_call(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> list[float]:
-    """Wall seconds of ``repeats`` calls of fn after ``warmup`` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return times
-
-
-def measure_references(device: torch.device, dims: list[int], ks: list[int], repeats: int) -> dict[str, Any]:
-    """Reference costs in seconds: per D a copy_, one randn(D) and one hash word per
-    coordinate; per (D, K) a random-index index_add_ of D floats into K bins."""
-    gen = torch.Generator(device=device)
-    gen.manual_seed(0)
-    refs: dict[str, Any] = {"copy_s": {}, "randn_s": {}, "hash_s": {}, "index_add_s": {}}
-
-    def median(fn: Callable[[], Any]) -> float:
-        return statistics.median(_time_call(fn, device, 1, max(3, repeats)))
-
-    for dim in dims:
-        src = torch.randn(dim, generator=gen, device=device)
-        dst = torch.empty_like(src)
-        refs["copy_s"][dim] = median(lambda: dst.copy_(src))
-        refs["randn_s"][dim] = median(lambda: dst.normal_(generator=gen))
-        refs["hash_s"][dim] = median(lambda: hash_words([12345], 0, dim, device))
-        for k in ks:
-            index = torch.randint(0, k, (dim,), generator=gen, device=device)
-            acc = torch.zeros(k, device=device)
-            refs["index_add_s"][f"{dim},{k}"] = median(lambda: acc.index_add_(0, index, src))
-        del src, dst
-    return refs
-
-
-def _reference(variant: str, dim: int, k: int, refs: dict[str, Any]) -> tuple[str, float]:
-    """The reference a family's time is divided by (besides the copy): name, seconds."""
-    if variant == "sketch":
-        return "index_add", refs["index_add_s"][f"{dim},{k}"]
-    directions = k - _rank(variant, k) if variant in STATEFUL else k
-    if directions == 0:
-        return "copy", refs["copy_s"][dim]
-    return f"{directions} randn", directions * refs["randn_s"][dim]
-
-
-def _rank(variant: str, k: int) -> int:
-    return {"codebook": k, "codebook-halfexp": k // 2, "momentum": 1}.get(variant, 0)
-
-
-def _prior_estimates(variant: str, dim: int, k: int, refs: dict[str, Any]) -> dict[str, float]:
-    """Rough seconds per call (project / synthesize / full_estimate) and for setup."""
-    rank = _rank(variant, k)
-    _, ref_s = _reference(variant, dim, k, refs)
-    matvec = 2 * dim * max(rank, 1) / 2e9 + dim * 4 / 5e9  # small matrix-vector work + one pass
-    if variant == "sketch":
-        gen = _PRIOR_SKETCH_X_INDEX_ADD * ref_s
-    else:
-        gen = _PRIOR_X_RANDN.get(variant, _PRIOR_X_RANDN["gaussian"]) * ref_s
-    est = {"project": gen + matvec, "synthesize": gen + matvec, "full_estimate": 0.0, "setup": 0.0}
-    if variant in STATEFUL:
-        est["synthesize"] = matvec
-        est["full_estimate"] = gen + 3 * matvec
-        init_gen = rank * refs["randn_s"][dim]
-        qr = 2 * dim * rank * rank / _QR_FLOPS_PRIOR if variant != "momentum" else 0.0
-        est["setup"] = init_gen + qr
-    return est
-
-
-# --------------------------------------------------------------------------- one config
-def build_family(variant: str, dim: int, k: int, device: torch.device):
-    if variant == "codebook":
-        fam = make_family("codebook", dim, k, codebook_rank=k)
-    elif variant == "codebook-halfexp":
-        fam = make_family("codebook", dim, k, codebook_rank=max(1, k // 2))
-    else:
-        fam = make_family(variant, dim, k)
-    if hasattr(fam, "to"):
-        fam.to(device)
-    return fam
-
-
-def run_config(variant: str, dim: int, k: int, device: torch.device, args, refs: dict[str, Any]) -> dict[str, Any]:
-    row: dict[str, Any] = {"family": variant, "D": dim, "K": k, "status": "ok"}
-    _sync(device)
-    t0 = time.perf_counter()
-    fam = build_family(variant, dim, k, device)
-    _sync(device)
-    row["setup_s"] = time.perf_counter() - t0 if variant in STATEFUL else None
-    row["rank"] = getattr(fam, "rank", None)
-    row["num_exploration"] = getattr(fam, "num_exploration", None)
-
-    seeds = direction_seeds(b"bench-directions", fam.num_seeds)
-    gen = torch.Generator(device="cpu").manual_seed(1234)
-    grad = torch.randn(dim, generator=gen).to(device)
-    scalars = fam.project(grad, seeds)
-
-    ops: dict[str, Callable[[], Any]] = {
-        "project": lambda: fam.project(grad, seeds),
-        "synthesize": lambda: fam.synthesize(scalars, seeds),
-    }
-    if variant in STATEFUL:
-        ops["full_estimate"] = lambda: fam.full_estimate(scalars, seeds)
-    for name, fn in ops.items():
-        times = _time_call(fn, device, args.warmup, args.repeats)
-        row[f"{name}_times_s"] = times
-        row[f"{name}_s"] = statistics.median(times)
-
-    synth_s = row.get("full_estimate_s", row["synthesize_s"])  # what a step pays to synthesise
-    row["copy_s"] = refs["copy_s"][dim]
-    row["project_x_copy"] = row["project_s"] / row["copy_s"]
-    row["synthesize_x_copy"] = synth_s / row["copy_s"]
-    row["reference"], row["reference_s"] = _reference(variant, dim, k, refs)
-    row["project_x_ref"] = row["project_s"] / row["reference_s"]
-    row["synthesize_x_ref"] = synth_s / row["reference_s"]
-    del fam, grad, scalars
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return row
-
+from benchmarks.directions_timing import FAMILIES, prior_estimates, measure_references, run_config
+from benchmarks.harness import (RESULTS, csv_ints, finish_metadata, loadavg, make_parser, read_report,
+                                run_metadata, write_report)
+from lightning_holograd.protocol import DIRECTION_VERSION
 
 # --------------------------------------------------------------------------- output
 def _fmt(x: float | None) -> str:
@@ -257,10 +82,10 @@ def _reference_lines(refs: dict[str, Any]) -> list[str]:
         "| D | copy_ (one pass) | randn(D) | hash word per coordinate | index_add_ into K bins |",
         "|---:|---:|---:|---:|---|",
     ]
-    for dim in refs["copy_s"]:
+    for dim in refs["copy_s"]:  # int keys, or str keys after a JSON round trip (--report-only)
         adds = ", ".join(f"K={key.split(',')[1]}: {_ms(value)}" for key, value in refs["index_add_s"].items()
-                         if int(key.split(",")[0]) == dim)
-        lines.append(f"| {dim:,} | {_ms(refs['copy_s'][dim])} | {_ms(refs['randn_s'][dim])} "
+                         if int(key.split(",")[0]) == int(dim))
+        lines.append(f"| {int(dim):,} | {_ms(refs['copy_s'][dim])} | {_ms(refs['randn_s'][dim])} "
                      f"| {_ms(refs['hash_s'][dim])} | {adds} |")
     return lines
 
@@ -272,7 +97,7 @@ def render_markdown(meta: dict[str, Any], refs: dict[str, Any], rows: list[dict[
         f"- device: `{meta['device']}` ({meta['device_name']})",
         f"- torch {meta['torch']}, python {meta['python']}, threads {meta['threads']}",
         f"- direction definition: DIRECTION_VERSION {meta['direction_version']} (counter-based hash)",
-        f"- date: {meta['date']}",
+        f"- date: {meta['date']}" + (f"; commit `{meta['commit']}`" if meta.get("commit") else ""),
         f"- command: `{meta['command']}`",
         f"- repeats {meta['repeats']} (median reported), warmup {meta['warmup']}, "
         f"per-config budget {meta['max_seconds']} s, total wall {meta['total_wall_s']:.0f} s",
@@ -319,11 +144,19 @@ def render_markdown(meta: dict[str, Any], refs: dict[str, Any], rows: list[dict[
 
 
 # --------------------------------------------------------------------------- main
+def _csv_families(text: str) -> list[str]:
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    allowed = set(FAMILIES) | {"codebook-halfexp"}
+    bad = [n for n in names if n not in allowed]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown families {bad}; choose from {', '.join(sorted(allowed))}")
+    return names
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dims", type=_csv_ints, default=[100_000, 1_000_000], help="comma-separated D values")
-    p.add_argument("--ks", type=_csv_ints, default=[16, 64, 256], help="comma-separated K values")
+    p = make_parser(__doc__)
+    p.add_argument("--dims", type=csv_ints, default=[100_000, 1_000_000], help="comma-separated D values")
+    p.add_argument("--ks", type=csv_ints, default=[16, 64, 256], help="comma-separated K values")
     p.add_argument("--families", type=_csv_families, default=list(FAMILIES),
                    help=f"comma-separated, from {', '.join(FAMILIES)}, codebook-halfexp "
                         "(codebook also runs codebook-halfexp unless --no-codebook-exploration)")
@@ -338,96 +171,87 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=None,
                    help="Markdown output (default benchmarks/results/directions_<device>.md); "
                         "the JSON goes next to it with the same stem")
+    p.add_argument("--report-only", action="store_true", help="rebuild the tables from the JSON (needs --out)")
     args = p.parse_args(argv)
     if args.repeats < 1 or args.warmup < 0 or args.threads < 1:
-        p.error("--repeats and --threads must be >= 1, --warmup >= 0")
+        p.error(f"--repeats={args.repeats}, --threads={args.threads} must be >= 1 and --warmup={args.warmup} >= 0. "
+                "HINT: the defaults are 3, 1 and 1.")
+    if args.report_only and not args.out:
+        p.error("--report-only needs --out. HINT: e.g. --out benchmarks/results/directions_cpu.md")
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda requested but torch.cuda.is_available() is False")
-    out_md = Path(args.out) if args.out else _BENCH_DIR / "results" / f"directions_{device.type}.md"
-    out_json = out_md.with_suffix(".json")
-    out_md.parent.mkdir(parents=True, exist_ok=True)
-
+def _variants(args: argparse.Namespace) -> list[str]:
     variants: list[str] = []
     for name in args.families:
         for v in ([name, "codebook-halfexp"] if name == "codebook" and not args.no_codebook_exploration else [name]):
             if v not in variants:
                 variants.append(v)
+    return variants
 
+
+def _one(variant: str, dim: int, k: int, device: torch.device, args: argparse.Namespace, refs: dict[str, Any],
+         scale: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """One configuration, or its "skipped" row when its estimate exceeds the budget; ``scale``
+    (measured / prior per op) is updated from what ran."""
+    tag = f"{variant:17s} D={dim:>10,} K={k:>4}"
+    if variant in ("codebook-halfexp", "momentum") and k < 2:
+        return {"family": variant, "D": dim, "K": k, "status": "skipped (needs K >= 2)"}
+    prior = prior_estimates(variant, dim, k, refs)
+    est = {op: prior[op] * scale.get(variant, {}).get(op, 1.0) for op in prior}
+    total_est = est["setup"] + (args.warmup + args.repeats) * (est["project"] + est["synthesize"] + est["full_estimate"])
+    if total_est > args.max_seconds:
+        print(f"[bench] {tag}  skipped (budget): est. {total_est:.1f} s > {args.max_seconds} s", flush=True)
+        return {"family": variant, "D": dim, "K": k, "status": "skipped (budget)", "estimated_s": total_est}
+    try:
+        row = run_config(variant, dim, k, device, args, refs)
+    except Exception as exc:  # keep going: one broken config should not lose the table
+        print(f"[bench] {tag}  error: {exc!r}", flush=True)
+        return {"family": variant, "D": dim, "K": k, "status": f"error: {type(exc).__name__}"}
+    row["estimated_s"] = total_est
+    scale[variant] = {op: (row[f"{op}_s"] / prior[op]) if prior[op] > 0 and row.get(f"{op}_s") else 1.0
+                      for op in ("project", "synthesize", "full_estimate")}
+    if row.get("setup_s") and prior["setup"] > 0:
+        scale[variant]["setup"] = row["setup_s"] / prior["setup"]
+    full = f" full_est {row['full_estimate_s'] * 1e3:8.1f} ms" if "full_estimate_s" in row else ""
+    setup = f" setup {row['setup_s']:.2f} s" if row.get("setup_s") else ""
+    print(f"[bench] {tag}  project {row['project_s'] * 1e3:8.1f} ms  synthesize "
+          f"{row['synthesize_s'] * 1e3:8.1f} ms{full}{setup}", flush=True)
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.report_only:
+        payload = read_report(Path(args.out))
+        write_report(Path(args.out), render_markdown(payload["meta"], payload["references"], payload["results"]),
+                     payload)
+        return 0
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device={args.device!r} but torch.cuda.is_available() is False. HINT: --device cpu")
+    out_md = Path(args.out) if args.out else RESULTS / f"directions_{device.type}.md"
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
-    meta = {
-        "device": str(device),
-        "device_name": device_name,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "threads": torch.get_num_threads(),
-        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "command": "python " + shlex.join(sys.argv),
-        "repeats": args.repeats,
-        "warmup": args.warmup,
-        "max_seconds": args.max_seconds,
-        "dims": args.dims,
-        "ks": args.ks,
-        "families": variants,
-        "direction_version": DIRECTION_VERSION,
-    }
-    meta["loadavg_start"] = _loadavg()
+    variants = _variants(args)
+    meta = run_metadata("bench_directions", argv, device=str(device), device_name=device_name,
+                        threads=torch.get_num_threads(), repeats=args.repeats, warmup=args.warmup,
+                        max_seconds=args.max_seconds, dims=args.dims, ks=args.ks, families=variants,
+                        direction_version=DIRECTION_VERSION)
+    meta["loadavg_start"] = (loadavg() or [None])[0]
     wall0 = time.perf_counter()
     print(f"[bench] device={device} ({device_name}) torch={torch.__version__} threads={meta['threads']}", flush=True)
     refs = measure_references(device, sorted(args.dims), sorted(args.ks), args.repeats)
     for dim in sorted(args.dims):
         print(f"[bench] D={dim:,}: copy_ {refs['copy_s'][dim] * 1e3:.2f} ms, "
               f"randn {refs['randn_s'][dim] * 1e3:.2f} ms, hash words {refs['hash_s'][dim] * 1e3:.2f} ms", flush=True)
-
-    rows: list[dict[str, Any]] = []
     scale: dict[str, dict[str, float]] = {}  # variant -> measured/prior ratio per op, from the last run config
-    calls = args.warmup + args.repeats
-    for dim in sorted(args.dims):
-        for k in sorted(args.ks):
-            for variant in variants:
-                if variant in ("codebook-halfexp", "momentum") and k < 2:
-                    rows.append({"family": variant, "D": dim, "K": k, "status": "skipped (needs K >= 2)"})
-                    continue
-                prior = _prior_estimates(variant, dim, k, refs)
-                ratio = scale.get(variant, {})
-                est = {op: prior[op] * ratio.get(op, 1.0) for op in prior}
-                total_est = est["setup"] + calls * (est["project"] + est["synthesize"] + est["full_estimate"])
-                tag = f"{variant:17s} D={dim:>10,} K={k:>4}"
-                if total_est > args.max_seconds:
-                    print(f"[bench] {tag}  skipped (budget): est. {total_est:.1f} s > {args.max_seconds} s", flush=True)
-                    rows.append({"family": variant, "D": dim, "K": k, "status": "skipped (budget)",
-                                 "estimated_s": total_est})
-                    continue
-                try:
-                    row = run_config(variant, dim, k, device, args, refs)
-                except Exception as exc:  # keep going: one broken config should not lose the table
-                    print(f"[bench] {tag}  error: {exc!r}", flush=True)
-                    rows.append({"family": variant, "D": dim, "K": k, "status": f"error: {type(exc).__name__}"})
-                    continue
-                row["estimated_s"] = total_est
-                rows.append(row)
-                scale[variant] = {
-                    op: (row[f"{op}_s"] / prior[op]) if prior[op] > 0 and row.get(f"{op}_s") else 1.0
-                    for op in ("project", "synthesize", "full_estimate")
-                }
-                if row.get("setup_s") and prior["setup"] > 0:
-                    scale[variant]["setup"] = row["setup_s"] / prior["setup"]
-                full = f" full_est {row['full_estimate_s'] * 1e3:8.1f} ms" if "full_estimate_s" in row else ""
-                setup = f" setup {row['setup_s']:.2f} s" if row.get("setup_s") else ""
-                print(f"[bench] {tag}  project {row['project_s'] * 1e3:8.1f} ms  synthesize "
-                      f"{row['synthesize_s'] * 1e3:8.1f} ms{full}{setup}", flush=True)
-
-    meta["total_wall_s"] = time.perf_counter() - wall0
-    meta["loadavg_end"] = _loadavg()
-    out_md.write_text(render_markdown(meta, refs, rows))
-    out_json.write_text(json.dumps({"meta": meta, "references": refs, "results": rows}, indent=2) + "\n")
-    print(f"[bench] wrote {out_md} and {out_json} ({meta['total_wall_s']:.0f} s)", flush=True)
+    rows = [_one(variant, dim, k, device, args, refs, scale)
+            for dim in sorted(args.dims) for k in sorted(args.ks) for variant in variants]
+    finish_metadata(meta, wall0)
+    meta["loadavg_end"] = (meta["loadavg_end"] or [None])[0]
+    write_report(out_md, render_markdown(meta, refs, rows), {"meta": meta, "references": refs, "results": rows})
+    print(f"[bench] wrote {out_md} and its JSON ({meta['total_wall_s']:.0f} s)", flush=True)
     return 0
 
 

@@ -4,7 +4,7 @@
 Single process, CPU, the tiny GPT-2 of configs/gpt2-tiny-cpu.yaml (byte level, n_layer 2,
 n_head 2, n_embd 128, block 128, D = 445,952), the stdlib corpus, AdamW lr 3e-3 with the
 example's schedule, 16 x 128-token batches drawn with a seeded generator (the harness of
-``claims_training.py``). Every variant sends K = 64 scalars per step and takes the
+``claims_gpt2.py``). Every variant sends K = 64 scalars per step and takes the
 ``ADCBootstrap`` schedule: true gradients on the first ``--bootstrap`` steps (and every
 ``refresh`` steps after, where a variant says so), the codebook's estimate otherwise.
 
@@ -24,9 +24,10 @@ Two modes:
 Times are the family's own calls in exact mode, measured on a shared 2-core machine:
 indicative only.
 
-Usage (one CPU-heavy process at a time on a shared machine):
-  nice -n 10 python benchmarks/codebook_study.py                       # both modes, ~30 min
-  nice -n 10 python benchmarks/codebook_study.py --mode exact --variants dense,factor
+Usage (one CPU-heavy process at a time on a shared machine; from the repository root):
+  nice -n 10 python -m benchmarks.codebook_study                       # both modes, ~30 min
+  nice -n 10 python -m benchmarks.codebook_study --mode exact --variants dense,factor
+  python -m benchmarks.codebook_study --report-only                     # redraw the tables from the JSON
 """
 
 from __future__ import annotations
@@ -36,27 +37,22 @@ import os
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported
 
 import argparse  # noqa: E402
-import datetime as _dt  # noqa: E402
-import json  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
 
-torch.set_num_threads(1)
-
-_BENCH_DIR = Path(__file__).resolve().parent
-sys.path.insert(0, str(_BENCH_DIR))
-
-from claims_training import GPT2Harness, cos  # noqa: E402
+from benchmarks.claims_estimators import cos  # noqa: E402
+from benchmarks.claims_gpt2 import GPT2Harness, is_true_step  # noqa: E402
+from benchmarks.harness import RESULTS, loadavg, make_parser, read_report, run_metadata, write_report  # noqa: E402
 from lightning_holograd.protocol import direction_seeds, genesis_commitment, make_family  # noqa: E402
 
+torch.set_num_threads(1)
+
 K = 64
-RESULTS = _BENCH_DIR / "results"
 # name: (description, make_family settings, refresh_every)
 VARIANTS: dict[str, tuple[str, dict[str, Any], int]] = {
     "dense-oja": ("dense r64, normalised Oja lr 0.1 (before issue 13)", {"codebook_fit": "oja"}, 0),
@@ -78,13 +74,6 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], int]] = {
 }
 OWN_DEFAULT = ("dense-oja", "dense", "block", "factor", "factor-track", "dense-refresh50", "factor-refresh50-decay")
 CHECKPOINTS = (0, 9, 10, 11, 20, 50, 100, 200)
-
-
-def is_true_step(step: int, bootstrap: int, refresh: int) -> bool:
-    """ADCBootstrap's schedule (callbacks/bootstrap.py)."""
-    if step < bootstrap:
-        return True
-    return bool(refresh) and (step - bootstrap) % refresh == refresh - 1
 
 
 class Arm:
@@ -183,9 +172,9 @@ def run_own(name: str, total: int, bootstrap: int) -> dict[str, Any]:
 
 
 def _row(name: str, r: dict[str, Any], extra: str = "") -> str:
-    at = r["gamma_at"]
+    at = {int(step): g for step, g in r["gamma_at"].items()}  # str keys after a JSON round trip
     cells = " | ".join(f"{at[s]:.3f}" if s in at else "-" for s in CHECKPOINTS[2:])
-    return (f"| {name} | {r['description']} | {cells} | {r['gamma_at'][max(at)]:.3f} | {r['gamma_mean_after']:.4f} "
+    return (f"| {name} | {r['description']} | {cells} | {at[max(at)]:.3f} | {r['gamma_mean_after']:.4f} "
             f"| {r['gamma_min_after']:.2e} | {r['fraction_after_above_10_r_over_D']:.2f} "
             f"| {r['mean_cos_estimate_after']:.3f} | {r['bytes_per_step_after_bootstrap']:,.0f} "
             f"| {r['stored_floats'] / 1e6:.2f} |{extra}")
@@ -199,7 +188,7 @@ def render(meta: dict[str, Any], exact: dict[str, Any] | None, own: dict[str, An
     lines = [
         "# Codebook study (issue 13): captured energy of the ADC codebook on the tiny GPT-2",
         "",
-        "STUDY, not a benchmark of record (`benchmarks/codebook_study.py`, single process, see its docstring).",
+        "STUDY, not a benchmark of record (`python -m benchmarks.codebook_study`, single process, see its docstring).",
         f"Command: `{meta['command']}`  ",
         f"Date: {meta['date']}; host: {meta['host']}; torch {meta['torch']}, 1 thread, CPU shared with other jobs "
         f"(load average {meta['load_start']} -> {meta['load_end']}); {meta['seconds']:.0f} s.",
@@ -225,8 +214,8 @@ def render(meta: dict[str, Any], exact: dict[str, Any] | None, own: dict[str, An
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = make_parser(__doc__)
     p.add_argument("--mode", choices=("exact", "own", "both"), default="both")
     p.add_argument("--variants", default=",".join(VARIANTS),
                    help=f"exact mode, comma-separated from {', '.join(VARIANTS)} (default: all)")
@@ -234,30 +223,38 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"own mode, comma-separated (default: {','.join(OWN_DEFAULT)})")
     p.add_argument("--steps", type=int, default=300, help="steps after the bootstrap (default 300)")
     p.add_argument("--bootstrap", type=int, default=10)
-    p.add_argument("--out", type=Path, default=RESULTS / "codebook_study")
+    p.add_argument("--out", type=Path, default=RESULTS / "codebook_study", help="path stem of the .md and .json")
+    p.add_argument("--report-only", action="store_true",
+                   help="redraw the tables from the JSON (rewrites the .md: notes added by hand below them go)")
     args = p.parse_args(argv)
-    names = [n for n in args.variants.split(",") if n]
-    own_names = [n for n in args.own_variants.split(",") if n]
-    unknown = [n for n in names + own_names if n not in VARIANTS]
+    args.names = [n for n in args.variants.split(",") if n]
+    args.own_names = [n for n in args.own_variants.split(",") if n]
+    unknown = [n for n in args.names + args.own_names if n not in VARIANTS]
     if unknown or args.steps < 1 or args.bootstrap < 1:
         p.error(f"bad --variants {unknown} / --steps {args.steps} / --bootstrap {args.bootstrap}: variants from "
                 f"{', '.join(VARIANTS)}, steps and bootstrap >= 1")
-    total, start, load_start = args.bootstrap + args.steps, time.time(), os.getloadavg()[0]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    out_md = args.out.with_suffix(".md")
+    if args.report_only:
+        payload = read_report(out_md)
+        write_report(out_md, render(payload["meta"], payload["exact"], payload["own"]) + "\n", payload)
+        return 0
+    total, start, load_start = args.bootstrap + args.steps, time.perf_counter(), (loadavg() or [None])[0]
     exact = own = None
-    meta: dict[str, Any] = {"command": "python benchmarks/codebook_study.py " + " ".join(argv or sys.argv[1:]),
-                            "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                            "host": platform.node(), "torch": torch.__version__, "bootstrap": args.bootstrap,
-                            "steps": args.steps, "load_start": round(load_start, 2)}
+    meta = run_metadata("codebook_study", argv, host=platform.node(), bootstrap=args.bootstrap, steps=args.steps,
+                        load_start=load_start)
     if args.mode in ("exact", "both"):
-        exact, meta["exact_val_loss"] = run_exact(names, total, args.bootstrap)
+        exact, meta["exact_val_loss"] = run_exact(args.names, total, args.bootstrap)
     if args.mode in ("own", "both"):
-        own = {n: run_own(n, total, args.bootstrap) for n in own_names}
+        own = {n: run_own(n, total, args.bootstrap) for n in args.own_names}
     meta["dim"] = next(iter((exact or own).values()))["dim"]
-    meta.update(seconds=time.time() - start, load_end=round(os.getloadavg()[0], 2))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".md").write_text(render(meta, exact, own) + "\n")
-    args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "exact": exact, "own": own}, indent=1))
-    print(f"wrote {args.out.with_suffix('.md')}")
+    meta.update(seconds=time.perf_counter() - start, load_end=(loadavg() or [None])[0])
+    write_report(out_md, render(meta, exact, own) + "\n", {"meta": meta, "exact": exact, "own": own})
+    print(f"wrote {out_md}")
     return 0
 
 

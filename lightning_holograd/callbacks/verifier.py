@@ -5,35 +5,60 @@ is an untrusted worker whose claims (its (K,) row of scalars for a step) are sam
 
 Per HoloGrad step, inside the exchange (after all rows are gathered, before they are
 aggregated, so before the update of step t), on every rank:
-1. rows with NaN/inf slash their rank (every rank sees the matrix: no messages);
-2. the draw ``draw_claims(c_t, A, p_verify, workers)`` picks the claims to check, from
-   randomness no rank can know when submitting, identical on every rank;
-3. the engine's ``VerificationTransport`` moves each drawn claimant's micro-batches to its
-   verifier, which checks their hash against the commitment, recomputes the scalars at
-   theta_t and judges |a - a*| <= atol + rtol |a*|; verdicts are shared, and only verifier
-   ranks' verdicts count;
+1. a worker row with NaN/inf is always checked (every rank sees the matrix): the row is
+   dropped for the step in any case, and the rank is slashed only if the recomputation
+   is finite (it lied); an honest non-finite loss is a fault, not a lie;
+2. the draw ``draw_claims(c_t, A, p_verify, workers)`` picks the finite claims to check,
+   from randomness no rank can know when submitting, identical on every rank;
+3. the engine's ``VerificationTransport`` moves each checked claimant's micro-batches to
+   its verifier (a bundle, never a pickle; a claimant silent for ``transfer_timeout``
+   seconds counts as ``missing``), which checks their hash against the commitment,
+   recomputes the scalars at theta_t and judges |a - a*| <= atol + rtol |a*|; verdicts
+   come back, and only verifier ranks' verdicts count;
 4. a rejected claim, a batch that does not match its hash, or a missing batch slashes
    the claimant (``Slashing.slash``): its row is left out of this step's aggregation on
-   every rank, and of every later step.
+   every rank, and of every later step. More than ``max_slashed_fraction`` of the workers
+   slashed stops training (``TooManySlashedError``).
 Every verification and slash is appended to a hash-chained ledger (JSONL written by
-global rank 0, identical in memory on all ranks, saved in checkpoints).
+global rank 0, identical in memory on all ranks, saved in checkpoints). Its length and
+head are logged every step as an anchor (``holograd/ledger_records``,
+``holograd/ledger_head_0`` and ``_1``: 96 bits of the head). At the end of fit, rank
+zero reports the slashed ranks and why.
 """
 
 from __future__ import annotations
 
-import os
+import logging
+import math
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from lightning.pytorch.callbacks import Callback
+from torch import nn
 from typing_extensions import override
 
 from ..engine import HoloGradExchange, StepContext
-from ..protocol import Ledger, Reason, claim_digest, draw_claims
+from ..protocol import Ledger, Reason, draw_claims
 
-__all__ = ["ProofVerifier"]
+__all__ = ["ProofVerifier", "ledger_anchor_metrics", "stochastic_modules"]
+
+log = logging.getLogger(__name__)
+
+
+def ledger_anchor_metrics(ledger: Ledger) -> dict[str, float]:
+    """The ledger's anchor as exact float64 metrics: its record count and the first 96 bits
+    of its head hash, in two 48-bit integers (``Ledger.load(path, anchor=...)`` checks a file)."""
+    return {"holograd/ledger_records": float(len(ledger)),
+            "holograd/ledger_head_0": float(int(ledger.head[:12], 16)),
+            "holograd/ledger_head_1": float(int(ledger.head[12:24], 16))}
+
+
+def stochastic_modules(module: nn.Module) -> list[str]:
+    """Names of the dropout layers that are active in training mode (p > 0)."""
+    return [name or type(sub).__name__ for name, sub in module.named_modules()
+            if isinstance(sub, nn.modules.dropout._DropoutNd) and sub.p > 0]
 
 
 class ProofVerifier(Callback):
@@ -49,8 +74,17 @@ class ProofVerifier(Callback):
             honest scalars differ slightly.
         verifier_ranks: trusted ranks that recompute claims (their own claims are not checked).
         ledger_path: JSONL file for the hash-chained ledger (written by global rank 0).
-        slash: slash ranks whose claim is rejected or whose scalars are not finite
-            (False: record verdicts only, for detection-rate experiments).
+            Earlier contents that the resumed run does not continue are kept beside it
+            as ``<ledger_path>.previous.<n>``, never overwritten.
+        slash: slash ranks whose claim is rejected (False: record verdicts only, for
+            detection-rate experiments).
+        transfer_timeout: seconds a verifier waits for a drawn claimant's batches; a
+            claimant that is not on time is slashed ``missing``. Set it above the batch
+            size divided by the link's bandwidth.
+        max_transfer_bytes: largest bundle of batches a verifier accepts (a larger one
+            counts as missing).
+        max_slashed_fraction: training stops once more than this fraction of the workers
+            (ranks outside ``verifier_ranks``) is slashed (1.0: never).
     """
 
     def __init__(
@@ -61,6 +95,9 @@ class ProofVerifier(Callback):
         verifier_ranks: Sequence[int] = (0,),
         ledger_path: str | None = None,
         slash: bool = True,
+        transfer_timeout: float = 60.0,
+        max_transfer_bytes: int = 1 << 30,
+        max_slashed_fraction: float = 0.5,
     ) -> None:
         if not isinstance(p_verify, (int, float)) or not 0.0 <= p_verify <= 1.0:
             raise ValueError(f"p_verify={p_verify!r} must lie in [0, 1]. HINT: 0.05 checks one claim in 20.")
@@ -70,6 +107,16 @@ class ProofVerifier(Callback):
         verifier_ranks = tuple(int(r) for r in verifier_ranks)
         if not verifier_ranks or any(r < 0 for r in verifier_ranks) or len(set(verifier_ranks)) != len(verifier_ranks):
             raise ValueError(f"verifier_ranks={verifier_ranks!r} must be distinct ranks >= 0, at least one.")
+        if not isinstance(transfer_timeout, (int, float)) or not transfer_timeout > 0:
+            raise ValueError(f"transfer_timeout={transfer_timeout!r} must be a number of seconds > 0. HINT: 60.")
+        if isinstance(max_transfer_bytes, bool) or not isinstance(max_transfer_bytes, int) or max_transfer_bytes < 1:
+            raise ValueError(f"max_transfer_bytes={max_transfer_bytes!r} must be an integer >= 1. HINT: 1 << 30.")
+        if not isinstance(max_slashed_fraction, (int, float)) or not 0.0 <= max_slashed_fraction <= 1.0:
+            raise ValueError(f"max_slashed_fraction={max_slashed_fraction!r} must lie in [0, 1]. HINT: 0.5 stops "
+                             "once more than half of the workers are slashed; 1.0 never stops.")
+        self.transfer_timeout = float(transfer_timeout)
+        self.max_transfer_bytes = max_transfer_bytes
+        self.max_slashed_fraction = float(max_slashed_fraction)
         self.p_verify = float(p_verify)
         self.rtol = float(rtol)
         self.atol = float(atol)
@@ -94,10 +141,32 @@ class ProofVerifier(Callback):
         bad = [r for r in self.verifier_ranks if r >= world]
         if bad:
             raise ValueError(f"verifier_ranks={list(self.verifier_ranks)} names ranks {bad} outside world_size={world}.")
+        self._check_deterministic(pl_module)
         self._exchange = exchange
+        exchange.verification.open(self.transfer_timeout, self.max_transfer_bytes)
+        workers = world - len(self.verifier_ranks)
+        if self.max_slashed_fraction < 1.0:
+            exchange.slashing.max_slashed = math.floor(self.max_slashed_fraction * workers)
         exchange.review_hooks.append(self.review)
         exchange.slashing.hooks.append(self._record_slash)
         self._open_ledger_file(trainer.is_global_zero)
+        if exchange.resized_from is not None:  # resumed with another world size: on the record
+            self.ledger.append(exchange.chain.step, -1, "resize", world_size_before=exchange.resized_from,
+                               world_size=world, slashed=sorted(exchange.slashing.slashed))
+
+    def _check_deterministic(self, pl_module: Any) -> None:
+        """Dropout draws masks the verifier cannot reproduce: every honest claim would fail."""
+        active = stochastic_modules(pl_module)
+        if not active:
+            return
+        message = (f"ProofVerifier: the module has active dropout layers ({', '.join(active[:5])}"
+                   f"{', ...' if len(active) > 5 else ''}); a verifier cannot reproduce a claimant's dropout masks, "
+                   "so honest claims fail verification. HINT: set the dropout probabilities to 0 for verified "
+                   "training (e.g. GPT2Module(dropout=0.0)), or use ProofVerifier(slash=False) with a tolerance "
+                   "calibrated as in README 'Verification and slashing'.")
+        if self.slash:
+            raise ValueError(message)
+        log.warning(message)
 
     @override
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
@@ -109,16 +178,11 @@ class ProofVerifier(Callback):
                 exchange.slashing.hooks.remove(self._record_slash)
 
     def _open_ledger_file(self, writer: bool) -> None:
-        """Rank 0 writes the ledger file; on resume it is rewritten from the checkpoint."""
+        """Rank 0 writes the ledger file: it continues the checkpoint's records, keeping any
+        earlier file that does not end exactly there under a new name (``Ledger.open_file``)."""
         if not writer or self.ledger_path is None:
             return
-        os.makedirs(os.path.dirname(os.path.abspath(self.ledger_path)), exist_ok=True)
-        if os.path.exists(self.ledger_path):
-            os.replace(self.ledger_path, self.ledger_path + ".previous")  # never lose what was there
-        records, self.ledger = self.ledger.records, Ledger(self.ledger_path)
-        with open(self.ledger_path, "w", encoding="utf-8") as handle:
-            handle.writelines(record.to_json() + "\n" for record in records)
-        self.ledger.records = list(records)
+        self.ledger = Ledger.open_file(self.ledger_path, self.ledger.records)
 
     # -- the review hook (every rank, inside the exchange) --------------------------------------
     def review(self, ctx: StepContext) -> None:
@@ -126,11 +190,10 @@ class ProofVerifier(Callback):
         assert exchange is not None and ctx.matrix is not None
         slashing = exchange.slashing
         workers = [r for r in slashing.honest_ranks() if r not in self.verifier_ranks]
-        for rank in workers:  # (the aggregator drops non-finite rows for this step in any case)
-            if self.slash and not bool(torch.isfinite(ctx.matrix[rank]).all()):
-                slashing.slash(rank, Reason.NONFINITE, ctx.step, claim_digest=claim_digest(ctx.matrix[rank]))
-        candidates = [r for r in workers if not slashing.is_slashed(r)]
-        drawn = draw_claims(ctx.commitment, ctx.matrix, self.p_verify, candidates)
+        finite = torch.isfinite(ctx.matrix).all(dim=1).tolist()
+        nonfinite = [r for r in workers if not finite[r]]  # always checked: a fault, or a lie
+        drawn = draw_claims(ctx.commitment, ctx.matrix, self.p_verify, [r for r in workers if finite[r]])
+        drawn = sorted(set(drawn) | set(nonfinite))
         if drawn:
             reports = exchange.verification.verify(ctx, drawn, self.verifier_ranks, self.rtol, self.atol)
             for claimant, report in sorted(reports.items()):
@@ -154,6 +217,38 @@ class ProofVerifier(Callback):
 
     # -- accounting and logging ------------------------------------------------------------------
     @override
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        """Rank zero says how many workers were slashed, which and why (console and loggers)."""
+        summary = self.summary()
+        if not trainer.is_global_zero:
+            return
+        if summary["slashed"]:
+            log.warning("HoloGrad: %s", summary["text"])
+        else:
+            log.info("HoloGrad: %s", summary["text"])
+        for logger in trainer.loggers:
+            logger.log_hyperparams({"holograd/slashed_ranks": summary["slashed"],
+                                    "holograd/slash_reasons": summary["reasons"]})
+            logger.log_metrics({"holograd/slashed_total": float(len(summary["slashed"]))}, step=trainer.global_step)
+
+    @override
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        if trainer.is_global_zero and self.slashed:
+            log.warning("HoloGrad: training stopped (%s); %s", type(exception).__name__, self.summary()["text"])
+
+    def summary(self) -> dict[str, Any]:
+        """The slashes of the run from the ledger: ranks, reasons (rank -> "reason at step t") and a sentence."""
+        slashes = [r for r in self.ledger if r.event == "slash"]
+        reasons = {r.rank: f"{r.data.get('reason')} at step {r.step}" for r in slashes}
+        if not slashes:
+            text = f"no rank was slashed ({self.verified} claims verified)."
+        else:
+            listed = "; ".join(f"rank {rank}: {why}" for rank, why in sorted(reasons.items()))
+            text = (f"{len(slashes)} rank{'s' if len(slashes) > 1 else ''} slashed during the run ({listed}); "
+                    f"{self.verified} claims verified. The ledger lists every verdict.")
+        return {"slashed": sorted(reasons), "reasons": reasons, "text": text}
+
+    @override
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         exchange = trainer.strategy.exchange
         ctx = exchange.last_context
@@ -167,6 +262,9 @@ class ProofVerifier(Callback):
             "holograd/slashed": float(len(self.slashed)),
             "holograd/honest_ranks": float(len(exchange.slashing.honest_ranks())),
         }, on_step=True, on_epoch=False, batch_size=1)
+        if trainer.is_global_zero:  # straight to the loggers: self.log would round to float32
+            for logger in trainer.loggers:
+                logger.log_metrics(ledger_anchor_metrics(self.ledger), step=trainer.global_step - 1)
 
     def credit(self) -> dict[int, dict[str, int]]:
         """Per-rank accounting: optimizer steps whose aggregate used the rank's row, accepted claims."""

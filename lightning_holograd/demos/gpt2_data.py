@@ -16,7 +16,9 @@ Two sources, one DataModule:
 
 Both produce one 1-D token tensor per split; ``TokenBlocks`` serves its consecutive,
 non-overlapping windows of ``block_size`` tokens. Lightning's distributed sampler then
-gives each rank a different subset of windows.
+gives each rank a different subset of windows. Training batches come from torchdata's
+``StatefulDataLoader``, whose position Lightning saves in checkpoints, so a run resumed
+mid-epoch continues with exactly the batches an uninterrupted run would have seen.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from typing import Any
 import lightning.pytorch as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torchdata.stateful_dataloader import StatefulDataLoader
 from typing_extensions import override
 
 __all__ = ["GPT2DataModule", "TokenBlocks", "stdlib_files", "stdlib_corpus", "hf_corpus"]
@@ -208,5 +211,13 @@ class GPT2DataModule(L.LightningDataModule):
         return self._loader(TokenBlocks(self.val_tokens, self.hparams.block_size), shuffle=False)
 
     def _loader(self, dataset: TokenBlocks, shuffle: bool) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.hparams.batch_size, shuffle=shuffle, drop_last=shuffle,
-                          num_workers=self.hparams.num_workers)
+        """Training (``shuffle``): resumable mid-epoch; validation always starts from the top.
+
+        The training sampler is torch's own ``RandomSampler``, which Lightning replaces by a
+        seeded ``DistributedSampler``: a loader built with ``shuffle=True`` would bring
+        torchdata's sampler, which Lightning wraps, and whose order would then follow the
+        global RNG at resume time instead of the checkpoint."""
+        if not shuffle:
+            return DataLoader(dataset, batch_size=self.hparams.batch_size, num_workers=self.hparams.num_workers)
+        return StatefulDataLoader(dataset, batch_size=self.hparams.batch_size, sampler=RandomSampler(dataset),
+                                  drop_last=True, num_workers=self.hparams.num_workers)

@@ -38,10 +38,13 @@ def make_dataset(num_samples: int = 256, seed: int = 0) -> TensorDataset:
 
 class ToyModule(L.LightningModule):
     """The MLP 8-16-2 regression task; ``manual``, ``with_buffer``, ``unused_param`` and
-    ``adam`` switch on the features the strategy must support."""
+    ``adam`` switch on the features the strategy must support; ``resumable`` serves the
+    data through torchdata's ``StatefulDataLoader``, which Lightning saves in checkpoints,
+    so that a mid-epoch resume continues with the same batches."""
 
     def __init__(self, lr: float = 0.05, batch_size: int = 16, num_samples: int = 256, manual: bool = False,
-                 with_buffer: bool = False, unused_param: bool = False, adam: bool = False) -> None:
+                 with_buffer: bool = False, unused_param: bool = False, adam: bool = False,
+                 resumable: bool = False) -> None:
         super().__init__()
         self.save_hyperparameters()
         with torch.random.fork_rng(devices=[]):  # the same init in every process, the global RNG untouched
@@ -82,7 +85,15 @@ class ToyModule(L.LightningModule):
 
     @override
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(make_dataset(self.hparams.num_samples), batch_size=self.hparams.batch_size, shuffle=False)
+        loader = resumable_loader_class() if self.hparams.get("resumable") else DataLoader
+        return loader(make_dataset(self.hparams.num_samples), batch_size=self.hparams.batch_size, shuffle=False)
+
+
+def resumable_loader_class() -> type[DataLoader]:
+    """torchdata's ``StatefulDataLoader`` (a ``DataLoader`` with ``state_dict``/``load_state_dict``)."""
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    return StatefulDataLoader
 
 
 class SaveRankState(L.Callback):
@@ -96,7 +107,7 @@ class SaveRankState(L.Callback):
         exchange = getattr(trainer.strategy, "exchange", None)
         state = {
             "params": {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()},
-            "losses": list(pl_module.losses),
+            "losses": list(getattr(pl_module, "losses", [])),
             "global_step": trainer.global_step,
             "exchange": exchange.state_dict() if exchange is not None else None,
         }

@@ -7,14 +7,32 @@ the ``Slashing`` set and the ``VerificationTransport`` that moves drawn claimant
 batches to their verifiers. What a claim is comes from the layer above, as callables.
 """
 
-from .comm import Comm
-from .exchange import HoloGradExchange, ReplicaDivergenceError, StepContext, parameter_digest
-from .slashing import Slashing
+from .bundle import BundleError, decode_bundle, encode_bundle
+from .comm import Comm, RankFailureError
+from .exchange import (
+    HoloGradExchange,
+    NonFiniteError,
+    ReplicaDivergenceError,
+    StepContext,
+    StopRequested,
+    parameter_digest,
+)
+from .slashing import Slashing, TooManySlashedError, remap_slashed
 from .traffic import TRAFFIC_KINDS, TrafficMeter, ring_wire_bytes
-from .verification import VerificationTransport, check_claim, verifier_of
+from .verification import MalformedInputs, VerificationTimeoutError, VerificationTransport, check_claim, verifier_of
 
 __all__ = [
+    "BundleError",
     "Comm",
+    "MalformedInputs",
+    "NonFiniteError",
+    "RankFailureError",
+    "StopRequested",
+    "TooManySlashedError",
+    "VerificationTimeoutError",
+    "decode_bundle",
+    "encode_bundle",
+    "remap_slashed",
     "HoloGradExchange",
     "ReplicaDivergenceError",
     "Slashing",

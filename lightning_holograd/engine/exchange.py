@@ -3,7 +3,10 @@
 Symbols: N ranks (``world_size``), K scalars per rank and step, D trainable
 coordinates. Per step, on every rank, in this order (docs/PROTOCOL.md §2-§4):
 
-1. all_gather of the 32-byte batch hashes (N x 32 bytes) -> chain.advance -> seeds;
+1. all_gather of the 32-byte batch hashes, each followed by one flag byte (N x 33
+   bytes): bit 0 "this rank asks the job to stop" (SIGTERM; every rank raises
+   ``StopRequested`` before the step, so the job ends at the same step everywhere), bit 1
+   "this rank's gradient is non-finite" (true-gradient steps); -> chain.advance -> seeds;
 2. a_i = ``project(seeds)`` (this rank's K scalars), passed through ``claim_hooks``
    (fault injection);
 3. all_gather of the K scalars -> A (N, K);
@@ -38,17 +41,40 @@ import torch
 from ..protocol import AggregationResult, Aggregator, CommitmentChain, DirectionFamily, hash_batch
 from ..protocol.groups import GroupedAggregation, aggregate_groups, group_of, synthesize_groups
 from .comm import Comm
-from .slashing import Slashing
+from .slashing import Slashing, remap_slashed
 from .traffic import TrafficMeter
 from .verification import Recompute, VerificationTransport
 
-__all__ = ["HoloGradExchange", "StepContext", "ReplicaDivergenceError", "parameter_digest"]
+__all__ = ["HoloGradExchange", "NonFiniteError", "StepContext", "StopRequested", "ReplicaDivergenceError",
+           "parameter_digest"]
 
 log = logging.getLogger(__name__)
+
+FLAG_STOP, FLAG_NONFINITE = 1, 2  # bits of the flag byte that follows each batch hash in the commit
+STOP_EXIT_CODE = 128 + 15  # as a process ended by SIGTERM
+
+
+_NONFINITE_HINT = ("HINT: lower the learning rate, clip gradients (Trainer(gradient_clip_val=...)), check the data "
+                   "for NaN/inf, or use bf16 instead of fp16; resume from the last checkpoint.")
 
 
 class ReplicaDivergenceError(RuntimeError):
     """Ranks hold different parameters although the protocol keeps them identical."""
+
+
+class NonFiniteError(FloatingPointError):
+    """The loss or gradient was non-finite on every rank that still counts: no step is possible."""
+
+
+class StopRequested(SystemExit):
+    """A rank asked the job to stop (SIGTERM); raised on every rank at the same step, before it."""
+
+    def __init__(self, step: int, ranks: list[int]) -> None:
+        super().__init__(STOP_EXIT_CODE)
+        self.step, self.ranks = step, ranks
+
+    def __str__(self) -> str:
+        return f"step {self.step}: stopping, as rank(s) {self.ranks} asked (SIGTERM)"
 
 
 @dataclass
@@ -118,6 +144,8 @@ class HoloGradExchange:
         self.claim_hooks: list[ClaimHook] = []
         self.review_hooks: list[ReviewHook] = []
         self.last_context: StepContext | None = None
+        self.stop_requested = False  # set (e.g. from a signal handler) to stop every rank at the next commit
+        self.resized_from: int | None = None  # world size of the checkpoint this run resumed, when different
 
     @property
     def traffic(self) -> TrafficMeter:
@@ -132,22 +160,33 @@ class HoloGradExchange:
         return self.comm.world_size
 
     # -- one step ------------------------------------------------------------------------
-    def commit(self, batch_hash: bytes, true_gradient: bool = False) -> StepContext:
-        """Exchange batch hashes, advance the chain and derive this step's seeds.
+    def commit(self, batch_hash: bytes, true_gradient: bool = False, nonfinite: bool = False) -> StepContext:
+        """Exchange batch hashes and flags, advance the chain and derive this step's seeds.
+
+        Raises ``StopRequested`` on every rank, before the chain advances, when any rank
+        set ``stop_requested``. ``nonfinite`` (true-gradient steps) tells the others that
+        this rank's gradient holds NaN/inf; ``ctx.extras["nonfinite_ranks"]`` lists them.
 
         Call contract: a blocking collective, once per step on every rank (``step`` and
         ``true_gradient_step`` call it first).
         """
         self.traffic.start_step()
-        local = torch.frombuffer(bytearray(batch_hash), dtype=torch.uint8)
-        hashes = self.comm.all_gather(local, "hashes").cpu()
-        batch_hashes = [bytes(row.tolist()) for row in hashes]
+        self.comm.step = self.chain.step + 1
+        flags = (FLAG_STOP if self.stop_requested else 0) | (FLAG_NONFINITE if nonfinite else 0)
+        local = torch.frombuffer(bytearray(batch_hash + bytes([flags])), dtype=torch.uint8)
+        rows = self.comm.all_gather(local, "hashes").cpu()  # (N, 33)
+        stoppers = [rank for rank, row in enumerate(rows.tolist()) if row[-1] & FLAG_STOP]
+        if stoppers:
+            raise StopRequested(self.chain.step + 1, stoppers)
+        batch_hashes = [bytes(row[:-1].tolist()) for row in rows]
         commitment = self.chain.advance(batch_hashes)
         count = self.family.num_seeds
         group_seeds = [self.chain.seeds(count, group=g) if count else [] for g in range(self.num_groups)]
         seeds = group_seeds[group_of(self.comm.rank, self.num_groups)]
-        return StepContext(self.chain.step, commitment, seeds, batch_hashes, true_gradient=true_gradient,
-                           group_seeds=group_seeds)
+        ctx = StepContext(self.chain.step, commitment, seeds, batch_hashes, true_gradient=true_gradient,
+                          group_seeds=group_seeds)
+        ctx.extras["nonfinite_ranks"] = [rank for rank, row in enumerate(rows.tolist()) if row[-1] & FLAG_NONFINITE]
+        return ctx
 
     def step(
         self,
@@ -178,6 +217,7 @@ class HoloGradExchange:
         ctx.matrix = self.comm.all_gather(scalars.to(torch.float32), "scalars").to(scalars.device)
         for review in self.review_hooks:
             review(ctx)
+        self._check_some_finite(ctx)
         k = self.family.num_directions
         if self.num_groups == 1:
             ctx.result = self.aggregator(ctx.matrix, self.slashing.slashed)
@@ -200,11 +240,21 @@ class HoloGradExchange:
         The family observes it (codebook update) and it is returned as the step's
         gradient. The chain records the digest of that gradient. Not verifiable.
         """
-        ctx = self.commit(batch_hash, true_gradient=True)
-        honest = self.slashing.honest_ranks()
         local = flat_grad.to(torch.float32)
+        ctx = self.commit(batch_hash, true_gradient=True, nonfinite=not bool(torch.isfinite(local).all()))
+        dropped = [r for r in ctx.extras["nonfinite_ranks"] if not self.slashing.is_slashed(r)]
+        honest = [r for r in self.slashing.honest_ranks() if r not in dropped]
+        if dropped:
+            log.warning("step %d: dropped the non-finite gradients of ranks %s", ctx.step, dropped)
+        if not honest:
+            raise NonFiniteError(f"step {ctx.step}: the loss or gradient was non-finite on every rank that counts "
+                                 f"(ranks {dropped}), on a true-gradient step. {_NONFINITE_HINT}")
         contribution = local if self.comm.rank in honest else torch.zeros_like(local)
-        grad = (self.comm.all_reduce_sum(contribution, "true_gradient") / max(len(honest), 1)).to(flat_grad.device)
+        grad = (self.comm.all_reduce_sum(contribution, "true_gradient") / len(honest)).to(flat_grad.device)
+        if not bool(torch.isfinite(grad).all()):
+            raise NonFiniteError(f"step {ctx.step}: the all-reduced true gradient is non-finite although ranks "
+                                 f"{honest} announced finite gradients: one of them sent values it did not "
+                                 "announce (true-gradient steps are not verifiable). HINT: see docs/PROTOCOL.md §1.2.")
         energy = getattr(self.family, "captured_energy", None)
         if energy is not None:  # measured against the true gradient, before the update
             ctx.extras["captured_energy"] = energy(grad)
@@ -212,6 +262,16 @@ class HoloGradExchange:
         self.chain.record_scalars(grad)
         self._finish(ctx)
         return grad
+
+    def _check_some_finite(self, ctx: StepContext) -> None:
+        """Stop with ``NonFiniteError`` when no row that counts is finite (the aggregator
+        would have nothing to aggregate)."""
+        assert ctx.matrix is not None
+        counted = [r for r in range(ctx.matrix.shape[0]) if not self.slashing.is_slashed(r)]
+        finite = torch.isfinite(ctx.matrix).all(dim=1).tolist()
+        if counted and not any(finite[r] for r in counted):
+            raise NonFiniteError(f"step {ctx.step}: the loss or gradient was non-finite on every rank that counts "
+                                 f"(ranks {counted}): every submitted row holds NaN or inf. {_NONFINITE_HINT}")
 
     def _finish(self, ctx: StepContext, optimizer_steps: int = 1) -> None:
         self.traffic.end_step(optimizer_steps)
@@ -245,15 +305,24 @@ class HoloGradExchange:
             "family": self.family.state_dict(),
             "traffic": self.traffic.state_dict(),
             "slashed": self.slashing.state_dict(),
+            "world_size": self.world_size,
             "direction_groups": self.num_groups,
         }
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any], rank_map: Mapping[int, int] | None = None) -> None:
+        """Restore a checkpoint's state; one from another world size is remapped or refused
+        (``remap_slashed``); ``resized_from`` then holds the old world size. The number of
+        direction groups may change only with the world size (e.g. ``"per_rank"``)."""
+        saved_world = state.get("world_size")  # absent before lightning-holograd 0.2
         saved_groups = int(state.get("direction_groups", 1))  # absent before direction groups existed
-        if saved_groups != self.num_groups:
+        resized = saved_world is not None and saved_world != self.world_size
+        if saved_groups != self.num_groups and not resized:
             raise ValueError(f"checkpoint was trained with {saved_groups} direction group(s), this run has "
-                             f"{self.num_groups}. HINT: resume with the same direction_groups and world size.")
+                             f"{self.num_groups} on the same world size. HINT: resume with the direction_groups "
+                             "setting the checkpoint was trained with.")
+        slashed = remap_slashed(state["slashed"], saved_world, self.world_size, rank_map)
         self.chain.load_state_dict(state["chain"])
         self.family.load_state_dict(state["family"])
         self.traffic.load_state_dict(state["traffic"])
-        self.slashing.load_state_dict(state["slashed"])
+        self.slashing.load_state_dict(slashed)
+        self.resized_from = saved_world if saved_world is not None and saved_world != self.world_size else None

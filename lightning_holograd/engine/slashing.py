@@ -13,17 +13,50 @@ from values every rank holds), so that the set stays identical everywhere.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from ..protocol import Aggregator, NotEnoughRanksError, Reason
 
-__all__ = ["SlashHook", "Slashing"]
+__all__ = ["SlashHook", "Slashing", "TooManySlashedError", "remap_slashed"]
 
 log = logging.getLogger(__name__)
 
 # Called once per newly slashed rank: (rank, step, reason, fields given to ``slash``).
 SlashHook = Callable[[int, int, Reason, dict[str, Any]], None]
+
+
+class TooManySlashedError(NotEnoughRanksError):
+    """More workers are slashed than the run allows (``ProofVerifier(max_slashed_fraction=...)``)."""
+
+
+def remap_slashed(slashed: Iterable[int], saved_world: int | None, world_size: int,
+                  rank_map: Mapping[int, int] | None) -> list[int]:
+    """The slashed ranks of a checkpoint, as ranks of a job of ``world_size`` ranks.
+
+    Rank numbers name processes, not workers: after a change of world size, rank i need
+    not be the worker that was rank i. So a slashed set is carried over only through an
+    explicit ``rank_map`` {old rank: new rank} (slashed ranks it leaves out are no longer in
+    the job), or when it is empty; otherwise the resume is refused.
+    """
+    slashed = sorted(int(r) for r in slashed)
+    resized = saved_world is not None and saved_world != world_size
+    if rank_map is not None:
+        new = sorted({int(rank_map[r]) for r in slashed if r in rank_map})
+    elif resized and slashed:
+        raise ValueError(
+            f"the checkpoint comes from a {saved_world}-rank job that slashed ranks {slashed}, and this job has "
+            f"{world_size} ranks: rank numbers need not name the same workers after a change of world size, so the "
+            f"slashed set cannot be carried over by number. HINT: resume with {saved_world} ranks, or say which "
+            "worker is which with HoloGradStrategy(resume_rank_map={old rank: new rank, ...}) (slashed ranks left "
+            "out of the map are no longer in the job).")
+    else:
+        new = slashed
+    bad = [r for r in new if not 0 <= r < world_size]
+    if bad:
+        raise ValueError(f"slashed ranks {bad} do not exist in a {world_size}-rank job (resume_rank_map={rank_map!r}). "
+                         f"HINT: map the old ranks onto 0..{world_size - 1}.")
+    return new
 
 
 class Slashing:
@@ -36,6 +69,7 @@ class Slashing:
         self.aggregator = aggregator
         self.num_groups = num_groups
         self.hooks: list[SlashHook] = []  # e.g. the verifier's ledger
+        self.max_slashed: int | None = None  # stop once more ranks than this are slashed (None: no limit)
         self._slashed: set[int] = set()
 
     @property
@@ -67,6 +101,12 @@ class Slashing:
         return True
 
     def _check_enough(self, step: int) -> None:
+        if self.max_slashed is not None and len(self._slashed) > self.max_slashed:
+            raise TooManySlashedError(
+                f"step {step}: {len(self._slashed)} ranks are slashed ({sorted(self._slashed)}), more than the "
+                f"{self.max_slashed} that max_slashed_fraction allows; training stops instead of going on with "
+                "the verifier alone. HINT: the verifier's ledger lists every slash and its reason; if the workers "
+                "are honest, see README 'Failure and recovery'.")
         needed = self.aggregator.min_rows()
         per_group = [0] * self.num_groups
         for rank in self.honest_ranks():

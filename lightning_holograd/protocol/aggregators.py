@@ -24,6 +24,7 @@ from __future__ import annotations
 import abc
 import math
 from collections.abc import Iterable
+from fractions import Fraction
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -77,6 +78,10 @@ class Aggregator(abc.ABC):
 
     def _min_rows_hint(self) -> str:
         return ""
+
+    def robustness_warning(self, num_rows: int) -> str | None:
+        """Why this aggregator is no more robust than the mean with ``num_rows`` rows, or None."""
+        return None
 
     @abc.abstractmethod
     def aggregate(self, rows: torch.Tensor) -> torch.Tensor:
@@ -166,6 +171,13 @@ class MedianAggregator(Aggregator):
     name = "median"
 
     @override
+    def robustness_warning(self, num_rows: int) -> str | None:
+        if num_rows <= 2:
+            return (f"median aggregation with {num_rows} ranks is the mean of the rows: one liar moves it "
+                    "arbitrarily. HINT: use at least 3 ranks for a robust median.")
+        return None
+
+    @override
     def aggregate(self, rows: torch.Tensor) -> torch.Tensor:
         ordered, _ = torch.sort(rows, dim=0)
         n = ordered.shape[0]
@@ -189,7 +201,16 @@ class TrimmedMeanAggregator(Aggregator):
         self.trim_ratio = float(trim_ratio)
 
     def num_trimmed(self, num_rows: int) -> int:
-        return math.floor(self.trim_ratio * num_rows)
+        """floor(tau n), exactly, for tau as written (0.29 * 100 trims 29, not the float product's 28)."""
+        return math.floor(Fraction(repr(self.trim_ratio)) * num_rows)
+
+    @override
+    def robustness_warning(self, num_rows: int) -> str | None:
+        if self.num_trimmed(num_rows) == 0:
+            return (f"trimmed_mean with trim_ratio={self.trim_ratio} and {num_rows} ranks trims floor("
+                    f"{self.trim_ratio} x {num_rows}) = 0 rows at each end: it is the plain mean. HINT: use "
+                    f"trim_ratio >= {1 / num_rows:.3g} (one row per end) with more than 2 ranks.")
+        return None
 
     @override
     def aggregate(self, rows: torch.Tensor) -> torch.Tensor:

@@ -6,12 +6,22 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, get_args
 
-from ..protocol import FAMILY_NAMES, Aggregator, DirectionFamily, make_aggregator, make_family, resume_settings
+from lightning.fabric.utilities.rank_zero import rank_zero_warn
+
+from ..protocol import (
+    FAMILY_NAMES,
+    Aggregator,
+    DirectionFamily,
+    NotEnoughRanksError,
+    make_aggregator,
+    make_family,
+    resume_settings,
+)
 from ..protocol.chain import direction_seeds, genesis_commitment
 from ..protocol.groups import PER_RANK, check_direction_groups, resolve_direction_groups
 from ..protocol.rounds import INNER_STATE_NAMES, OuterStep
 
-__all__ = ["HoloGradConfig", "AggregationName", "ProjectionName"]
+__all__ = ["HoloGradConfig", "AggregationName", "ProjectionName", "check_world_size"]
 
 AggregationName = Literal["mean", "median", "trimmed_mean", "krum"]
 ProjectionName = Literal["backward", "jvp"]
@@ -164,3 +174,14 @@ class HoloGradConfig:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def check_world_size(aggregator: Aggregator, world_size: int) -> None:
+    """At setup: fail when the aggregator cannot run at all with ``world_size`` ranks (Krum
+    below 2f + 3), warn when it would be no more robust than the mean."""
+    if world_size < aggregator.min_rows():
+        raise NotEnoughRanksError(f"{aggregator.name} aggregation needs at least {aggregator.min_rows()} ranks, and "
+                                  f"the job has world_size={world_size}.{aggregator._min_rows_hint()}")
+    warning = aggregator.robustness_warning(world_size)
+    if warning:
+        rank_zero_warn(warning)

@@ -35,6 +35,7 @@ import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import nn
 
+from ..engine import MalformedInputs
 from ..protocol import round_batch_hash
 from ..protocol.rounds import OuterStep, make_inner_state
 from .claims import logging_disabled, training_loss
@@ -160,12 +161,13 @@ class LocalRounds:
         inner steps' micro-batch lists, I their batch indices): its inner steps replayed from
         theta_r and the public start state. Called on verifier ranks inside the exchange;
         this rank's parameters, buffers and optimizer state are restored afterwards.
-        A malformed round (shape, or not this round's number of inner steps) gives NaN."""
+        A malformed round (shape, or not this round's number of inner steps) raises
+        ``MalformedInputs`` (verdict ``batch_hash``; a NaN row would pass as an honest fault)."""
         family, optimizer = self.strategy.exchange.family, self.optimizer
         steps = self._unpack(inputs)
         if steps is None:
-            size = family.num_directions + self.inner_state.num_statistics(optimizer)
-            return torch.full((size,), float("nan"))
+            raise MalformedInputs(f"a round of {len(self.settings)} inner steps, each a list of (batch, batch_idx) "
+                                  "pairs, was expected")
         params = self.params()
         with self._own_state_kept(params, optimizer):
             assert self.theta is not None

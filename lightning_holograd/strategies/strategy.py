@@ -16,6 +16,7 @@ claim is lives in ``claims.py``, the checkpoint format in ``checkpoint.py``.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Generator, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -29,12 +30,14 @@ from typing_extensions import override
 
 from ..engine import Comm, HoloGradExchange, StepContext, TrafficMeter
 from ..protocol import CommitmentChain, FamilyName, step_batch_hash
-from .checkpoint import STATE_KEY, exchange_state, protocol_state
+from .checkpoint import STATE_KEY, atomic_save, config_changes, exchange_state, protocol_state, writes_atomically
 from .claims import Claims, flat_grad, write_grad
-from .config import AggregationName, HoloGradConfig, ProjectionName
-from .launcher import HoloGradLauncher
+from .config import AggregationName, HoloGradConfig, ProjectionName, check_world_size
+from .launcher import HoloGradLauncher, die_with_parent
+from .lightning_private import replace_sigterm_collectives
 from .local_steps import LocalRounds, is_last_optimizer_step
 from .metrics import HoloGradMetrics
+from .signals import StopOnSignal
 
 __all__ = ["HoloGradStrategy", "HoloGradStrategyMixin", "STRATEGY_NAMES"]
 
@@ -71,7 +74,13 @@ class HoloGradStrategyMixin:
             (``public_v``: Adam with m = 0 and the ranks' mean v per tensor; ``reset``).
         outer_lr, outer_momentum: the outer step theta -= outer_lr * delta_hat, with
             Nesterov momentum when outer_momentum > 0.
-    Args (process group; as in ``DDPStrategy``): process_group_backend, timeout, start_method.
+    Args (faults; README "Failure and recovery"):
+        sigterm_grace: seconds a rank may take to stop after SIGTERM before it exits hard
+            (a rank blocked in a collective cannot stop cleanly).
+        resume_rank_map: {old rank: new rank} for resuming a checkpoint of another world
+            size that slashed ranks (None: such a resume is refused, with the reason).
+    Args (process group; as in ``DDPStrategy``): process_group_backend, timeout (also bounds
+        every wait of the exchange and of verification), start_method.
     """
 
     # Set by each concrete class: the package's metrics callback and spawn/fork launcher.
@@ -101,6 +110,8 @@ class HoloGradStrategyMixin:
         inner_state: Literal["public_v", "reset"] = "public_v",
         outer_lr: float = 1.0,
         outer_momentum: float = 0.0,
+        sigterm_grace: float = 10.0,
+        resume_rank_map: dict[int, int] | None = None,
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
@@ -128,6 +139,9 @@ class HoloGradStrategyMixin:
         self._step_inputs: list[tuple[Any, int]] = []  # (batch, batch_idx) of this step's micro-batches
         self._true_gradient_requested = False
         self._step_metrics: dict[str, float] = {}  # of the last optimizer step, until logged
+        self.sigterm_grace = float(sigterm_grace)
+        self.resume_rank_map = resume_rank_map
+        self._stop_on_signal: StopOnSignal | None = None
 
     # -- registration and launching -----------------------------------------------------------
     @classmethod
@@ -155,18 +169,27 @@ class HoloGradStrategyMixin:
 
     # -- setup -----------------------------------------------------------------------------
     @override
+    def setup_environment(self) -> None:
+        parent = getattr(self.launcher, "parent_pid", None)  # spawn/fork: ranks die with the parent
+        if parent is not None and parent != os.getpid():
+            die_with_parent(parent)
+        super().setup_environment()  # type: ignore[misc]
+
+    @override
     def configure_ddp(self) -> None:
         """Called by ``DDPStrategy.setup`` when fitting: build the exchange instead of wrapping
         the module in ``DistributedDataParallel`` (so ``DDPStrategy.configure_ddp`` is not called)."""
         self._check_supported()
         self.exchange = self._build_exchange()
+        check_world_size(self.exchange.aggregator, self.world_size)
         self.exchange.comm.broadcast(self._module_state(), kind="setup")  # rank 0's init everywhere
         if self._pending_state is not None:
-            self.exchange.load_state_dict(self._pending_state)
+            self.exchange.load_state_dict(self._pending_state, self.resume_rank_map)
             self._pending_state = None
         if self._rounds is not None and self._pending_rounds is not None:
             self._rounds.load_state_dict(self._pending_rounds)
             self._pending_rounds = None
+        self._install_stop_handling()
         trainer = self.lightning_module.trainer
         if not any(isinstance(cb, self.metrics_callback_cls) for cb in trainer.callbacks):
             trainer.callbacks.append(self.metrics_callback_cls())
@@ -184,7 +207,7 @@ class HoloGradStrategyMixin:
         if hasattr(family, "to"):
             family.to(self.root_device)
         comm_device = self.root_device if self._get_process_group_backend() == "nccl" else torch.device("cpu")
-        comm = Comm(TrafficMeter(self.world_size, dim), device=comm_device)
+        comm = Comm(TrafficMeter(self.world_size, dim), device=comm_device, timeout=self._timeout)
         self._claims = Claims(self, family)
         self._rounds = LocalRounds(self) if self.config.local_steps > 1 else None
         chain = CommitmentChain(self.config.seed, direction_version=family.direction_version)
@@ -192,6 +215,20 @@ class HoloGradStrategyMixin:
                                 recompute=self._claims.recompute if self._rounds is None else self._rounds.replay,
                                 to_cpu=lambda inputs: move_data_to_device(inputs, "cpu"),
                                 num_groups=self.config.num_groups(self.world_size))
+
+    def _install_stop_handling(self) -> None:
+        """SIGTERM on any rank stops every rank at the same step (``signals.py``)."""
+        trainer = self.lightning_module.trainer
+        self._stop_on_signal = StopOnSignal(self.exchange, self.launcher, self.sigterm_grace)
+        replace_sigterm_collectives(trainer, self._stop_on_signal.notify)
+        self._stop_on_signal.install()
+
+    @override
+    def teardown(self) -> None:
+        if self._stop_on_signal is not None:
+            self._stop_on_signal.uninstall()
+            self._stop_on_signal = None
+        super().teardown()  # type: ignore[misc]
 
     @override
     def _register_ddp_hooks(self) -> None:
@@ -381,6 +418,10 @@ class HoloGradStrategyMixin:
             checkpoint[STATE_KEY] = protocol_state(self.config.as_dict(), self.exchange.state_dict())
             if self._rounds is not None:
                 checkpoint[STATE_KEY]["rounds"] = self._rounds.state_dict()
+        if storage_options is None and writes_atomically(self.checkpoint_io, filepath):  # type: ignore[attr-defined]
+            if self.is_global_zero:  # type: ignore[attr-defined]
+                atomic_save(checkpoint, filepath)
+            return
         super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)  # type: ignore[misc]
 
     @override
@@ -388,10 +429,12 @@ class HoloGradStrategyMixin:
         """Runs before ``setup``: stash the protocol state, applied in ``configure_ddp``."""
         checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)  # type: ignore[misc]
         state = exchange_state(checkpoint)
+        for change in config_changes(checkpoint, self.config.as_dict()):
+            log.warning("resuming with a changed setting: %s", change)
         if state is not None:
             self._pending_state = state
             if self.exchange is not None:  # already set up (e.g. restore after setup)
-                self.exchange.load_state_dict(state)
+                self.exchange.load_state_dict(state, self.resume_rank_map)
                 self._pending_state = None
         self._pending_rounds = checkpoint.get(STATE_KEY, {}).get("rounds")
         if self._rounds is not None and self._pending_rounds is not None:

@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-
-import codebook_study  # noqa: E402
-from lightning_holograd.callbacks import ADCBootstrap  # noqa: E402
+from benchmarks import codebook_study
+from lightning_holograd.callbacks import ADCBootstrap
 
 
 @pytest.mark.parametrize(("bootstrap", "refresh"), [(10, 0), (10, 50), (3, 5), (1, 1)])

@@ -26,6 +26,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_holograd import HoloGradStrategy, ProofVerifier
 from lightning_holograd.demos import ToyModule, fit
+from lightning_holograd.engine.bundle import encode_bundle, frame_message
 from lightning_holograd.protocol import Ledger
 from lightning_holograd.strategies.checkpoint import STATE_KEY, exchange_state
 
@@ -50,12 +51,29 @@ def test_version_1_checkpoint_resumes_bitwise(tmp_path, family):
     assert all(torch.equal(states[0]["params"][name], tensor) for name, tensor in expected.items())
     expected_exchange = torch.load(FIXTURES / f"{family}_expected_exchange.pt", weights_only=True)
     assert states[0]["exchange"]["chain"] == expected_exchange["chain"]
-    assert states[0]["exchange"]["traffic"] == expected_exchange["traffic"]
     assert states[0]["exchange"]["slashed"] == expected_exchange["excluded"] == []
     first = Ledger.load(FIXTURES / f"{family}_ledger.jsonl").records
     resumed = Ledger.load(ledger_path).records  # verifies the chain across the resume
     assert resumed[: len(first)] == first and len(resumed) > len(first)
     assert {r.step for r in resumed[len(first):]} <= set(range(9, 17))
+    assert_traffic_since_0_1_0(states[0]["exchange"]["traffic"], expected_exchange["traffic"],
+                               torch.load(checkpoint, weights_only=True)["holograd"]["exchange"]["traffic"],
+                               resumed[len(first):])
+
+
+def assert_traffic_since_0_1_0(got: dict, expected: dict, at_checkpoint: dict, records: list) -> None:
+    """Rank 0's traffic totals equal 0.1.0's, except what this version counts differently in the
+    resumed epoch: the commit's flag byte (8 steps x 1 byte, N = 2) and the verification
+    transfers, now bundles (rank 0, the verifier, sends one verdict bundle per checked step,
+    rebuilt here from the ledger's verify records)."""
+    verdicts = sum(len(frame_message(encode_bundle({str(r.rank): {"accepted": r.data["verdict"] == "accept",
+                                                                  **{k: v for k, v in r.data.items() if k != "verdict"}}})))
+                   for r in records if r.event == "verify")
+    verification = at_checkpoint["total_payload"].get("verification", 0) + verdicts
+    for totals in ("total_payload", "total_wire"):
+        adjusted = {**expected[totals], "hashes": expected[totals]["hashes"] + 8, "verification": verification}
+        assert got[totals] == adjusted, totals
+    assert got["steps"] == expected["steps"]
 
 
 @pytest.mark.multiprocess

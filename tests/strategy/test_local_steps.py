@@ -43,7 +43,7 @@ def full_loss(state: dict) -> float:
 
 @pytest.mark.parametrize("case", list(MAIN.CASES))
 def test_one_local_step_is_bitwise_main_before_local_steps(tmp_path, case):
-    """local_steps=1 is the per-step exchange of main at 66d9e5c, bit for bit."""
+    """local_steps=1 is the per-step exchange of main at cfb4f8c, bit for bit."""
     state = MAIN.run_case(case, tmp_path, local_steps=1)
     assert_same_as_main(state, torch.load(FIXTURES / f"{case}.pt", weights_only=True))
 
@@ -197,14 +197,14 @@ def test_local_steps_beat_per_step_exchange_at_the_same_bytes(tmp_path):
 
 
 def test_metrics_are_per_inner_step(tmp_path):
-    """A round of H = 4 sends 32 + 4 (K + E) bytes per rank (N = 2: the wire equals the
-    payload); per inner step that is a quarter, and the compression counts 4 steps of DDP."""
+    """A round of H = 4 sends 33 + 4 (K + E) bytes per rank (the batch hash, its flag byte and
+    the row; N = 2: the wire equals the payload); per inner step that is a quarter, and the compression counts 4 steps of DDP."""
     logger = CSVLogger(tmp_path, name="logs")
     fit(ToyModule(adam=True), holograd(local_steps=4, audit_every=0), tmp_path / "out", logger=logger,
         log_every_n_steps=1)
     (path,) = (tmp_path / "logs").rglob("metrics.csv")
     rows = [r for r in csv.DictReader(open(path)) if r.get("holograd/bytes_per_step")]
-    per_round = 32 + 4 * (K + E_ADAM)
+    per_round = 33 + 4 * (K + E_ADAM)
     # Lightning repeats a step metric until it is logged again: one new total per round
     assert sorted({float(r["holograd/bytes_total"]) for r in rows}) == [per_round * r for r in range(1, 5)]
     for row in rows:

@@ -212,7 +212,7 @@ def test_jvp_projection_end_to_end(tmp_path):
 
 
 def test_logged_traffic_and_compression(tmp_path):
-    """N = 2 ranks, K = 64: per step each rank puts 32 hash bytes + 4K scalar bytes into
+    """N = 2 ranks, K = 64: per step each rank puts 33 bytes (hash + flag) + 4K scalar bytes into
     all_gathers (wire: (N-1) x that); a ring all-reduce of D floats sends 2 (N-1)/N 4D."""
     k = 64
     logger = CSVLogger(tmp_path, name="logs")
@@ -221,9 +221,9 @@ def test_logged_traffic_and_compression(tmp_path):
     rows = [r for r in read_metrics(tmp_path / "logs") if r.get("holograd/bytes_per_step")]
     assert len(rows) == 16
     for row in rows:
-        assert float(row["holograd/payload_bytes_per_step"]) == 32 + 4 * k
-        assert float(row["holograd/bytes_per_step"]) == 32 + 4 * k
-    assert float(rows[-1]["holograd/compression"]) == pytest.approx(4 * D_TOY / (32 + 4 * k))
+        assert float(row["holograd/payload_bytes_per_step"]) == 33 + 4 * k  # 32-byte hash + flag byte, K scalars
+        assert float(row["holograd/bytes_per_step"]) == 33 + 4 * k
+    assert float(rows[-1]["holograd/compression"]) == pytest.approx(4 * D_TOY / (33 + 4 * k))
 
 
 def test_bootstrap_steps_use_true_gradient_and_log_captured_energy(tmp_path):

@@ -3,8 +3,10 @@
 The test wraps every ``torch.distributed`` collective in the pytest process before the
 fork launcher starts the ranks, so both ranks run real gloo collectives through counting
 wrappers. It then shows (a) that during HoloGrad steps no collective carries more than
-the hashes (32 bytes) or the K float32 scalars (4K bytes), and (b) that the per-step
-payload the strategy logs equals what the wrappers counted for its own calls.
+the hashes with their flag byte (33 bytes) or the K float32 scalars (4K bytes), and that
+Lightning's per-batch 8-byte SIGTERM broadcast is gone (the stop flag rides in the
+commit), and (b) that the per-step payload the strategy logs equals what the wrappers
+counted for its own calls.
 """
 
 from __future__ import annotations
@@ -117,11 +119,11 @@ def test_no_collective_carries_more_than_scalars_and_hashes(tmp_path, counted_co
         for step, calls in per_step.items():
             ours = [size for name, size, mine in calls if mine]
             theirs = [(name, size) for name, size, mine in calls if not mine]
-            # (a) HoloGrad's own collectives: one hash gather and one scalar gather per step
-            assert sorted(ours) == [32, 4 * k], (step, calls)
-            # Lightning's own per-step control messages are tiny; nothing gradient-sized
-            assert all(size <= 8 for _, size in theirs), (step, theirs)
-            assert max(size for _, size, _ in calls) <= max(32, 4 * k)
+            # (a) HoloGrad's own collectives: one hash (+ flag byte) gather and one scalar gather per step
+            assert sorted(ours) == [33, 4 * k], (step, calls)
+            # and nothing else: Lightning's per-batch SIGTERM broadcast is replaced by the flag byte
+            assert theirs == [], (step, theirs)
+            assert max(size for _, size, _ in calls) <= max(33, 4 * k)
             # (b) the logged figure equals what the wrappers counted for HoloGrad's calls
             assert logged[step] == sum(ours)
 

@@ -34,13 +34,14 @@ from typing import Any
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import nn
+from typing_extensions import override
 
 from ..engine import MalformedInputs
 from ..protocol import round_batch_hash
 from ..protocol.rounds import OuterStep, make_inner_state
 from .claims import logging_disabled, training_loss
 
-__all__ = ["LocalRounds", "is_last_optimizer_step"]
+__all__ = ["LocalRounds", "LocalStepsMixin", "is_last_optimizer_step"]
 
 Step = list[tuple[Any, int]]  # one inner step's micro-batches: [(batch, batch_idx), ...]
 
@@ -280,3 +281,59 @@ class LocalRounds:
         self.public = None if public is None else public.to(torch.float32).cpu().clone()
         self.steps_done = int(state["steps_done"])
         self.outer.load_state_dict(state["outer"], device=self.strategy.root_device)
+
+
+class LocalStepsMixin:
+    """The strategy's Lightning hooks for local steps: a mixin of ``HoloGradStrategyMixin``,
+    ahead of Lightning's strategy in the MRO. Each is a no-op without a ``LocalRounds``;
+    mid-round, validation and checkpoints see the shared theta_r."""
+
+    _rounds: LocalRounds | None
+
+    def _end_round(self) -> None:
+        """Exchange the round's pseudo-gradients, then buffers, audit and metrics, then a new round."""
+        assert self._rounds is not None
+        self._rounds.finish()
+        self._after_optimizer_step()  # type: ignore[attr-defined]
+        self._rounds.begin()
+
+    @override
+    def on_train_start(self) -> None:
+        super().on_train_start()  # type: ignore[misc]
+        if self._rounds is not None:
+            self._rounds.start_training()
+
+    @override
+    def on_train_end(self) -> None:
+        """A round cut short by a stop that ``is_last_optimizer_step`` cannot see is exchanged here."""
+        if self._rounds is not None and self._rounds.in_round:
+            self._end_round()
+        super().on_train_end()  # type: ignore[misc]
+
+    @override
+    def on_validation_start(self) -> None:
+        super().on_validation_start()  # type: ignore[misc]
+        if self._rounds is not None:
+            self._rounds.enter_shared()  # validation sees theta_r, not this rank's local parameters
+
+    @override
+    def on_validation_end(self) -> None:
+        if self._rounds is not None:
+            self._rounds.exit_shared()
+        super().on_validation_end()  # type: ignore[misc]
+
+    @override
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        """Mid-round, checkpoints hold theta_r and the round-start buffers (identical on every rank)."""
+        if self._rounds is None or not self._rounds.in_round:
+            return super().lightning_module_state_dict()  # type: ignore[misc]
+        with self._rounds.shared():
+            state = super().lightning_module_state_dict()  # type: ignore[misc]
+            return {name: value.clone() for name, value in state.items()}
+
+    @override
+    def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
+        """Mid-round, checkpoints hold the round-start (public) inner state."""
+        if self._rounds is None or not self._rounds.in_round:
+            return super().optimizer_state(optimizer)  # type: ignore[misc]
+        return self._rounds.shared_optimizer_state(getattr(optimizer, "_optimizer", optimizer))

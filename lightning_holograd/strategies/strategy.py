@@ -35,7 +35,7 @@ from .claims import Claims, flat_grad, write_grad
 from .config import AggregationName, HoloGradConfig, ProjectionName, check_world_size
 from .launcher import HoloGradLauncher, die_with_parent
 from .lightning_private import replace_sigterm_collectives
-from .local_steps import LocalRounds, is_last_optimizer_step
+from .local_steps import LocalRounds, LocalStepsMixin, is_last_optimizer_step
 from .metrics import HoloGradMetrics
 from .signals import StopOnSignal
 
@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 STRATEGY_NAMES = {"holograd": "popen", "holograd_spawn": "spawn", "holograd_fork": "fork"}
 
 
-class HoloGradStrategyMixin:
+class HoloGradStrategyMixin(LocalStepsMixin):
     """HoloGrad data parallelism: K scalars per rank and step instead of a gradient all-reduce.
 
     Args (protocol; see README "Strategy settings"):
@@ -311,13 +311,6 @@ class HoloGradStrategyMixin:
             self._after_optimizer_step()
         return output
 
-    def _end_round(self) -> None:
-        """Exchange the round's pseudo-gradients, then buffers, audit and metrics, then a new round."""
-        assert self._rounds is not None
-        self._rounds.finish()
-        self._after_optimizer_step()
-        self._rounds.begin()
-
     def request_true_gradient(self) -> None:
         """Make the next exchange a true-gradient step (the all-reduced mean gradient)."""
         if self._rounds is not None:
@@ -368,48 +361,6 @@ class HoloGradStrategyMixin:
         """The metrics of the last optimizer step, once (empty until the next step ends)."""
         metrics, self._step_metrics = self._step_metrics, {}
         return metrics
-
-    # -- local steps: the shared parameters between round boundaries --------------------------
-    @override
-    def on_train_start(self) -> None:
-        super().on_train_start()  # type: ignore[misc]
-        if self._rounds is not None:
-            self._rounds.start_training()
-
-    @override
-    def on_train_end(self) -> None:
-        """A round cut short by a stop that ``is_last_optimizer_step`` cannot see is exchanged here."""
-        if self._rounds is not None and self._rounds.in_round:
-            self._end_round()
-        super().on_train_end()  # type: ignore[misc]
-
-    @override
-    def on_validation_start(self) -> None:
-        super().on_validation_start()  # type: ignore[misc]
-        if self._rounds is not None:
-            self._rounds.enter_shared()  # validation sees theta_r, not this rank's local parameters
-
-    @override
-    def on_validation_end(self) -> None:
-        if self._rounds is not None:
-            self._rounds.exit_shared()
-        super().on_validation_end()  # type: ignore[misc]
-
-    @override
-    def lightning_module_state_dict(self) -> dict[str, Any]:
-        """Mid-round, checkpoints hold theta_r and the round-start buffers (identical on every rank)."""
-        if self._rounds is None or not self._rounds.in_round:
-            return super().lightning_module_state_dict()  # type: ignore[misc]
-        with self._rounds.shared():
-            state = super().lightning_module_state_dict()  # type: ignore[misc]
-            return {name: value.clone() for name, value in state.items()}
-
-    @override
-    def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
-        """Mid-round, checkpoints hold the round-start (public) inner state."""
-        if self._rounds is None or not self._rounds.in_round:
-            return super().optimizer_state(optimizer)  # type: ignore[misc]
-        return self._rounds.shared_optimizer_state(getattr(optimizer, "_optimizer", optimizer))
 
     # -- checkpoints ---------------------------------------------------------------------------
     @override

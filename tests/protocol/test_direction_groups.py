@@ -213,3 +213,22 @@ def test_groups_are_unbiased_and_cut_the_variance(name):
     assert predicted < 0.35
     assert measured[WORLD] / measured[1] == pytest.approx(predicted, rel=0.15)
     assert measured[2] < 0.7 * measured[1]  # two groups: predicted about 0.57
+
+
+# -- reconstruction cost ---------------------------------------------------------------------
+
+
+def test_grouped_sketch_reconstruction_is_one_synthesis_per_group_without_a_k_by_d_matrix(monkeypatch):
+    """G = 4 groups at D = 10^6, K = 2 * 10^5: the reconstruction calls the family's synthesis
+    once per group with a non-zero weight (O(G D) for the sketch) and never forms a K x D
+    matrix, which would take 8 * 10^11 bytes in float32 (any dense K x D allocation fails)."""
+    dim, k, groups = 1_000_000, 200_000, 4
+    family = make_family("sketch", dim, k)
+    seeds = [direction_seeds(genesis_commitment("cost"), family.num_seeds, group=g) for g in range(groups)]
+    scalars = torch.randn(groups, k, generator=torch.Generator().manual_seed(3))
+    calls = []
+    synthesize = family.synthesize
+    monkeypatch.setattr(family, "synthesize", lambda a, s: calls.append(len(a)) or synthesize(a, s))
+    estimate = synthesize_groups(family, scalars, (0.25, 0.25, 0.0, 0.5), seeds)
+    assert estimate.shape == (dim,) and bool(torch.isfinite(estimate).all())
+    assert calls == [k, k, k]  # the group with weight 0 is skipped

@@ -164,3 +164,18 @@ def test_resume_with_other_groups_is_refused():
     del saved["direction_groups"]  # a checkpoint from before groups: one group
     with pytest.raises(ValueError, match="1 direction group"):
         grouped.load_state_dict(saved)
+
+
+def test_resume_on_another_world_size_takes_the_groups_from_the_setting():
+    """A per_rank checkpoint of 2 ranks (G = 2) resumes on 1 rank (G = 1): the groups follow
+    the world size (elastic resume, docs/PROTOCOL.md §9.1 "Checkpoint"); on the same world
+    size a different G stays refused."""
+    family, aggregator = make_family("sketch", 10, 4), make_aggregator("mean")
+    saved = HoloGradExchange(family, aggregator, CommitmentChain("s"), Comm(TrafficMeter(1, 10))).state_dict()
+    saved.update(world_size=2, direction_groups=2)
+    resumed = HoloGradExchange(family, aggregator, CommitmentChain("s"), Comm(TrafficMeter(1, 10)))
+    resumed.load_state_dict(saved)
+    assert resumed.resized_from == 2 and resumed.num_groups == 1
+    saved.update(world_size=1)
+    with pytest.raises(ValueError, match="2 direction group.*this run has 1 on the same world size.*HINT"):
+        resumed.load_state_dict(saved)

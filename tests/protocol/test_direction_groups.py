@@ -67,12 +67,12 @@ def test_group_counts_that_are_accepted(setting, aggregation, world_size, expect
 @pytest.mark.parametrize(
     "setting, aggregation, world_size, message",
     [(2, "median", 5, r"groups of 2 rank\(s\).*needs >= 3.*HINT: use aggregation='mean'"),
-     (2, "trimmed_mean", 4, "needs >= 3"),
-     (2, "krum", 9, "needs >= 5"),
-     ("per_rank", "median", 4, "groups of 1 rank"),
+     (2, "trimmed_mean", 4, r"direction_groups=2 on world_size=4.*aggregation='trimmed_mean'.*needs >= 3.*HINT"),
+     (2, "krum", 9, "needs >= 5.*HINT"),
+     ("per_rank", "median", 4, "direction_groups='per_rank'.*groups of 1 rank.*HINT"),
      (5, "mean", 4, "exceeds world_size=4.*HINT"),
      (0, "mean", 4, "integer >= 1 or 'per_rank'.*HINT"),
-     ("all", "mean", 4, "integer >= 1 or 'per_rank'")],
+     ("all", "mean", 4, "direction_groups='all'.*integer >= 1 or 'per_rank'.*HINT")],
 )
 def test_group_counts_that_are_refused(setting, aggregation, world_size, message):
     with pytest.raises(ValueError, match=message):

@@ -64,9 +64,10 @@ HOLOGRAD: dict[str, dict[str, Any]] = {
     "gaussian-256": holograd_spec("gaussian", 256),
 }
 # Independent directions per rank (issue 11 §1) and local steps with a sketched pseudo-gradient
-# (§2): strategy arguments built on branch `slowlink`; skipped ("pending") until they exist.
-# Payload per rank and step at N = 2: (32 + 4K) / H bytes, i.e. about 1,740x at K = 4096,
-# H = 16 and at K = 16384, H = 64, and 435x at K = 1024 (per step) or K = 16384, H = 16.
+# (§2): strategy arguments `direction_groups` and `local_steps` (README "Direction groups",
+# "Local steps"). Payload per rank and step at N = 2: (33 + 4(K + E)) / H bytes, E = 28 AdamW
+# statistics with local steps (0 without), i.e. about 1,730x at K = 4096, H = 16 and at
+# K = 16384, H = 64, and about 430x at K = 1024 (per step) or K = 16384, H = 16.
 SLOWLINK: dict[str, dict[str, Any]] = {
     "sketch-256-perrank": holograd_spec("sketch", 256, direction_groups="per_rank"),
     "sketch-1024-perrank": holograd_spec("sketch", 1024, direction_groups="per_rank"),

@@ -153,10 +153,22 @@ def test_top_level_sections_keep_their_numbers():
             f"docs/PROTOCOL.md section {number} is titled {sections[str(number)]!r}, expected {title!r}...")
 
 
-def test_extensions_are_marked_not_implemented():
+def test_extensions_name_real_settings_and_none_is_planned():
+    """§9 describes landed extensions only: no subsection is marked planned, and every
+    setting a subsection title names in backticks is an argument of HoloGradStrategy."""
+    import inspect
+    import re
+
+    from lightning_holograd import HoloGradStrategy
+
     text = _spec_text()
     section9 = text[text.index("## 9."):text.index("## 10.")]
-    assert "not yet implemented" in section9
+    titles = re.findall(r"^### 9\.\d+ (.*)$", section9, flags=re.MULTILINE)
+    assert len(titles) >= 4, titles
+    assert not [t for t in titles if "planned" in t], titles
+    accepted = set(inspect.signature(HoloGradStrategy.__init__).parameters)
+    named = {name for title in titles for name in re.findall(r"`(\w+)`", title)}
+    assert named and named <= accepted, sorted(named - accepted)
 
 
 # -- test vectors ---------------------------------------------------------------------------
@@ -271,3 +283,13 @@ def test_draw_and_ledger_vectors():
     _assert_vector("claim_digest(A[2])", digest)
     _assert_vector("record 0 hash", record.hash)
     assert record.to_json() in _spec_text()
+
+
+def test_group_seed_vectors():
+    """§9.1: s_{t,g,j} with c_t = 32 zero bytes; group 0 is §2.2's seed, the others hash u64le(g) first."""
+    commitment = bytes(32)
+    for group, index in ((0, 0), (1, 0), (1, 1), (2, 0)):
+        seed = direction_seeds(commitment, index + 1, group=group)[index]
+        _assert_vector(f"s_{{t,{group},{index}}}", seed)
+        prefix = commitment + (struct.pack("<Q", group) if group else b"")
+        assert seed == int.from_bytes(hashlib.sha256(prefix + struct.pack("<Q", index)).digest()[:8], "little")

@@ -159,7 +159,7 @@ def test_the_override_repeats_that_body_with_the_exchange_inserted(projection):
 
     recorder = _Recorder()
     probe = SimpleNamespace(precision_plugin=recorder, config=SimpleNamespace(projection=projection),
-                            lightning_module=SimpleNamespace(automatic_optimization=True), _sync_blocked=False,
+                            lightning_module=SimpleNamespace(automatic_optimization=True), _sync_blocked=False, _rounds=None,
                             exchange=object(), pre_backward=lambda loss: recorder.calls.append("strategy.pre_backward"),
                             post_backward=lambda loss: recorder.calls.append("strategy.post_backward"),
                             exchange_gradients=lambda: recorder.calls.append("exchange"))

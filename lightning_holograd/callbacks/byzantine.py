@@ -10,7 +10,9 @@ rank would: as a claim hook of the exchange.
 honest row per step, on every rank (all ranks install the hook so the collective is
 matched; honest ranks submit their row unchanged). This side channel simulates the
 standard omniscient-colluder threat model: it is not part of the protocol and is not
-counted in the traffic meter.
+counted in the traffic meter. With direction groups (docs/PROTOCOL.md §9.1) rows of
+different groups measure different directions, so ``alie`` and ``ipm`` use the honest
+rows of the liar's own group, and need one there.
 """
 
 from __future__ import annotations
@@ -120,6 +122,13 @@ class ByzantineSimulator(Callback):
         if len(self.ranks) >= world_size and self.attack in OMNISCIENT_ATTACKS:
             raise ValueError(f"attack={self.attack!r} needs at least one honest rank; ranks={list(self.ranks)} "
                              f"covers world_size={world_size}.")
+        alone = [r for r in self.ranks if not self._honest_peers(r, world_size, exchange.num_groups)]
+        if alone and self.attack in OMNISCIENT_ATTACKS:
+            raise ValueError(
+                f"attack={self.attack!r} forges a lie from the honest rows of the liar's direction group, but "
+                f"ranks {alone} have no honest rank in their group ({exchange.num_groups} groups, rank i in group "
+                "i mod G). HINT: use fewer direction_groups (each group with an honest rank), or the attacks "
+                "'random', 'scale' or 'sign_flip'.")
         self._exchange = exchange
         exchange.claim_hooks.append(self.claim_hook)
         if exchange.comm.rank in self.ranks:
@@ -167,10 +176,14 @@ class ByzantineSimulator(Callback):
         """The lie of ``rank``; deterministic, so every rank can compute every attacker's lie."""
         honest = None
         if rows is not None:
-            honest = rows[[r for r in range(rows.shape[0]) if r not in self.ranks]]
+            honest = rows[self._honest_peers(rank, rows.shape[0], ctx.num_groups)]
         generator = attack_generator(ctx.commitment, rank) if self.attack == "random" else None
         return attack_row(self.attack, row, honest, scale=self.scale, alie_z=self.alie_z,
                           ipm_epsilon=self.ipm_epsilon, generator=generator)
+
+    def _honest_peers(self, rank: int, world_size: int, num_groups: int) -> list[int]:
+        """Ranks that do not lie in ``rank``'s direction group (rank i in group i mod G)."""
+        return [r for r in range(rank % num_groups, world_size, num_groups) if r not in self.ranks]
 
     def liars(self, ctx: StepContext, rows: torch.Tensor) -> set[int]:
         """Attackers that lie this step without being drawn, identical on every rank

@@ -19,11 +19,12 @@ from .exchange import (
 )
 from .slashing import Slashing, TooManySlashedError, remap_slashed
 from .traffic import TRAFFIC_KINDS, TrafficMeter, ring_wire_bytes
-from .verification import VerificationTimeoutError, VerificationTransport, check_claim, verifier_of
+from .verification import MalformedInputs, VerificationTimeoutError, VerificationTransport, check_claim, verifier_of
 
 __all__ = [
     "BundleError",
     "Comm",
+    "MalformedInputs",
     "NonFiniteError",
     "RankFailureError",
     "StopRequested",

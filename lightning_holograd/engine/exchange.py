@@ -22,6 +22,14 @@ by each block's owner and an all_gather of the aggregated blocks (bitwise the sa
 ``engine/sharded.py``), ``"all_reduce"`` by one all_reduce of the rows (``mean`` only),
 and ``"auto"`` picks per step (``current_path``; docs/PROTOCOL.md §4.5).
 
+With G > 1 direction groups (docs/PROTOCOL.md §9.1) rank i projects onto the seeds of
+its group i mod G, step 5 aggregates within each group and g_hat is the row-weighted
+mean of the G group syntheses (``protocol.groups``); groups take the ``all_gather`` path.
+
+With ``num_public_values`` = E > 0 (local steps, docs/PROTOCOL.md §9.2) a row holds the
+K scalars followed by E public values; all K + E columns are aggregated alike, only the
+first K are synthesised, and the aggregated E values are ``StepContext.public_values``.
+
 Call contract: every rank calls ``step`` (or ``true_gradient_step``) once per optimizer
 step, with its own gradient and batch hash; both block until all ranks arrive. A rank
 that skips a step deadlocks the job. Slashed ranks keep taking part in the collectives,
@@ -38,6 +46,7 @@ from typing import Any, Literal, get_args
 import torch
 
 from ..protocol import AggregationResult, Aggregator, CommitmentChain, DirectionFamily, hash_batch
+from ..protocol.groups import GroupedAggregation, aggregate_groups, group_of, synthesize_groups
 from .comm import Comm
 from .sharded import ShardedAggregation, ShardState
 from .slashing import Slashing, remap_slashed
@@ -105,15 +114,25 @@ class StepContext:
 
     step: int
     commitment: bytes
-    seeds: list[int]
+    seeds: list[int]  # of this rank's direction group
     batch_hashes: list[bytes]
     local_scalars: torch.Tensor | None = None  # (K,) as submitted by this rank
     matrix: torch.Tensor | None = None  # (N, K) all submitted rows
-    result: AggregationResult | None = None
+    result: AggregationResult | GroupedAggregation | None = None
     true_gradient: bool = False  # a true-gradient step (bootstrap/refresh): not verifiable
     path: str = "all_gather"  # the aggregation path of the step (docs/PROTOCOL.md §4.5)
     sharded: ShardState | None = None  # commitments and owned blocks on the sharded path (matrix is None there)
     extras: dict[str, Any] = field(default_factory=dict)
+    group_seeds: list[list[int]] = field(default_factory=list)  # seeds of every direction group, in group order
+    public_values: torch.Tensor | None = None  # (E,) aggregated values after the K scalars (local steps)
+
+    @property
+    def num_groups(self) -> int:
+        return max(len(self.group_seeds), 1)
+
+    def seeds_of(self, rank: int) -> list[int]:
+        """The seeds ``rank`` projected onto: those of its direction group."""
+        return self.group_seeds[group_of(rank, len(self.group_seeds))] if self.group_seeds else self.seeds
 
 
 ClaimHook = Callable[[StepContext, torch.Tensor], torch.Tensor]
@@ -135,6 +154,8 @@ class HoloGradExchange:
         aggregation_path: how rows are aggregated across ranks (``AGGREGATION_PATHS``,
             docs/PROTOCOL.md §4.5): ``all_gather`` (every rank gets every row), ``sharded``,
             ``all_reduce`` (mean only, no verification) or ``auto``.
+        num_groups: G, the direction groups (1: every rank shares the directions); G > 1
+            needs the ``all_gather`` path (or ``auto``, which then takes it).
     """
 
     def __init__(
@@ -146,14 +167,23 @@ class HoloGradExchange:
         recompute: Recompute | None = None,
         to_cpu: Callable[[Any], Any] | None = None,
         aggregation_path: AggregationPath = "all_gather",
+        num_groups: int = 1,
     ) -> None:
+        if num_groups > 1 and not family.unbiased:
+            raise ValueError(f"num_groups={num_groups} needs an unbiased seed-defined family, got {family.name!r}.")
         self.family = family
         self.aggregator = aggregator
         self.chain = chain
         self.comm = comm
-        self.slashing = Slashing(comm.world_size, aggregator)
+        self.num_groups = num_groups
+        self.num_public_values = 0  # E values after the K scalars of a row (set by local steps)
+        self.slashing = Slashing(comm.world_size, aggregator, num_groups)
         self.verification = VerificationTransport(comm, recompute, to_cpu)
         self.aggregation_path = check_aggregation_path(aggregation_path, aggregator)
+        if num_groups > 1 and self.aggregation_path in ("sharded", "all_reduce"):
+            raise ValueError(f"aggregation_path={aggregation_path!r} with {num_groups} direction groups: each group "
+                             "has its own directions, so rows of different groups share no column to shard or sum. "
+                             "HINT: use aggregation_path='all_gather' (or 'auto', which takes it with groups).")
         self.sharding = ShardedAggregation(comm, aggregator, self.slashing)
         self.block_review_hooks: list[ReviewHook] = []  # sharded path: after the aggregates are gathered
         self.claim_hooks: list[ClaimHook] = []
@@ -196,8 +226,11 @@ class HoloGradExchange:
             raise StopRequested(self.chain.step + 1, stoppers)
         batch_hashes = [bytes(row[:-1].tolist()) for row in rows]
         commitment = self.chain.advance(batch_hashes)
-        seeds = self.chain.seeds(self.family.num_seeds) if self.family.num_seeds else []
-        ctx = StepContext(self.chain.step, commitment, seeds, batch_hashes, true_gradient=true_gradient)
+        count = self.family.num_seeds
+        group_seeds = [self.chain.seeds(count, group=g) if count else [] for g in range(self.num_groups)]
+        seeds = group_seeds[group_of(self.comm.rank, self.num_groups)]
+        ctx = StepContext(self.chain.step, commitment, seeds, batch_hashes, true_gradient=true_gradient,
+                          group_seeds=group_seeds)
         ctx.extras["nonfinite_ranks"] = [rank for rank, row in enumerate(rows.tolist()) if row[-1] & FLAG_NONFINITE]
         return ctx
 
@@ -207,14 +240,18 @@ class HoloGradExchange:
         project: Callable[[list[int]], torch.Tensor],
         extras: Mapping[str, Any] | None = None,
         diagnostic: torch.Tensor | None = None,
+        optimizer_steps: int = 1,
     ) -> torch.Tensor:
         """Exchange one step's claims and return g_hat (D,), identical on every rank.
 
-        ``project(seeds)`` returns this rank's (K,) scalars (the family's projection of the
-        local gradient, or a forward-mode equivalent). ``extras`` (e.g. this rank's
+        ``project(seeds)`` returns this rank's (K + E,) row (the family's projection of the
+        local gradient, or a forward-mode equivalent, then E = ``num_public_values`` values).
+        ``extras`` (e.g. this rank's
         micro-batches under ``"inputs"``) are handed to the hooks via the context.
         ``diagnostic``: this rank's local gradient (D,) on a diagnostic step (every rank
         passes one, or none): see ``measure_energy``.
+        ``optimizer_steps``: the optimizer steps this exchange stands for (a round's inner
+        steps), for the traffic meter's per-step figures and compression.
         """
         local = diagnostic.to(torch.float32) if diagnostic is not None else None
         ctx = self.commit(batch_hash, nonfinite=local is not None and not bool(torch.isfinite(local).all()))
@@ -222,23 +259,39 @@ class HoloGradExchange:
         if local is not None:
             ctx.extras["captured_energy"] = self.measure_energy(local, ctx)
         scalars = project(ctx.seeds)
+        expected = self.family.num_directions + self.num_public_values
+        if scalars.shape != (expected,):
+            raise ValueError(f"project returned shape {tuple(scalars.shape)}, expected ({expected},): K = "
+                             f"{self.family.num_directions} scalars and {self.num_public_values} public values.")
         for hook in self.claim_hooks:
             scalars = hook(ctx, scalars)
         ctx.local_scalars = scalars
         ctx.path = self.current_path()
-        if ctx.path == "all_gather":
+        k = self.family.num_directions
+        if self.num_groups == 1:
+            if ctx.path == "all_gather":
+                ctx.matrix = self.comm.all_gather(scalars.to(torch.float32), "scalars").to(scalars.device)
+                for review in self.review_hooks:
+                    review(ctx)
+                self._check_some_finite(ctx)
+                ctx.result = self.aggregator(ctx.matrix, self.slashing.slashed)
+            else:
+                ctx.result = self._aggregate_sharded(ctx, scalars)
+            estimate = self.family.reconstruct(ctx.result.scalars[:k], ctx.seeds)
+            ctx.public_values = ctx.result.scalars[k:]
+        else:  # groups: the all_gather path (checked at construction, chosen by current_path)
             ctx.matrix = self.comm.all_gather(scalars.to(torch.float32), "scalars").to(scalars.device)
             for review in self.review_hooks:
                 review(ctx)
             self._check_some_finite(ctx)
-            ctx.result = self.aggregator(ctx.matrix, self.slashing.slashed)
-        else:
-            ctx.result = self._aggregate_sharded(ctx, scalars)
+            ctx.result = aggregate_groups(self.aggregator, ctx.matrix, self.slashing.slashed, self.num_groups)
+            scalars, weights = ctx.result.scalars, ctx.result.weights
+            estimate = synthesize_groups(self.family, scalars[:, :k], weights, ctx.group_seeds)
+            ctx.public_values = torch.tensor(weights, dtype=torch.float32, device=scalars.device) @ scalars[:, k:]
         if ctx.result.nonfinite_ranks:
             log.warning("step %d: dropped non-finite scalars of ranks %s", ctx.step, list(ctx.result.nonfinite_ranks))
-        estimate = self.family.reconstruct(ctx.result.scalars, ctx.seeds)
         self.chain.record_scalars(ctx.result.scalars)
-        self._finish(ctx)
+        self._finish(ctx, optimizer_steps)
         return estimate
 
     def measure_energy(self, flat_grad: torch.Tensor, ctx: StepContext) -> float:
@@ -298,10 +351,13 @@ class HoloGradExchange:
         cheapest path that computes the same thing (docs/PROTOCOL.md §4.5): ``all_gather``
         on N <= 2 ranks (it sends 4K bytes there, no path sends less) and for whole-row
         defences (Krum, row clipping); else ``all_reduce`` for ``mean`` without review hooks
-        (verification); else ``sharded``. Every rank decides alike: the inputs are the
+        (verification); else ``sharded``. Direction groups always take ``all_gather``.
+        Every rank decides alike: the inputs are the
         settings, N and the installed hooks."""
         if self.aggregation_path != "auto":
             return self.aggregation_path
+        if self.num_groups > 1:
+            return "all_gather"
         per_direction = self.aggregator.name in SHARDABLE_AGGREGATIONS and not self.aggregator.clip_row_norms
         if self.world_size <= 2 or not per_direction:
             return "all_gather"
@@ -343,8 +399,8 @@ class HoloGradExchange:
         if counted and not any(finite[r] for r in counted):
             self._raise_none_finite(ctx, counted)
 
-    def _finish(self, ctx: StepContext) -> None:
-        self.traffic.end_step()
+    def _finish(self, ctx: StepContext, optimizer_steps: int = 1) -> None:
+        self.traffic.end_step(optimizer_steps)
         self.last_context = ctx
 
     # -- replica audit -------------------------------------------------------------------
@@ -376,12 +432,20 @@ class HoloGradExchange:
             "traffic": self.traffic.state_dict(),
             "slashed": self.slashing.state_dict(),
             "world_size": self.world_size,
+            "direction_groups": self.num_groups,
         }
 
     def load_state_dict(self, state: Mapping[str, Any], rank_map: Mapping[int, int] | None = None) -> None:
         """Restore a checkpoint's state; one from another world size is remapped or refused
-        (``remap_slashed``); ``resized_from`` then holds the old world size."""
+        (``remap_slashed``); ``resized_from`` then holds the old world size. The number of
+        direction groups may change only with the world size (e.g. ``"per_rank"``)."""
         saved_world = state.get("world_size")  # absent before lightning-holograd 0.2
+        saved_groups = int(state.get("direction_groups", 1))  # absent before direction groups existed
+        resized = saved_world is not None and saved_world != self.world_size
+        if saved_groups != self.num_groups and not resized:
+            raise ValueError(f"checkpoint was trained with {saved_groups} direction group(s), this run has "
+                             f"{self.num_groups} on the same world size. HINT: resume with the direction_groups "
+                             "setting the checkpoint was trained with.")
         slashed = remap_slashed(state["slashed"], saved_world, self.world_size, rank_map)
         self.chain.load_state_dict(state["chain"])
         self.family.load_state_dict(state["family"])

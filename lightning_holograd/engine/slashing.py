@@ -61,11 +61,13 @@ def remap_slashed(slashed: Iterable[int], saved_world: int | None, world_size: i
 
 class Slashing:
     """Owns the set of slashed ranks among ``world_size`` and checks that the aggregator
-    still has the ``aggregator.min_rows()`` rows it needs."""
+    still has the ``aggregator.min_rows()`` rows it needs (in at least one of
+    ``num_groups`` direction groups, rank i in group i mod G; docs/PROTOCOL.md §9.1)."""
 
-    def __init__(self, world_size: int, aggregator: Aggregator) -> None:
+    def __init__(self, world_size: int, aggregator: Aggregator, num_groups: int = 1) -> None:
         self.world_size = world_size
         self.aggregator = aggregator
+        self.num_groups = num_groups
         self.hooks: list[SlashHook] = []  # e.g. the verifier's ledger
         self.max_slashed: int | None = None  # stop once more ranks than this are slashed (None: no limit)
         self._slashed: set[int] = set()
@@ -105,11 +107,16 @@ class Slashing:
                 f"{self.max_slashed} that max_slashed_fraction allows; training stops instead of going on with "
                 "the verifier alone. HINT: the verifier's ledger lists every slash and its reason; if the workers "
                 "are honest, see README 'Failure and recovery'.")
-        honest, needed = self.world_size - len(self._slashed), self.aggregator.min_rows()
+        needed = self.aggregator.min_rows()
+        per_group = [0] * self.num_groups
+        for rank in self.honest_ranks():
+            per_group[rank % self.num_groups] += 1
+        honest = max(per_group)  # with one group: every honest rank
         if honest < needed:
+            where = " in the best direction group" if self.num_groups > 1 else ""
             raise NotEnoughRanksError(
-                f"step {step}: {honest} honest ranks remain (slashed: {sorted(self._slashed)}), but "
-                f"{self.aggregator.name} aggregation needs {needed}; training cannot continue. HINT: the "
+                f"step {step}: {honest} honest ranks remain{where} (slashed: {sorted(self._slashed)}), but "
+                f"{self.aggregator.name} aggregation needs {needed}{where}; training cannot continue. HINT: the "
                 "verifier's ledger lists every slash and its reason; train with more ranks, or with an "
                 "aggregation that needs fewer rows."
             )

@@ -10,7 +10,9 @@ algorithms with N ranks, for a payload of n bytes per rank:
 ``payload`` is what this rank put into collectives (the n above), which a test can
 count from outside by wrapping ``torch.distributed``. The compression ratio compares
 the wire bytes of a HoloGrad step with a ring all-reduce of the D float32 gradient
-coordinates of the same model.
+coordinates of the same model. An exchange may stand for several optimizer steps (a
+round of local steps, docs/PROTOCOL.md §9.2): ``steps`` counts optimizer steps, and the
+per-step figures of such an exchange are its bytes divided by its optimizer steps.
 """
 
 from __future__ import annotations
@@ -61,7 +63,8 @@ class TrafficMeter:
         self.num_params = num_params
         self.total_payload: dict[str, int] = defaultdict(int)
         self.total_wire: dict[str, float] = defaultdict(float)
-        self.steps = 0
+        self.steps = 0  # optimizer steps covered by the exchanges so far
+        self._step_optimizer_steps = 1  # of the current exchange
         self._step_payload: dict[str, int] = defaultdict(int)
         self._step_wire: dict[str, float] = defaultdict(float)
 
@@ -79,8 +82,10 @@ class TrafficMeter:
         self._step_payload = defaultdict(int)
         self._step_wire = defaultdict(float)
 
-    def end_step(self) -> None:
-        self.steps += 1
+    def end_step(self, optimizer_steps: int = 1) -> None:
+        """The exchange is over; it stood for ``optimizer_steps`` optimizer steps."""
+        self.steps += optimizer_steps
+        self._step_optimizer_steps = optimizer_steps
 
     @property
     def allreduce_bytes_per_step(self) -> float:
@@ -106,18 +111,21 @@ class TrafficMeter:
 
     def metrics(self) -> dict[str, float]:
         """Numbers for the Lightning loggers (``holograd/...``)."""
+        per = self._step_optimizer_steps
         out = {
-            "holograd/bytes_per_step": self.step_wire(),
-            "holograd/payload_bytes_per_step": float(self.step_payload()),
+            "holograd/bytes_per_step": self.step_wire() / per,
+            "holograd/payload_bytes_per_step": float(self.step_payload()) / per,
             "holograd/bytes_total": self.run_wire(),
         }
+        if per > 1:
+            out["holograd/bytes_per_round"] = self.step_wire()
         if self.world_size > 1:  # one process sends nothing: no ratio to report
             out["holograd/compression"] = self.compression()
         # Every kind seen so far in the run, 0 on steps without it: a logged metric that is
         # left out of a step repeats its last value in Lightning's step logs.
         for kind in sorted(set(self.total_wire) | set(self._step_wire)):
             if kind not in _ONE_TIME_KINDS:
-                out[f"holograd/bytes_{kind}"] = self._step_wire.get(kind, 0.0)
+                out[f"holograd/bytes_{kind}"] = self._step_wire.get(kind, 0.0) / per
         return out
 
     def state_dict(self) -> dict[str, Any]:

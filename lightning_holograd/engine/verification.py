@@ -4,7 +4,11 @@ wait bounded (docs/PROTOCOL.md §6.5 and §6.8).
 The engine moves data and applies the protocol's checks; what a claim *is* (the same
 ``training_step``, loss scaling and projection at theta_t) comes from above as
 ``recompute(inputs, seeds) -> (K,) scalars``, with ``inputs`` a claimant's micro-batches
-of the step paired with the verifier's own ``batch_idx`` values, ``[(batch, batch_idx), ...]``.
+of the step paired with the verifier's own ``batch_idx`` values, ``[(batch, batch_idx), ...]``,
+and ``seeds`` those of the claimant's direction group (``StepContext.seeds_of``). With local
+steps (docs/PROTOCOL.md §9.2) the step is a round: its one "micro-batch" is the list of the
+H inner steps' micro-batch lists, so the round's H batches travel in one bundle, within
+``max_transfer_bytes``, and ``recompute`` replays the H inner steps.
 
 Transfers never unpickle: a claimant sends a **bundle** (``engine/bundle.py``: tensors plus
 a JSON description) ``{"batches": [batch, ...]}``, and verifiers send bundles of verdicts.
@@ -44,7 +48,8 @@ from ..protocol.sharding import row_commitment
 from .bundle import HEADER_SIZE, TRAILER_SIZE, BundleError, decode_bundle, encode_bundle, frame_message, read_message
 from .comm import Comm
 
-__all__ = ["Recompute", "VerificationTimeoutError", "VerificationTransport", "check_claim", "verifier_of"]
+__all__ = ["MalformedInputs", "Recompute", "VerificationTimeoutError", "VerificationTransport", "check_claim",
+           "verifier_of"]
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +61,11 @@ _KEEP_SENT = 4096  # outgoing verdict buffers kept alive for peers that receive 
 
 class VerificationTimeoutError(RuntimeError):
     """A verifier's verdicts did not arrive within the process-group timeout."""
+
+
+class MalformedInputs(ValueError):
+    """Raised by ``recompute`` when a claimant's batches match its commitment but cannot be the
+    step's (e.g. a local-steps round with another number of inner steps): reason ``batch_hash``."""
 
 
 def verifier_of(claimant: int, verifier_ranks: Sequence[int]) -> int:
@@ -77,7 +87,10 @@ def check_claim(claimed: torch.Tensor, batches: Any, batch_indices: Sequence[int
         return {**report, "accepted": False, "reason": Reason.MISSING.value}
     if len(batches) != len(batch_indices) or step_batch_hash(batches) != committed_hash:
         return {**report, "accepted": False, "reason": Reason.BATCH_HASH.value}
-    recomputed = recompute(list(zip(batches, batch_indices)), seeds)
+    try:
+        recomputed = recompute(list(zip(batches, batch_indices)), seeds)
+    except MalformedInputs:  # committed, but not shaped as the step's batches: as a wrong count
+        return {**report, "accepted": False, "reason": Reason.BATCH_HASH.value}
     verdict = judge_claim(claimed, recomputed, rtol, atol)
     return {**report, "accepted": verdict.accepted, "reason": verdict.reason.value,
             "recomputed_digest": claim_digest(recomputed), "max_abs_error": _finite_or_none(verdict.max_abs_error),
@@ -229,7 +242,7 @@ class VerificationTransport:
                 return {"accepted": False, "reason": reason.value, "claim_digest": committed.hex(),
                         "recomputed_digest": None, "max_abs_error": None, "max_rel_error": None}
         try:
-            return check_claim(claimed, batches, indices, ctx.batch_hashes[claimant], ctx.seeds,
+            return check_claim(claimed, batches, indices, ctx.batch_hashes[claimant], ctx.seeds_of(claimant),
                                self.recompute, rtol, atol)
         except Exception as error:  # the verifier's own failure: stop, never slash on it
             raise RuntimeError(

@@ -26,8 +26,10 @@ from .directions import (
     SketchDirections,
 )
 from .factory import FAMILY_NAMES, FamilyName, make_family, resume_settings
+from .groups import DirectionGroups, GroupedAggregation, aggregate_groups, group_of, synthesize_groups
 from .ledger import Ledger, LedgerRecord, LedgerTamperError
 from .codebook_fit import CODEBOOK_FITS, CODEBOOK_STRUCTURES, CodebookFit, CodebookStructure
+from .rounds import INNER_STATE_NAMES, InnerState, OuterStep, make_inner_state, round_batch_hash
 from .subspace import CodebookDirections, MomentumDirections, captured_energy
 from .verification import Reason, Verdict, claim_digest, draw_claims, judge_claim
 
@@ -45,10 +47,14 @@ __all__ = [
     "CodebookDirections",
     "CommitmentChain",
     "DirectionFamily",
+    "DirectionGroups",
     "FAMILY_NAMES",
     "FamilyName",
     "GaussianDirections",
+    "GroupedAggregation",
+    "INNER_STATE_NAMES",
     "IdentityDirections",
+    "InnerState",
     "KrumAggregator",
     "Ledger",
     "LedgerRecord",
@@ -57,11 +63,13 @@ __all__ = [
     "MedianAggregator",
     "MomentumDirections",
     "NotEnoughRanksError",
+    "OuterStep",
     "RademacherDirections",
     "Reason",
     "SketchDirections",
     "TrimmedMeanAggregator",
     "Verdict",
+    "aggregate_groups",
     "attack_generator",
     "attack_row",
     "captured_energy",
@@ -70,11 +78,15 @@ __all__ = [
     "draw_claims",
     "evasive_liars",
     "genesis_commitment",
+    "group_of",
     "hash_batch",
     "judge_claim",
     "make_aggregator",
     "make_family",
+    "make_inner_state",
     "resume_settings",
+    "round_batch_hash",
     "scalars_digest",
     "step_batch_hash",
+    "synthesize_groups",
 ]

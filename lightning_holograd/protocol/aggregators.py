@@ -89,6 +89,25 @@ class Aggregator(abc.ABC):
 
     def __call__(self, matrix: torch.Tensor, slashed: Iterable[int] = ()) -> AggregationResult:
         """Leave out slashed rows and drop non-finite rows of ``matrix`` (N, K), then aggregate the rest."""
+        kept, nonfinite, slashed_ranks = self.partition_rows(matrix, slashed)
+        if len(kept) < self.min_rows():
+            raise NotEnoughRanksError(
+                f"{self.name} aggregation needs at least {self.min_rows()} usable ranks, got {len(kept)} "
+                f"(slashed={list(slashed_ranks)}, non-finite={nonfinite}).{self._min_rows_hint()}"
+            )
+        rows, clipped = self.clipped_rows(matrix, kept)
+        return AggregationResult(
+            scalars=self.aggregate(rows),
+            kept_ranks=tuple(kept),
+            nonfinite_ranks=tuple(nonfinite),
+            slashed_ranks=slashed_ranks,
+            clipped_ranks=clipped,
+        )
+
+    def partition_rows(self, matrix: torch.Tensor,
+                       slashed: Iterable[int] = ()) -> tuple[list[int], list[int], tuple[int, ...]]:
+        """(kept, nonfinite, slashed) ranks of ``matrix`` (N, K): slashed rows are left out,
+        rows holding a NaN or infinity are dropped for this step, the rest is kept (ascending)."""
         if matrix.dim() != 2:
             raise ValueError(f"matrix has shape {tuple(matrix.shape)}, expected (ranks, directions).")
         slashed_set = {int(r) for r in slashed}
@@ -98,23 +117,16 @@ class Aggregator(abc.ABC):
             if rank in slashed_set:
                 continue
             (kept if ok else nonfinite).append(rank)
-        if len(kept) < self.min_rows():
-            raise NotEnoughRanksError(
-                f"{self.name} aggregation needs at least {self.min_rows()} usable ranks, got {len(kept)} "
-                f"(slashed={sorted(slashed_set)}, non-finite={nonfinite}).{self._min_rows_hint()}"
-            )
+        return kept, nonfinite, tuple(sorted(slashed_set & set(range(matrix.shape[0]))))
+
+    def clipped_rows(self, matrix: torch.Tensor, kept: list[int]) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """The kept rows (n, K) as float32, clipped to their median norm with ``clip_row_norms``,
+        and the ranks whose rows were scaled."""
         rows = matrix[kept].to(torch.float32)  # (n, K)
-        clipped: tuple[int, ...] = ()
-        if self.clip_row_norms:
-            rows, mask = clip_to_median_norm(rows)
-            clipped = tuple(rank for rank, hit in zip(kept, mask.tolist()) if hit)
-        return AggregationResult(
-            scalars=self.aggregate(rows),
-            kept_ranks=tuple(kept),
-            nonfinite_ranks=tuple(nonfinite),
-            slashed_ranks=tuple(sorted(slashed_set & set(range(matrix.shape[0])))),
-            clipped_ranks=clipped,
-        )
+        if not self.clip_row_norms:
+            return rows, ()
+        rows, mask = clip_to_median_norm(rows)
+        return rows, tuple(rank for rank, hit in zip(kept, mask.tolist()) if hit)
 
 
 def median_value(values: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,11 @@ index (1 for the first step), c_t the step commitment (32 bytes).
 - Direction seed: s_{t,j} = first 8 bytes of SHA256(c_t || j) read as an unsigned
   little-endian 64-bit integer, j encoded as 8 bytes little-endian. One hash per
   direction: no seed is a prefix-derived variant of another.
+- Direction seed of group g (direction groups, docs/PROTOCOL.md §9.1):
+  s_{t,g,j} = first 8 bytes of SHA256(c_t || enc(g) || j), enc(0) = b"" and
+  enc(g) = g as 8 bytes little-endian for g >= 1. Group 0's seeds are s_{t,j}, so one
+  group (the default) keeps the seeds of a run without groups; the input lengths (40
+  and 48 bytes) keep group 0 apart from every other group.
 """
 
 from __future__ import annotations
@@ -61,12 +66,16 @@ def genesis_commitment(seed: str, direction_version: int = DIRECTION_VERSION) ->
     return hashlib.sha256(genesis_tag(direction_version) + seed.encode("utf-8")).digest()
 
 
-def direction_seeds(commitment: bytes, num_directions: int, offset: int = 0) -> list[int]:
-    """Seeds s_j = uint64(SHA256(commitment || j)[:8]) for j in [offset, offset + num_directions)."""
+def direction_seeds(commitment: bytes, num_directions: int, offset: int = 0, group: int = 0) -> list[int]:
+    """Seeds s_{g,j} = uint64(SHA256(commitment || enc(g) || j)[:8]) for j in [offset, offset + num_directions),
+    enc(0) = b"" (the seeds of a run without groups), enc(g) = u64le(g) for g >= 1."""
     if num_directions < 0:
         raise ValueError(f"num_directions={num_directions} must be >= 0.")
+    if isinstance(group, bool) or not isinstance(group, int) or group < 0:
+        raise ValueError(f"group={group!r} must be an integer >= 0 (a direction group index).")
+    prefix = commitment + (_u64(group) if group else b"")
     return [
-        int.from_bytes(hashlib.sha256(commitment + _u64(j)).digest()[:8], "little")
+        int.from_bytes(hashlib.sha256(prefix + _u64(j)).digest()[:8], "little")
         for j in range(offset, offset + num_directions)
     ]
 
@@ -173,11 +182,11 @@ class CommitmentChain:
         self.last_scalars_digest = hashlib.sha256(payload).digest()
         return self.last_scalars_digest
 
-    def seeds(self, num_directions: int, offset: int = 0) -> list[int]:
-        """Direction seeds of the current step."""
+    def seeds(self, num_directions: int, offset: int = 0, group: int = 0) -> list[int]:
+        """Direction seeds of the current step (of direction group ``group``)."""
         if self.step == 0:
             raise RuntimeError("seeds() called before advance(). HINT: advance the chain once per step first.")
-        return direction_seeds(self.head, num_directions, offset)
+        return direction_seeds(self.head, num_directions, offset, group)
 
     def state_dict(self) -> dict[str, Any]:
         """A version-1 chain keeps lightning-holograd 0.1.x's format: no ``genesis_tag``, which

@@ -33,11 +33,19 @@ from ..protocol.defaults import (
     estimate_scale_factor,
     variance_ratio,
 )
+from ..protocol.groups import PER_RANK, check_direction_groups, resolve_direction_groups
+from ..protocol.rounds import INNER_STATE_NAMES, OuterStep
 
 __all__ = ["HoloGradConfig", "AggregationName", "ProjectionName", "check_world_size"]
 
 AggregationName = Literal["mean", "median", "trimmed_mean", "krum"]
 ProjectionName = Literal["backward", "jvp"]
+# Families whose directions are a pure function of the seeds and unbiased: the ones that
+# direction groups give independent directions (docs/PROTOCOL.md §9.1).
+GROUPABLE_FAMILIES = ("sketch", "gaussian", "rademacher")
+# Families that can carry a pseudo-gradient (docs/PROTOCOL.md §9.2): the stateless ones.
+LOCAL_STEP_FAMILIES = GROUPABLE_FAMILIES + ("identity",)
+_ROUND_DEFAULTS = {"inner_state": "public_v", "outer_lr": 1.0, "outer_momentum": 0.0}
 
 
 def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -81,6 +89,11 @@ class HoloGradConfig:
     aggregation_path: str = "all_gather"  # docs/PROTOCOL.md §4.5: auto, all_gather, sharded, all_reduce
     target_compression: float = DEFAULT_TARGET_COMPRESSION  # sets the default K: about D / target_compression
     estimate_scale: str = "unbiased"  # factor on g_hat: "unbiased" (1), "min_variance", "norm"
+    direction_groups: int | str = 1  # G, or "per_rank" (G = world size); docs/PROTOCOL.md §9.1
+    local_steps: int = 1  # H inner optimizer steps per exchange (round); docs/PROTOCOL.md §9.2
+    inner_state: str = "public_v"  # the inner optimizer state at a round start: "public_v" or "reset"
+    outer_lr: float = 1.0  # theta_{r+1} = theta_r - outer_lr * delta_hat (with outer_momentum = 0)
+    outer_momentum: float = 0.0  # Nesterov momentum of the outer step (0: plain averaging)
 
     def __post_init__(self) -> None:
         if self.num_directions is not None:
@@ -123,7 +136,14 @@ class HoloGradConfig:
         if self.chunk_size is not None:
             _int_at_least("chunk_size", self.chunk_size, 1, "None sizes chunks to the device's working set.")
         self._check_family_knobs()
+        self._check_direction_groups()
+        self._check_local_steps()
         check_aggregation_path(self.aggregation_path, self.build_aggregator())
+        if self.direction_groups != 1 and self.aggregation_path in ("sharded", "all_reduce"):
+            raise ValueError(
+                f"aggregation_path={self.aggregation_path!r} with direction_groups={self.direction_groups!r}: each "
+                "group has its own directions, so rows of different groups share no column to shard or sum. "
+                "HINT: use aggregation_path='all_gather' (or 'auto', which takes it with groups).")
 
     def _check_family_knobs(self) -> None:
         """The family constructors' range checks, without building a family (no allocation)."""
@@ -151,6 +171,55 @@ class HoloGradConfig:
         if self.diagnostic_every and self.projection != "backward":
             raise ValueError(f"diagnostic_every={self.diagnostic_every} needs the local gradient, which "
                              f"projection={self.projection!r} never computes. HINT: use projection='backward'.")
+
+    def _check_direction_groups(self) -> None:
+        """What can be checked without the world size; ``num_groups`` checks the rest at setup."""
+        groups = self.direction_groups
+        if groups != PER_RANK:
+            resolve_direction_groups(groups, 1)  # type and range
+        if groups == 1:
+            return
+        if self.directions not in GROUPABLE_FAMILIES:
+            raise ValueError(
+                f"direction_groups={groups!r} needs a family whose directions are a pure function of the seeds and "
+                f"unbiased ({', '.join(GROUPABLE_FAMILIES)}), got directions={self.directions!r}: its basis (or the "
+                "identity) is the same for every rank, so groups would add nothing. HINT: use direction_groups=1, "
+                "or directions='sketch'."
+            )
+        if groups == PER_RANK and self.aggregation != "mean":
+            raise ValueError(
+                f"direction_groups='per_rank' with aggregation={self.aggregation!r}: every rank is alone in its "
+                "group, so there is nothing to take a median, trimmed mean or Krum score of. HINT: use "
+                "aggregation='mean' (clip_row_norms=True bounds each rank's influence), or fewer groups of >= 3 ranks."
+            )
+
+    def _check_local_steps(self) -> None:
+        _int_at_least("local_steps", self.local_steps, 1, "1 exchanges every optimizer step; H > 1 runs H inner "
+                      "steps per exchange.")
+        _choice("inner_state", self.inner_state, INNER_STATE_NAMES)
+        OuterStep(self.outer_lr, self.outer_momentum)  # range checks
+        if self.local_steps == 1:
+            changed = [name for name, default in _ROUND_DEFAULTS.items() if getattr(self, name) != default]
+            if changed:
+                raise ValueError(f"{changed[0]}={getattr(self, changed[0])!r} only applies with local_steps > 1. "
+                                 f"HINT: set local_steps (e.g. 16), or leave {changed[0]} at its default.")
+            return
+        if self.directions not in LOCAL_STEP_FAMILIES:
+            raise ValueError(
+                f"local_steps={self.local_steps} with directions={self.directions!r}: the codebook and momentum bases "
+                "track gradients, and a round exchanges a pseudo-gradient. HINT: use directions='sketch' (or "
+                "'gaussian', 'rademacher'; 'identity' gives exact local SGD).")
+        if self.projection == "jvp":
+            raise ValueError(f"local_steps={self.local_steps} with projection='jvp': a pseudo-gradient is not the "
+                             "derivative of a loss. HINT: use projection='backward'.")
+        if self.estimate_scale != "unbiased":
+            raise ValueError(f"local_steps={self.local_steps} with estimate_scale={self.estimate_scale!r}: the outer "
+                             "step applies the unbiased pseudo-gradient estimate (its step size is outer_lr). "
+                             "HINT: use estimate_scale='unbiased' and tune outer_lr.")
+
+    def num_groups(self, world_size: int) -> int:
+        """G on ``world_size`` ranks; ValueError when a group is too small for the aggregation."""
+        return check_direction_groups(self.direction_groups, self.build_aggregator(), world_size)
 
     # -- settings that depend on the model -----------------------------------------------------
     def resolve(self, dim: int) -> HoloGradConfig:

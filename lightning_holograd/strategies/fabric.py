@@ -148,6 +148,10 @@ class HoloGradFabricStrategy(DDPStrategy):
         if self.config.projection == "jvp":
             raise ValueError("projection='jvp' re-runs a training_step, which Fabric does not have. "
                              "HINT: use projection='backward' (the default) with Fabric.")
+        if self.config.local_steps != 1:
+            raise ValueError(f"local_steps={self.config.local_steps} is not supported with Fabric yet: a round "
+                             "needs the Trainer's optimizer-step hooks to run, replay and verify its inner steps. "
+                             "HINT: use local_steps=1 with Fabric, or HoloGradStrategy with the Trainer.")
         lightning = check_strategy_arguments({k: v for k, v in settings.items() if k not in fields})
         super().__init__(process_group_backend=process_group_backend, timeout=timeout, start_method=start_method,
                          **lightning)

@@ -59,7 +59,8 @@ def build_exchange(config: HoloGradConfig, module: nn.Module, world_size: int, r
     chain = CommitmentChain(resolved.seed, direction_version=family.direction_version)
     exchange = HoloGradExchange(family, resolved.build_aggregator(), chain, comm, recompute=recompute,
                                 to_cpu=lambda inputs: move_data_to_device(inputs, "cpu"),
-                                aggregation_path=resolved.aggregation_path)
+                                aggregation_path=resolved.aggregation_path,
+                                num_groups=resolved.num_groups(world_size))
     return exchange, resolved
 
 

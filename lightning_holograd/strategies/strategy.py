@@ -57,6 +57,7 @@ from .lightning_private import (
     set_launcher,
     start_method,
 )
+from .local_steps import LocalRounds, LocalStepsMixin, is_last_optimizer_step
 from .metrics import HoloGradMetrics
 from .registry import STRATEGY_NAMES, register_names
 from .runtime import (
@@ -75,7 +76,7 @@ log = logging.getLogger(__name__)
 
 
 
-class HoloGradStrategyMixin:
+class HoloGradStrategyMixin(LocalStepsMixin):
     """HoloGrad data parallelism: K scalars per rank and step instead of a gradient all-reduce.
 
     Args (protocol; see README "Strategy settings"):
@@ -109,6 +110,14 @@ class HoloGradStrategyMixin:
         target_compression: sets the default K (num_directions=None) to about D / target_compression.
         estimate_scale: factor on g_hat: ``unbiased`` (1), ``min_variance`` (1/(1 + v), the
             least mean-squared error; biased toward 0) or ``norm`` (1/sqrt(1 + v)).
+        direction_groups: G groups of ranks (rank i in group i mod G) with independent
+            directions, or ``"per_rank"`` (G = world size); 1 shares the directions.
+        local_steps: H, inner optimizer steps per round; each round exchanges the
+            projected pseudo-gradient once (1: the gradient, every step).
+        inner_state: the inner optimizer state at a round start, from public data
+            (``public_v``: Adam with m = 0 and the ranks' mean v per tensor; ``reset``).
+        outer_lr, outer_momentum: the outer step theta -= outer_lr * delta_hat, with
+            Nesterov momentum when outer_momentum > 0.
     Args (faults; README "Failure and recovery"):
         sigterm_grace: seconds a rank may take to stop after SIGTERM before it exits hard
             (a rank blocked in a collective cannot stop cleanly).
@@ -149,6 +158,11 @@ class HoloGradStrategyMixin:
         audit_every: int = 100,
         sync_buffers: bool = True,
         aggregation_path: AggregationPath = "all_gather",
+        direction_groups: int | Literal["per_rank"] = 1,
+        local_steps: int = 1,
+        inner_state: Literal["public_v", "reset"] = "public_v",
+        outer_lr: float = 1.0,
+        outer_momentum: float = 0.0,
         sigterm_grace: float = 10.0,
         resume_rank_map: dict[int, int] | None = None,
         process_group_backend: str | None = None,
@@ -168,6 +182,8 @@ class HoloGradStrategyMixin:
             chunk_size=chunk_size, projection=projection, audit_every=audit_every, sync_buffers=sync_buffers,
             aggregation_path=aggregation_path,
             target_compression=target_compression, estimate_scale=estimate_scale,
+            direction_groups=direction_groups, local_steps=local_steps, inner_state=inner_state, outer_lr=outer_lr,
+            outer_momentum=outer_momentum,
         )
         lightning_arguments = check_strategy_arguments(kwargs)  # DDP-only arguments are refused
         super().__init__(process_group_backend=process_group_backend, timeout=timeout, start_method=start_method,
@@ -179,7 +195,9 @@ class HoloGradStrategyMixin:
         # Rank 0's exchange state after a spawn/fork fit, in the process that called fit.
         self.final_protocol_state: dict[str, Any] | None = None
         self._claims: Claims | None = None
+        self._rounds: LocalRounds | None = None  # with local_steps > 1, built at setup
         self._pending_state: dict[str, Any] | None = None  # from a checkpoint loaded before setup
+        self._pending_rounds: dict[str, Any] | None = None
         self._sync_blocked = False
         self._step_inputs: list[tuple[Any, int]] = []  # (batch, batch_idx) of this step's micro-batches
         self._true_gradient_requested = False
@@ -221,16 +239,19 @@ class HoloGradStrategyMixin:
         if self._pending_state is not None:
             self._load_protocol_state(self._pending_state, self._pending_trainable)
             self._pending_state = self._pending_trainable = None
+        if self._rounds is not None and self._pending_rounds is not None:
+            self._rounds.load_state_dict(self._pending_rounds)
+            self._pending_rounds = None
         self._install_stop_handling()
         trainer = self.lightning_module.trainer
         if not any(isinstance(cb, self.metrics_callback_cls) for cb in trainer.callbacks):
             trainer.callbacks.append(self.metrics_callback_cls())
         family = self.exchange.family
         if self.is_global_zero:
-            log.info("HoloGrad: D=%d trainable coordinates, K=%d scalars/step%s, family=%s, world_size=%d",
+            log.info("HoloGrad: D=%d trainable coordinates, K=%d scalars/step%s, family=%s, world_size=%d, groups=%d",
                      family.dim, family.num_directions,
                      " (num_directions=None: D / target_compression)" if self.config.num_directions is None else "",
-                     family.name, self.world_size)
+                     family.name, self.world_size, self.exchange.num_groups)
 
     @override
     def setup(self, trainer: Any) -> None:
@@ -247,9 +268,11 @@ class HoloGradStrategyMixin:
     def _build_exchange(self) -> HoloGradExchange:
         self._claims = Claims(self)
         # A checkpoint loaded before setup decides the direction version (0.1.x checkpoints: 1).
+        self._rounds = LocalRounds(self) if self.config.local_steps > 1 else None
+        recompute = self._claims.recompute if self._rounds is None else self._rounds.replay
         exchange, self.resolved_config = build_exchange(self.config, self.lightning_module, self.world_size,
                                                         self.root_device, process_group_backend(self),
-                                                        recompute=self._claims.recompute, timeout=process_group_timeout(self),
+                                                        recompute=recompute, timeout=process_group_timeout(self),
                                                         resumed=(self._pending_state or {}).get("family"))
         self._trainable = TrainableSet(self.lightning_module)
         return exchange
@@ -283,6 +306,10 @@ class HoloGradStrategyMixin:
         if self.config.projection == "jvp" and not self.lightning_module.automatic_optimization:
             raise ValueError("projection='jvp' re-runs training_step and needs automatic optimization. "
                              "HINT: use projection='backward' with manual optimization.")
+        if self.config.local_steps > 1 and not self.lightning_module.automatic_optimization:
+            raise ValueError(f"local_steps={self.config.local_steps} needs automatic optimization: a verifier "
+                             "replays the inner steps, which manual optimization keeps inside training_step. "
+                             "HINT: use automatic optimization, or local_steps=1.")
 
     def _module_state(self) -> list[torch.Tensor]:
         return module_state(self.lightning_module)
@@ -316,7 +343,7 @@ class HoloGradStrategyMixin:
         automatic = module.automatic_optimization
         if self.config.projection == "backward" or not automatic:
             self.precision_plugin.backward(closure_loss, module, optimizer, *args, **kwargs)
-        if automatic and not self._sync_blocked and self.exchange is not None:
+        if automatic and not self._sync_blocked and self.exchange is not None and self._rounds is None:
             self.exchange_gradients()
         closure_loss = self.precision_plugin.post_backward(closure_loss, module)
         self.post_backward(closure_loss)
@@ -324,15 +351,25 @@ class HoloGradStrategyMixin:
 
     @override
     def optimizer_step(self, optimizer: Any, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
-        if self.exchange is not None and not self.lightning_module.automatic_optimization:
+        rounds = self._rounds if self.exchange is not None else None
+        if rounds is not None:
+            rounds.before_inner_step()
+        elif self.exchange is not None and not self.lightning_module.automatic_optimization:
             self.exchange_gradients()  # manual optimization: exchange what manual_backward accumulated
         output = super().optimizer_step(optimizer, closure, model, **kwargs)  # type: ignore[misc]
-        if self.exchange is not None:
+        if rounds is not None:
+            inputs, self._step_inputs = self._step_inputs, []
+            if rounds.after_inner_step(inputs) or is_last_optimizer_step(self.lightning_module.trainer):
+                self._end_round()
+        elif self.exchange is not None:
             self._after_optimizer_step()
         return output
 
     def request_true_gradient(self) -> None:
         """Make the next exchange a true-gradient step (the all-reduced mean gradient)."""
+        if self._rounds is not None:
+            raise ValueError(f"true-gradient steps (ADCBootstrap) need local_steps=1, got local_steps="
+                             f"{self.config.local_steps}. HINT: remove ADCBootstrap, or set local_steps=1.")
         self._true_gradient_requested = True
 
     @torch.no_grad()
@@ -373,6 +410,8 @@ class HoloGradStrategyMixin:
             assert self.resolved_config is not None and self._trainable is not None
             checkpoint[STATE_KEY] = protocol_state(self.resolved_config.as_dict(), self.exchange.state_dict(),
                                                    self._trainable.state_dict())
+            if self._rounds is not None:
+                checkpoint[STATE_KEY]["rounds"] = self._rounds.state_dict()
         if storage_options is None and writes_atomically(self.checkpoint_io, filepath):  # type: ignore[attr-defined]
             if self.is_global_zero:  # type: ignore[attr-defined]
                 atomic_save(checkpoint, filepath)
@@ -391,6 +430,10 @@ class HoloGradStrategyMixin:
             if self.exchange is not None:  # already set up (e.g. restore after setup)
                 self._load_protocol_state(state, self._pending_trainable)
                 self._pending_state = self._pending_trainable = None
+        self._pending_rounds = checkpoint.get(STATE_KEY, {}).get("rounds")
+        if self._rounds is not None and self._pending_rounds is not None:
+            self._rounds.load_state_dict(self._pending_rounds)
+            self._pending_rounds = None
         return checkpoint
 
     def _load_protocol_state(self, state: dict[str, Any], trainable: dict[str, Any] | None) -> None:

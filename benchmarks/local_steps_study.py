@@ -80,7 +80,7 @@ for _p in (_BENCH_DIR, _BENCH_DIR.parent / "examples"):
 from bench_strategy import MODEL_KW, SEED  # noqa: E402  the tiny GPT-2 of configs/gpt2-tiny-cpu.yaml
 
 RUNS_DIR = _BENCH_DIR / "results" / "local_steps_study_runs"
-BATCH, VAL_BATCHES, DATA_SEED = 16, 32, 1234
+BATCH, DATA_SEED = 16, 1234
 INNER_OPTIONS = ("private", "reset", "keep_v", "factored_v", "tensor_v", "public_v")
 HASH_BYTES = 32
 
@@ -89,7 +89,7 @@ HASH_BYTES = 32
 class Workload:
     """Model, per-worker batch streams, flat gradients and validation loss of the tiny GPT-2."""
 
-    def __init__(self, workers: int) -> None:
+    def __init__(self, workers: int, val_batches: int = 32) -> None:
         from gpt2_data import stdlib_corpus
         from gpt2_module import GPT2Module
 
@@ -104,8 +104,8 @@ class Workload:
         train, val = stdlib_corpus(4_000_000, 10)
         self.train = train[: len(train) // t * t].long().view(-1, t)  # (windows, T)
         val = val[: len(val) // t * t].long().view(-1, t)
-        pick = torch.linspace(0, len(val) - 1, VAL_BATCHES * BATCH).long()
-        self.val_batches = val[pick].view(VAL_BATCHES, BATCH, t)
+        pick = torch.linspace(0, len(val) - 1, val_batches * BATCH).long()
+        self.val_batches = val[pick].view(val_batches, BATCH, t)  # fixed, evenly spread
         self.workers = workers
         self._epochs: dict[int, torch.Tensor] = {}
 
@@ -132,12 +132,12 @@ class Workload:
         self._load(flat)
         loss = self.module.loss(batch)
         grads = torch.autograd.grad(loss, self.params)
-        return torch.cat([g.reshape(-1) for g in grads]), float(loss)
+        return torch.cat([g.reshape(-1) for g in grads]), float(loss.detach())
 
     @torch.no_grad()
     def val_loss(self, flat: torch.Tensor) -> float:
         self._load(flat)
-        return sum(float(self.module.loss(b)) for b in self.val_batches) / VAL_BATCHES
+        return sum(float(self.module.loss(b)) for b in self.val_batches) / len(self.val_batches)
 
 
 class FlatAdamW:
@@ -358,7 +358,7 @@ def tag_of(args: argparse.Namespace) -> str:
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(1)
-    work = Workload(args.workers)
+    work = Workload(args.workers, args.val_batches)
     log: dict[str, Any] = {"tag": tag_of(args), "args": vars(args), "dim": work.dim, "k": 0, "check_bytes": 0,
                            "exchange_bytes": 0.0, "verify_bytes": 0.0, "val": {}, "train_loss": [], "_t0": time.time()}
     log["command"] = "python benchmarks/local_steps_study.py " + shlex.join(sys.argv[1:])
@@ -390,6 +390,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--p-verify", type=float, default=0.05, help="probability that a claim is checked")
     p.add_argument("--token-bytes", type=int, default=8, help="bytes per token moved by a check (int64: 8)")
     p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--val-batches", type=int, default=32, help="fixed val batches of 16 windows")
     p.add_argument("--seed", type=int, default=0, help="run seed of the public direction seeds")
     p.add_argument("--out", type=Path, default=RUNS_DIR, help="folder of the per-run JSON files")
     p.add_argument("--report", action="store_true", help="collect the runs in --out into tables")

@@ -360,11 +360,12 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(1)
     work = Workload(args.workers, args.val_batches)
     log: dict[str, Any] = {"tag": tag_of(args), "args": vars(args), "dim": work.dim, "k": 0, "check_bytes": 0,
-                           "exchange_bytes": 0.0, "verify_bytes": 0.0, "val": {}, "train_loss": [], "_t0": time.time()}
+                           "exchange_bytes": 0.0, "verify_bytes": 0.0, "val": {}, "train_loss": [], "_t0": time.time(), "_cpu0": time.process_time()}
     log["command"] = "python benchmarks/local_steps_study.py " + shlex.join(sys.argv[1:])
     (run_per_step if args.local_steps == 1 else run_rounds)(work, args, log)
     full = 4.0 * work.dim * args.steps
     log.update(final_val=log["val"][str(args.steps)], wall_s=round(time.time() - log.pop("_t0"), 1),
+               cpu_s=round(time.process_time() - log.pop("_cpu0"), 1),
                state_floats=state_floats(work, args.inner) if args.local_steps > 1 else 0,
                exchange_bytes_per_step=log["exchange_bytes"] / args.steps,
                verify_bytes_per_step=log["verify_bytes"] / args.steps,

@@ -37,8 +37,10 @@ def _row(r: dict[str, Any]) -> str:
     ratio = "none" if a["ratio"] == 0 else f"{a['ratio']:g}x {a['budget']}"
     cells = [str(a["workers"]), str(a["steps"]), str(a["local_steps"]), method, ratio, str(a["groups"]),
              _f(r["final_val"], ".4f"), _f(r["ratio_to_ddp"], ".3f"), str(r["k"]),
-             _f(r["exchange_bytes_per_step"], ".0f"), _f(r["verify_bytes_per_step"], ".0f"),
-             _f(r["compression_exchange"], ".0f"), _f(r["compression_total"], ".0f"), f"`{r['command']}`"]
+             _f(r["exchange_bytes_per_step"], ".0f"),
+             _f(r["verify_bytes_per_step"] if a["ratio"] else None, ".0f"),
+             _f(r["compression_exchange"], ".0f"), _f(r["compression_total"] if a["ratio"] else None, ".0f"),
+             f"`{r['command']}`"]
     return "| " + " | ".join(cells) + " |"
 
 

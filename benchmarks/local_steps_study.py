@@ -251,8 +251,8 @@ def round_costs(work: Workload, args: argparse.Namespace, steps: int) -> dict[st
     state = state_floats(work, args.inner) if args.local_steps > 1 else 0
     check = steps * BATCH * MODEL_KW["block_size"] * args.token_bytes + 4 * state
     verify = args.p_verify * check
-    if args.ratio == 0:
-        return {"k": 0, "exchange": 4.0 * work.dim, "verify": verify, "check": check}
+    if args.ratio == 0:  # DDP / local SGD: nothing to verify
+        return {"k": 0, "exchange": 4.0 * work.dim, "verify": 0.0, "check": 0}
     fixed = HASH_BYTES + (HASH_BYTES if private_state(args) else 0)
     fixed += 4 * len(work.sizes) if args.local_steps > 1 and args.inner == "public_v" else 0
     budget = 4.0 * work.dim * steps / args.ratio - fixed - (verify if args.budget == "total" else 0.0)

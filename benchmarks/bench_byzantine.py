@@ -1,8 +1,7 @@
 #!/usr/bin/env python3
 """Byzantine robustness table: every attack x defence with 1 of N = 4 ranks lying.
 
-Task (the same as ``tests/strategy/toy.py``, defined here so the script stands alone):
-a 2-layer MLP (8 -> 16 -> 2, D = 178) regresses y = W* x + noise on 256 fixed samples,
+Task (``lightning_holograd.demos.ToyModule``, as in the tests): a 2-layer MLP (8 -> 16 -> 2, D = 178) regresses y = W* x + noise on 256 fixed samples,
 batch 16 per rank, SGD lr 0.05, HoloGrad with Gaussian directions, K = 64, 4 ranks on
 CPU (fork launcher, gloo), ``--steps`` optimizer steps. Rank ``--attacker`` (default 3)
 runs ``ByzantineSimulator`` from step 0; rank 0 records the loss on the full dataset
@@ -25,9 +24,9 @@ verifier rank); ``--evasive`` makes the attacker lie only when its claim would n
 drawn (``only_unverified=True``, an omniscient attacker).
 
 Examples:
-  python benchmarks/bench_byzantine.py                  # the committed table, ~2-3 min on 2 CPU cores
-  python benchmarks/bench_byzantine.py --attacks scale,alie --defences mean,median --steps 32
-  python benchmarks/bench_byzantine.py --evasive --p-verify 0.25
+  python -m benchmarks.bench_byzantine                  # the committed table, ~2-3 min on 2 CPU cores
+  python -m benchmarks.bench_byzantine --attacks scale,alie --defences mean,median --steps 32
+  python -m benchmarks.bench_byzantine --evasive --p-verify 0.25
 """
 
 from __future__ import annotations
@@ -37,12 +36,8 @@ import os
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # forked ranks must not inherit an OpenMP pool
 
 import argparse  # noqa: E402
-import datetime as _dt  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
-import platform  # noqa: E402
-import shlex  # noqa: E402
-import socket  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -50,19 +45,15 @@ import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
-import torch  # noqa: E402
-
-_BENCH_DIR = Path(__file__).resolve().parent
-_REPO_ROOT = _BENCH_DIR.parent
-if str(_REPO_ROOT) not in sys.path:  # run from a checkout without installing the package
-    sys.path.insert(0, str(_REPO_ROOT))
-
 import lightning.pytorch as L  # noqa: E402
+import torch  # noqa: E402
 from torch import nn  # noqa: E402
-from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 import lightning_holograd  # noqa: E402
 from lightning_holograd import ByzantineSimulator, HoloGradStrategy  # noqa: E402
+from benchmarks.harness import (RESULTS, finish_metadata, make_parser, read_report,  # noqa: E402
+                                run_metadata, write_report)
+from lightning_holograd.demos import ToyModule, free_port, make_dataset  # noqa: E402
 
 ATTACKS = ("random", "scale", "sign_flip", "alie", "ipm")
 STRENGTH = {"scale": "scale", "alie": "alie_z", "ipm": "ipm_epsilon"}  # what "name=value" sets
@@ -78,32 +69,7 @@ VERIFY_COLUMN = "mean+verify"  # dropped by --no-verifier
 WORLD_SIZE = 4
 
 
-# -- the task -------------------------------------------------------------------------------
-def make_dataset(num_samples: int = 256, seed: int = 0) -> TensorDataset:
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(num_samples, 8, generator=gen)
-    teacher = torch.randn(8, 2, generator=gen)
-    return TensorDataset(x, x @ teacher + 0.01 * torch.randn(num_samples, 2, generator=gen))
-
-
-class Regression(L.LightningModule):
-    def __init__(self, lr: float = 0.05, batch_size: int = 16) -> None:
-        super().__init__()
-        self.lr, self.batch_size = lr, batch_size
-        torch.manual_seed(1234)  # the strategy broadcasts rank 0's init anyway
-        self.net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 2))
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        return nn.functional.mse_loss(self.net(x), y)
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=self.lr)
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(make_dataset(), batch_size=self.batch_size, shuffle=False)
-
-
+# -- the task: lightning_holograd.demos.ToyModule -----------------------------------------
 class RecordFullLoss(L.Callback):
     """Rank 0: full-dataset loss before training and after every optimizer step -> ``path``."""
 
@@ -122,9 +88,9 @@ class RecordFullLoss(L.Callback):
         self._record(pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        excluded = sorted(trainer.strategy.exchange.excluded)
+        slashed = sorted(trainer.strategy.exchange.slashing.slashed)
         if trainer.global_rank == 0:
-            self.path.write_text(json.dumps({"losses": self.losses, "excluded": excluded}))
+            self.path.write_text(json.dumps({"losses": self.losses, "slashed": slashed}))
 
 
 # -- one run ------------------------------------------------------------------------------------
@@ -132,12 +98,6 @@ def holograd(**fields: Any) -> HoloGradStrategy:
     """Gaussian K = 64 HoloGrad with any further strategy argument."""
     return HoloGradStrategy(**{"start_method": "fork", "directions": "gaussian", "num_directions": 64,
                                "audit_every": 0, **fields})
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run_one(defence: str, attack: str | None, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
@@ -154,16 +114,16 @@ def run_one(defence: str, attack: str | None, args: argparse.Namespace, workdir:
         evasive = defence == VERIFY_COLUMN and args.evasive
         callbacks.append(ByzantineSimulator([args.attacker], name, only_unverified=evasive,
                                             p_verify=args.p_verify if evasive else 0.0, **kwargs))
-    os.environ["MASTER_PORT"] = str(free_port())  # fresh rendezvous per fit (see tests/strategy/toy.py)
+    os.environ["MASTER_PORT"] = str(free_port())  # fresh rendezvous per fit (see lightning_holograd.demos.fit)
     start = time.perf_counter()
     trainer = L.Trainer(accelerator="cpu", devices=WORLD_SIZE, strategy=holograd(**fields), callbacks=callbacks,
                         max_steps=args.steps, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(Regression())
+    trainer.fit(ToyModule())
     outcome = json.loads(record.read_text())
     losses = outcome["losses"]
     return {"defence": defence, "attack": attack or "clean", "final": losses[-1], "best": min(losses),
-            "initial": losses[0], "excluded": outcome["excluded"], "seconds": time.perf_counter() - start,
+            "initial": losses[0], "slashed": outcome["slashed"], "seconds": time.perf_counter() - start,
             "curve": losses}
 
 
@@ -181,7 +141,7 @@ def markdown(results: list[dict[str, Any]], defences: list[str], attacks: list[s
     lines = [
         "# Byzantine robustness on CPU: 1 of 4 ranks lying",
         "",
-        f"- command: `{meta['command']}`",
+        f"- command: `{meta['command']}`" + (f"; commit `{meta['commit']}`" if meta.get("commit") else ""),
         f"- torch {meta['torch']}, lightning {meta['lightning']}, python {meta['python']}, date {meta['date']}",
         f"- task: MLP 8-16-2 (D = 178) regression, 256 samples, batch 16 per rank, SGD lr 0.05, "
         f"gaussian directions K = 64, N = 4 ranks, {meta['steps']} steps; attacker rank {meta['attacker']} "
@@ -193,7 +153,7 @@ def markdown(results: list[dict[str, Any]], defences: list[str], attacks: list[s
                                               f"{', evasive attacker' if meta['evasive'] else ''}"
                                               if VERIFY_COLUMN in defences else ""),
         f"- reference: clean run with mean aggregation, final loss {reference['final']:.4g} "
-        f"(initial {reference['initial']:.4g}); total wall {meta['wall_s']:.0f} s",
+        f"(initial {reference['initial']:.4g}); total wall {meta.get('total_wall_s', meta.get('wall_s')):.0f} s",
         "",
     ]
     for key, title in (("final", "Final"), ("best", "Best")):
@@ -205,10 +165,10 @@ def markdown(results: list[dict[str, Any]], defences: list[str], attacks: list[s
             label = attack if "=" not in attack else attack.replace("=", f" {_STRENGTH_SYMBOL[attack.split('=')[0]]}=")
             lines.append(f"| {label} | " + " | ".join(row) + " |")
         lines.append("")
-    slashed = [r for r in results if r["excluded"]]
+    slashed = [r for r in results if r.get("slashed", r.get("excluded"))]  # "excluded" in older JSON
     if slashed:
-        lines.append("Ranks excluded by the end: " + ", ".join(
-            f"{r['attack']}/{r['defence']}: {r['excluded']}" for r in slashed) + ".")
+        lines.append("Ranks slashed by the end: " + ", ".join(
+            f"{r['attack']}/{r['defence']}: {r.get('slashed', r.get('excluded'))}" for r in slashed) + ".")
         lines.append("")
     return "\n".join(lines)
 
@@ -225,7 +185,7 @@ def _valid_attack(spec: str) -> bool:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = make_parser(__doc__)
     parser.add_argument("--attacks", default=DEFAULT_ATTACKS,
                         help=f"comma-separated, each one of {','.join(ATTACKS)}, or name=strength for "
                              f"{','.join(STRENGTH)}")
@@ -239,7 +199,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-verifier", action="store_true", help=f"drop the '{VERIFY_COLUMN}' column")
     parser.add_argument("--p-verify", type=float, default=0.25)
     parser.add_argument("--evasive", action="store_true", help="only_unverified attacker in the verify column")
-    parser.add_argument("--out", type=Path, default=_BENCH_DIR / "results" / "byzantine_cpu.md")
+    parser.add_argument("--out", type=Path, default=RESULTS / "byzantine_cpu.md")
+    parser.add_argument("--report-only", action="store_true", help="rebuild the tables from the JSON")
     args = parser.parse_args(argv)
     args.with_verifier = not args.no_verifier
     args.attack_list = [a for a in args.attacks.split(",") if a]
@@ -259,12 +220,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    torch.set_num_threads(1)
-    logging.getLogger("lightning").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore")
-    start = time.perf_counter()
+def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for attack in [None, *args.attack_list]:
@@ -273,18 +229,29 @@ def main(argv: list[str] | None = None) -> None:
                 results.append(result)
                 print(f"{result['attack']:>10} {defence:>13}: final {result['final']:.4g} best {result['best']:.4g} "
                       f"({result['seconds']:.1f} s)", file=sys.stderr, flush=True)
-    meta = {
-        "command": "python " + " ".join(shlex.quote(a) for a in [f"benchmarks/{Path(__file__).name}", *sys.argv[1:]]),
-        "torch": torch.__version__, "lightning": L.__version__, "python": platform.python_version(),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "steps": args.steps,
-        "attacker": args.attacker, "scale": args.scale, "alie_z": args.alie_z, "ipm_epsilon": args.ipm_epsilon,
-        "p_verify": args.p_verify, "evasive": args.evasive, "world_size": WORLD_SIZE,
-        "defences": {d: DEFENCES.get(d, {"aggregation": "mean", "verifier": True}) for d in args.defence_list},
-        "wall_s": time.perf_counter() - start,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(markdown(results, args.defence_list, args.attack_list, meta))
-    args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.report_only:
+        payload = read_report(args.out)
+        meta, results = payload["meta"], payload["results"]
+        attacks = list(dict.fromkeys(r["attack"] for r in results if r["attack"] != "clean"))
+        write_report(args.out, markdown(results, list(meta["defences"]), attacks, meta), payload)
+        return
+    torch.set_num_threads(1)
+    logging.getLogger("lightning").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    start = time.perf_counter()
+    meta = run_metadata(
+        "bench_byzantine", argv, steps=args.steps, attacker=args.attacker, scale=args.scale, alie_z=args.alie_z,
+        ipm_epsilon=args.ipm_epsilon, p_verify=args.p_verify, evasive=args.evasive, world_size=WORLD_SIZE,
+        defences={d: DEFENCES.get(d, {"aggregation": "mean", "verifier": True}) for d in args.defence_list})
+    results = run_all(args)
+    finish_metadata(meta, start)
+    write_report(args.out, markdown(results, args.defence_list, args.attack_list, meta),
+                 {"meta": meta, "results": results})
     print(f"wrote {args.out} and {args.out.with_suffix('.json')}", file=sys.stderr)
 
 

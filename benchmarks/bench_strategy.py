@@ -38,9 +38,9 @@ Ranks write JSON files; this script aggregates them (max over ranks) into a Mark
 table and a JSON file with every step time.
 
 Examples:
-  python benchmarks/bench_strategy.py                           # all runs, 60 steps, ~4-5 min on 2 cores
-  python benchmarks/bench_strategy.py --steps 30 --runs sketch-4096,identity
-  python benchmarks/bench_strategy.py --out /tmp/strategy.md    # JSON written next to it
+  python -m benchmarks.bench_strategy                           # all runs, 60 steps, ~4-5 min on 2 cores
+  python -m benchmarks.bench_strategy --steps 30 --runs sketch-4096,identity
+  python -m benchmarks.bench_strategy --out /tmp/strategy.md    # JSON written next to it
 """
 
 from __future__ import annotations
@@ -53,27 +53,20 @@ os.environ["OMP_NUM_THREADS"] = "1"
 os.environ["MKL_NUM_THREADS"] = "1"
 
 import argparse  # noqa: E402
-import datetime as _dt  # noqa: E402
 import json  # noqa: E402
-import math  # noqa: E402
-import platform  # noqa: E402
-import shlex  # noqa: E402
-import signal  # noqa: E402
 import statistics  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
-from importlib import metadata  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
-_BENCH_DIR = Path(__file__).resolve().parent
-_REPO_ROOT = _BENCH_DIR.parent
-_EXAMPLES_DIR = _REPO_ROOT / "examples"
+from benchmarks.harness import (DATA_KW, MODEL_KW, RESULTS, SEED, choose, finish_metadata, loadavg,  # noqa: E402
+                                make_parser, read_rank_files, read_report, remove_stale, ring_allreduce_bytes,
+                                run_metadata, start_process, wait_all, write_report)
+from benchmarks.strategy_report import add_reference, param_diff, render_markdown  # noqa: E402
 
 WORLD_SIZE = 2
-SEED = 1337
 # HoloGrad settings (init_args of HoloGradStrategy); "bootstrap" adds ADCBootstrap.
 RUNS: dict[str, dict[str, Any]] = {
     "ddp": {},
@@ -86,102 +79,9 @@ RUNS: dict[str, dict[str, Any]] = {
     "identity": {"directions": "identity"},
 }
 HOLOGRAD_RUNS = [name for name in RUNS if name != "ddp"]
-# The tiny GPT-2 of configs/gpt2-tiny-cpu.yaml.
-MODEL_KW = {"block_size": 128, "n_layer": 2, "n_head": 2, "n_embd": 128, "lr": 3e-3, "min_lr": 3e-4,
-            "warmup_steps": 20}
-DATA_KW = {"batch_size": 16, "block_size": 128, "val_every": 10}
 
 
 # =========================================================================== worker side
-def _vm_kb(field: str) -> int | None:
-    """A ``/proc/self/status`` field in kB (VmRSS: current RSS, VmHWM: peak RSS)."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _make_probe(result_dir: Path, run: str, warmup: int):
-    import hashlib
-    import resource
-
-    import lightning.pytorch as L
-    import torch
-
-    class StepProbe(L.Callback):
-        """Per-rank step times, RSS, traffic and losses; written to ``<run>_rank<r>.json``."""
-
-        def __init__(self) -> None:
-            self.times: list[float] = []
-            self.losses: list[float] = []
-            self._t0 = 0.0
-            self.rss_start_kb: int | None = None
-            self.maxrss_start_kb = 0
-            self.traffic_at_warmup: tuple[float, int] | None = None
-
-        @staticmethod
-        def _traffic(trainer: Any) -> Any:
-            exchange = getattr(trainer.strategy, "exchange", None)
-            return None if exchange is None else exchange.traffic
-
-        def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-            self.rss_start_kb = _vm_kb("VmRSS")
-            self.maxrss_start_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-        def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-            if trainer.global_step == warmup:
-                traffic = self._traffic(trainer)
-                if traffic is not None:
-                    self.traffic_at_warmup = (traffic.run_wire(), traffic.steps)
-            self._t0 = time.perf_counter()
-
-        def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-            self.times.append(time.perf_counter() - self._t0)
-            loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-            self.losses.append(float(loss.detach()) if loss is not None else math.nan)
-
-        def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-            rank = trainer.global_rank
-            params = [p.detach().reshape(-1).float() for p in pl_module.parameters() if p.requires_grad]
-            flat = torch.cat(params)
-            digest = hashlib.sha256(flat.numpy().tobytes()).hexdigest()
-            if rank == 0:
-                flat.numpy().tofile(result_dir / f"{run}_params.f32")
-            out: dict[str, Any] = {
-                "rank": rank,
-                "world_size": trainer.world_size,
-                "threads": torch.get_num_threads(),
-                "step_times_s": self.times,
-                "losses": self.losses,
-                "global_step": trainer.global_step,
-                "num_params": int(flat.numel()),
-                "param_sha256": digest,
-                "rss_start_kb": self.rss_start_kb,
-                "maxrss_start_kb": self.maxrss_start_kb,
-                "maxrss_end_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-                "rss_end_kb": _vm_kb("VmRSS"),
-                "hwm_end_kb": _vm_kb("VmHWM"),
-            }
-            traffic = self._traffic(trainer)
-            if traffic is not None:
-                out["traffic"] = {
-                    "steps": traffic.steps,
-                    "run_wire": traffic.run_wire(),
-                    "total_wire": dict(traffic.total_wire),
-                    "total_payload": dict(traffic.total_payload),
-                    "allreduce_bytes_per_step": traffic.allreduce_bytes_per_step,
-                    "at_warmup": self.traffic_at_warmup,
-                    "num_directions": trainer.strategy.exchange.family.num_directions,
-                }
-            (result_dir / f"{run}_rank{rank}.json").write_text(json.dumps(out))
-
-    return StepProbe()
-
-
 def worker(run: str, steps: int, warmup: int, max_bytes: int, result_dir: Path) -> None:
     """One setting: data, model, Trainer(devices=2, fork) and fit; ranks write JSON files."""
     import torch
@@ -190,25 +90,19 @@ def worker(run: str, steps: int, warmup: int, max_bytes: int, result_dir: Path) 
     import lightning.pytorch as L
     from lightning.pytorch.strategies import DDPStrategy
 
-    if str(_REPO_ROOT) not in sys.path:  # run from a checkout without installing the package
-        sys.path.insert(0, str(_REPO_ROOT))
-    sys.path.insert(0, str(_EXAMPLES_DIR))
-    from gpt2_data import GPT2DataModule  # noqa: E402
-    from gpt2_module import GPT2Module  # noqa: E402
-
-    from lightning_holograd import ADCBootstrap, HoloGradStrategy  # noqa: E402
+    from benchmarks.probes import StepProbe
+    from lightning_holograd import ADCBootstrap, HoloGradStrategy
+    from lightning_holograd.demos.gpt2_data import GPT2DataModule
+    from lightning_holograd.demos.gpt2_module import GPT2Module
 
     spec = dict(RUNS[run])
     bootstrap = spec.pop("bootstrap", 0)
     L.seed_everything(SEED, verbose=False)
-    data = GPT2DataModule(max_bytes=max_bytes, **DATA_KW)
+    data = GPT2DataModule(**{**DATA_KW, "max_bytes": max_bytes})
     data.setup("fit")  # load the corpus once, before the fork (the ranks inherit it)
     model = GPT2Module(**MODEL_KW)
-    if run == "ddp":
-        strategy: Any = DDPStrategy(start_method="fork")
-    else:
-        strategy = HoloGradStrategy(start_method="fork", **spec)
-    callbacks: list[Any] = [_make_probe(result_dir, run, warmup)]
+    strategy = DDPStrategy(start_method="fork") if run == "ddp" else HoloGradStrategy(start_method="fork", **spec)
+    callbacks: list[Any] = [StepProbe(result_dir, run, warmup)]
     if bootstrap:
         callbacks.append(ADCBootstrap(bootstrap_steps=bootstrap))
     trainer = L.Trainer(
@@ -222,74 +116,20 @@ def worker(run: str, steps: int, warmup: int, max_bytes: int, result_dir: Path) 
 
 
 # =========================================================================== parent side
-def _loadavg() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except (AttributeError, OSError):
-        return None
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _version(dist: str) -> str:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "-"
-
-
-def _ring_allreduce_bytes(num_params: int, world_size: int) -> float:
-    return 2.0 * (world_size - 1) / world_size * 4 * num_params
-
-
-def run_one(run: str, label: str, args: argparse.Namespace, result_dir: Path) -> dict[str, Any]:
-    """Run one setting in a fresh process and aggregate its ranks' files (max over ranks)."""
-    for stale in result_dir.glob(f"{run}_*"):
-        stale.unlink()
-    row: dict[str, Any] = {"run": label, "setting": run, "strategy": "ddp" if run == "ddp" else "holograd",
-                           "config": {k: v for k, v in RUNS[run].items()}, "loadavg_start": _loadavg()}
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--_worker", run, "--steps", str(args.steps),
+def launch(run: str, args: argparse.Namespace, result_dir: Path) -> tuple[Any, str, float]:
+    """Run one setting in a fresh process (its own session: a timed-out run's fork children
+    go with it); returns the return code, the output and the wall seconds."""
+    remove_stale(result_dir, f"{run}_*")
+    cmd = [sys.executable, "-m", "benchmarks.bench_strategy", "--_worker", run, "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--max-bytes", str(args.max_bytes), "--_result-dir", str(result_dir)]
     t0 = time.perf_counter()
-    # Own process group, so that a timed-out run's rank processes (fork children) go too.
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    rc: int | str
-    try:
-        _, err = proc.communicate(timeout=args.timeout)
-        rc = proc.returncode
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        _, err = proc.communicate()
-        rc = "timeout"
-    row["wall_s"] = time.perf_counter() - t0
-    ranks = []
-    for r in range(WORLD_SIZE):
-        path = result_dir / f"{run}_rank{r}.json"
-        if path.exists():
-            ranks.append(json.loads(path.read_text()))
-    if rc != 0 or len(ranks) != WORLD_SIZE:
-        row["status"] = f"error (rc={rc}, {len(ranks)}/{WORLD_SIZE} rank files)"
-        row["stderr_tail"] = err[-3000:]
-        print(f"[bench] {label}: {row['status']}\n{err[-3000:]}", flush=True)
-        return row
-    row["status"] = "ok"
-    worker_file = result_dir / f"{run}_worker.json"
-    if worker_file.exists():
-        row["fit_wall_s"] = json.loads(worker_file.read_text())["fit_wall_s"]
-    row["ranks"] = ranks
-    num_params = ranks[0]["num_params"]
-    row["D"] = num_params
-    row["threads_per_rank"] = max(r["threads"] for r in ranks)
-    timed = [r["step_times_s"][args.warmup:] for r in ranks]
+    outputs, codes = wait_all([start_process(cmd)], t0 + args.timeout)
+    return codes[0], outputs[0], time.perf_counter() - t0
+
+
+def _step_stats(row: dict[str, Any], ranks: list[dict[str, Any]], warmup: int) -> None:
+    """Step times, RSS, replica agreement and final loss (max over ranks where it is a cost)."""
+    timed = [r["step_times_s"][warmup:] for r in ranks]
     row["timed_steps"] = min(len(t) for t in timed)
     row["step_median_s"] = max(statistics.median(t) for t in timed)
     row["step_mean_s"] = max(statistics.fmean(t) for t in timed)
@@ -301,7 +141,11 @@ def run_one(run: str, label: str, args: argparse.Namespace, result_dir: Path) ->
     last = min(10, len(ranks[0]["losses"]))
     row["final_loss"] = statistics.fmean(x for r in ranks for x in r["losses"][-last:])
     row["final_loss_window"] = last
-    allreduce = _ring_allreduce_bytes(num_params, WORLD_SIZE)
+
+
+def _traffic_stats(row: dict[str, Any], ranks: list[dict[str, Any]], run: str) -> None:
+    """Bytes per step: DDP's computed with the ring model, HoloGrad's from its meter."""
+    allreduce = ring_allreduce_bytes(row["D"], WORLD_SIZE)
     row["ddp_allreduce_bytes_per_step"] = allreduce
     if run == "ddp":
         row["traffic_source"] = "computed: ring all-reduce 2(N-1)/N x 4D"
@@ -312,140 +156,78 @@ def run_one(run: str, label: str, args: argparse.Namespace, result_dir: Path) ->
         traffic = [r["traffic"] for r in ranks]
         row["K"] = traffic[0]["num_directions"]
         row["bytes_per_step"] = max(t["run_wire"] / max(t["steps"], 1) for t in traffic)
-        timed_bytes = []
-        for t in traffic:
-            if t["at_warmup"] is not None and t["steps"] > t["at_warmup"][1]:
-                timed_bytes.append((t["run_wire"] - t["at_warmup"][0]) / (t["steps"] - t["at_warmup"][1]))
-        row["bytes_per_step_timed"] = max(timed_bytes) if timed_bytes else None
+        timed = [(t["run_wire"] - t["at_warmup"][0]) / (t["steps"] - t["at_warmup"][1]) for t in traffic
+                 if t["at_warmup"] is not None and t["steps"] > t["at_warmup"][1]]
+        row["bytes_per_step_timed"] = max(timed) if timed else None
         row["traffic_by_kind"] = traffic[0]["total_wire"]
     row["compression"] = allreduce / row["bytes_per_step"] if row["bytes_per_step"] else None
+
+
+def run_one(run: str, label: str, args: argparse.Namespace, result_dir: Path) -> dict[str, Any]:
+    """Run one setting and aggregate its ranks' files."""
+    row: dict[str, Any] = {"run": label, "setting": run, "strategy": "ddp" if run == "ddp" else "holograd",
+                           "config": dict(RUNS[run]), "loadavg_start": loadavg()}
+    rc, output, row["wall_s"] = launch(run, args, result_dir)
+    ranks = read_rank_files(result_dir, run, WORLD_SIZE)
+    if rc != 0 or len(ranks) != WORLD_SIZE:
+        row["status"] = f"error (rc={rc}, {len(ranks)}/{WORLD_SIZE} rank files)"
+        row["stderr_tail"] = output[-3000:]
+        print(f"[bench] {label}: {row['status']}\n{output[-3000:]}", flush=True)
+        return row
+    row["status"] = "ok"
+    worker_file = result_dir / f"{run}_worker.json"
+    if worker_file.exists():
+        row["fit_wall_s"] = json.loads(worker_file.read_text())["fit_wall_s"]
+    row.update(ranks=ranks, D=ranks[0]["num_params"], threads_per_rank=max(r["threads"] for r in ranks))
+    _step_stats(row, ranks, args.warmup)
+    _traffic_stats(row, ranks, run)
     print(f"[bench] {label:14s} step {row['step_median_s'] * 1e3:7.1f} ms (median)  peak RSS "
           f"{row['peak_rss_mb']:6.0f} MB (+{row['rss_increase_mb']:.0f})  {row['bytes_per_step']:>12,.0f} B/step  "
           f"loss {row['final_loss']:.3f}  ({row['wall_s']:.0f} s)", flush=True)
     return row
 
 
-def _param_diff(result_dir: Path, run: str, ref: str) -> float | None:
-    import numpy as np
-
-    a, b = result_dir / f"{run}_params.f32", result_dir / f"{ref}_params.f32"
-    if not (a.exists() and b.exists()):
-        return None
-    return float(np.max(np.abs(np.fromfile(a, dtype=np.float32) - np.fromfile(b, dtype=np.float32))))
-
-
-def _fmt(x: float | None, digits: int = 2) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "-"
-    return f"{x:.{digits}f}"
-
-
-def _fmt_diff(x: float | None) -> str:
-    if x is None:
-        return "-"
-    return "0 (bitwise)" if x == 0.0 else f"{x:.3g}"
-
-
-def render_markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
-    ref = meta["ddp_reference"]
-    lines = [
-        "# Strategy step time and memory: HoloGrad vs DDP (cpu)",
-        "",
-        f"- machine: {meta['machine']}",
-        f"- torch {meta['torch']}, lightning {meta['lightning']}, transformers {meta['transformers']}, "
-        f"python {meta['python']}",
-        f"- {meta['world_size']} rank processes (gloo, fork), {meta['threads_per_rank']} thread per rank "
-        "(OMP_NUM_THREADS=1)",
-        f"- model: tiny GPT-2 of `configs/gpt2-tiny-cpu.yaml` (D = {meta['D']:,}), batch 16 x 128 tokens per rank, "
-        f"seed {SEED}, same init, data and data order in every run",
-        f"- {meta['steps']} optimizer steps per run; step times over the last {meta['steps'] - meta['warmup']} "
-        f"(first {meta['warmup']} are warm-up)",
-        f"- date: {meta['date']}",
-        f"- command: `{meta['command']}`",
-        f"- load average (1/5/15 min) at start: {meta['loadavg_start']}, at end: {meta['loadavg_end']} "
-        f"(other jobs on the machine inflate the times); total wall {meta['total_wall_s']:.0f} s",
-    ]
-    if ref:
-        lines.append(f"- DDP reference (mean of the first and last run): {ref['step_median_s'] * 1e3:.1f} ms/step, "
-                     f"peak RSS {ref['peak_rss_mb']:.0f} MB, RSS increase {ref['rss_increase_mb']:.0f} MB; "
-                     f"the two DDP runs differ by {ref['noise_pct']:.1f} % in step time (noise level)")
-    lines += [
-        "",
-        "| run | K | step ms (median) | x DDP | step ms (mean) | peak RSS MB | x DDP | RSS increase MB | x DDP "
-        "| bytes/step/rank | after warm-up | compression vs DDP | final train loss | max abs(theta - theta_DDP) "
-        "| load (1 min) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        if r["status"] != "ok":
-            lines.append(f"| {r['run']} | - | - | - | - | - | - | - | - | - | - | - | - | - | {r['status']} |")
-            continue
-        k = "-" if r["K"] is None else f"{r['K']:,}"
-        if r["setting"] == "identity":
-            k += " (= D)"
-        ratio = (lambda key: _fmt(r[key] / ref[key]) if ref else "-")
-        timed = "-" if r["bytes_per_step_timed"] is None else f"{r['bytes_per_step_timed']:,.0f}"
-        load = r["loadavg_start"][0] if r.get("loadavg_start") else "-"
-        diff = "reference" if r.get("param_reference") else _fmt_diff(r.get("max_param_diff_vs_ddp"))
-        lines.append(
-            f"| {r['run']} | {k} | {r['step_median_s'] * 1e3:.1f} | {ratio('step_median_s')} "
-            f"| {r['step_mean_s'] * 1e3:.1f} | {r['peak_rss_mb']:.0f} | {ratio('peak_rss_mb')} "
-            f"| {r['rss_increase_mb']:.0f} | {ratio('rss_increase_mb')} | {r['bytes_per_step']:,.0f} | {timed} "
-            f"| {_fmt(r['compression'], 1)} | {r['final_loss']:.3f} | {diff} | {load} |"
-        )
-    lines += [
-        "",
-        "Columns:",
-        "- *step ms*: wall time from `on_train_batch_start` to `on_train_batch_end` (forward, backward, "
-        "exchange, optimizer step), median / mean over the timed steps of each rank, max over ranks. "
-        "*x DDP*: ratio to the DDP reference.",
-        "- *peak RSS*: `ru_maxrss` of each rank process at train end, max over ranks. The ranks are fork "
-        "children, so this includes the pages they inherit from the parent (torch, lightning, "
-        "transformers, the corpus). *RSS increase*: peak minus the rank's current RSS at "
-        "`on_train_start`, i.e. what training itself added (model grads, optimizer state, activations, "
-        "the strategy's buffers).",
-        "- *bytes/step/rank*: wire bytes one rank sends per optimizer step, ring model, averaged over all "
-        "steps (the one-time initial parameter broadcast excluded). HoloGrad: measured by the strategy "
-        "(`trainer.strategy.exchange.traffic`: batch hashes + K scalars, plus the all-reduces of "
-        "bootstrap steps). DDP: not metered (its all-reduce runs in C++), *computed* as the ring "
-        "all-reduce 2(N-1)/N x 4D. *after warm-up*: the same over the timed steps only (for the codebook "
-        "run, without its 5 bootstrap all-reduces). *compression* = DDP bytes / the all-steps figure. "
-        "Lightning's 8-byte per-batch broadcast is counted in neither.",
-        f"- *final train loss*: mean over both ranks of each rank's micro-batch loss over the last "
-        f"{rows[0].get('final_loss_window', 10) if rows else 10} steps (nats/byte; ln 256 = 5.55 is a "
-        "uniform guess). Short runs: this shows whether a setting learns at all, not its final quality.",
-        "- *max abs(theta - theta_DDP)*: largest parameter difference at the end against the first DDP "
-        "run. `identity` (K = D, g_hat = mean of the local gradients) is the exactness check: it should "
-        "match DDP up to float32 summation order; the second DDP run should give 0.",
-        "- *load*: 1-minute load average when the run started (2 cores; above ~2 other jobs compete).",
-    ]
-    return "\n".join(lines) + "\n"
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser(__doc__)
     p.add_argument("--steps", type=int, default=60, help="optimizer steps per run (default 60)")
     p.add_argument("--warmup", type=int, default=10, help="first steps left out of the step times (default 10)")
     p.add_argument("--runs", default=",".join(HOLOGRAD_RUNS),
                    help="comma-separated HoloGrad settings, from " + ", ".join(HOLOGRAD_RUNS)
                         + " (DDP always runs first and last as the reference)")
-    p.add_argument("--max-bytes", type=int, default=4_000_000, help="corpus bytes (as the example config)")
+    p.add_argument("--max-bytes", type=int, default=DATA_KW["max_bytes"], help="corpus bytes (as the example config)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per run before it is reported as failed")
-    p.add_argument("--out", default=None,
+    p.add_argument("--out", default=str(RESULTS / "strategy_cpu.md"),
                    help="Markdown output (default benchmarks/results/strategy_cpu.md); the JSON goes next to "
                         "it with the same stem")
+    p.add_argument("--report-only", action="store_true", help="rebuild the table from the JSON")
     p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--_result-dir", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.steps < 2 or not 0 <= args.warmup < args.steps:
-        p.error("--steps must be >= 2 and 0 <= --warmup < --steps")
-    runs = [s.strip() for s in args.runs.split(",") if s.strip() and s.strip() != "ddp"]
-    bad = [s for s in runs if s not in RUNS]
-    if bad:
-        p.error(f"unknown runs {bad}; choose from {', '.join(HOLOGRAD_RUNS)}")
-    args.run_list = runs
+        p.error(f"--steps={args.steps}, --warmup={args.warmup}: need steps >= 2 and 0 <= warmup < steps. "
+                "HINT: e.g. --steps 60 --warmup 10")
+    args.run_list = [r for r in choose(p, "--runs", args.runs, RUNS) if r != "ddp"]
     return args
+
+
+def run_schedule(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """DDP first, the HoloGrad settings, DDP last; every run's parameters against the first DDP's."""
+    schedule = [("ddp", "ddp (start)")] + [(r, r) for r in args.run_list] + [("ddp", "ddp (end)")]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench_strategy_") as tmp:
+        result_dir = Path(tmp)
+        for run, label in schedule:
+            if label == "ddp (end)" and (result_dir / "ddp_params.f32").exists():
+                (result_dir / "ddp_params.f32").rename(result_dir / "ddpref_params.f32")  # keep the reference
+            row = run_one(run, label, args, result_dir)
+            if row["status"] == "ok":
+                ref_name = "ddpref" if (result_dir / "ddpref_params.f32").exists() else "ddp"
+                if label == "ddp (start)":
+                    row["param_reference"] = True  # the parameters every other run is compared with
+                else:
+                    row["max_param_diff_vs_ddp"] = param_diff(result_dir, run, ref_name)
+            rows.append(row)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -453,70 +235,22 @@ def main(argv: list[str] | None = None) -> int:
     if args._worker is not None:
         worker(args._worker, args.steps, args.warmup, args.max_bytes, Path(args._result_dir))
         return 0
-
-    out_md = Path(args.out) if args.out else _BENCH_DIR / "results" / "strategy_cpu.md"
-    out_json = out_md.with_suffix(".json")
-    out_md.parent.mkdir(parents=True, exist_ok=True)
-    meta: dict[str, Any] = {
-        "machine": f"{_cpu_name()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}",
-        "torch": _version("torch"),
-        "lightning": _version("lightning"),
-        "transformers": _version("transformers"),
-        "python": platform.python_version(),
-        "world_size": WORLD_SIZE,
-        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "command": "python " + shlex.join(sys.argv),
-        "steps": args.steps,
-        "warmup": args.warmup,
-        "model": MODEL_KW,
-        "data": {**DATA_KW, "max_bytes": args.max_bytes},
-        "seed": SEED,
-        "loadavg_start": _loadavg(),
-    }
-    schedule = [("ddp", "ddp (start)")] + [(r, r) for r in args.run_list] + [("ddp", "ddp (end)")]
-    print(f"[bench] {len(schedule)} runs x {args.steps} steps on {WORLD_SIZE} CPU processes; "
+    out_md = Path(args.out)
+    if args.report_only:
+        payload = read_report(out_md)
+        write_report(out_md, render_markdown(payload["meta"], payload["results"]), payload)
+        return 0
+    meta = run_metadata("bench_strategy", argv, world_size=WORLD_SIZE, steps=args.steps, warmup=args.warmup,
+                        model=MODEL_KW, data={**DATA_KW, "max_bytes": args.max_bytes}, seed=SEED)
+    print(f"[bench] {len(args.run_list) + 2} runs x {args.steps} steps on {WORLD_SIZE} CPU processes; "
           f"load {meta['loadavg_start']}", flush=True)
     wall0 = time.perf_counter()
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="bench_strategy_") as tmp:
-        result_dir = Path(tmp)
-        for run, label in schedule:
-            if label == "ddp (end)":  # keep the first DDP run's parameters as the reference
-                ref_params = result_dir / "ddp_params.f32"
-                if ref_params.exists():
-                    ref_params.rename(result_dir / "ddpref_params.f32")
-            row = run_one(run, label, args, result_dir)
-            if row["status"] == "ok":
-                ref_name = "ddpref" if (result_dir / "ddpref_params.f32").exists() else "ddp"
-                if label == "ddp (start)":
-                    row["param_reference"] = True  # the parameters every other run is compared with
-                else:
-                    row["max_param_diff_vs_ddp"] = _param_diff(result_dir, run, ref_name)
-            rows.append(row)
-    meta["total_wall_s"] = time.perf_counter() - wall0
-    meta["loadavg_end"] = _loadavg()
-
-    ok = [r for r in rows if r["status"] == "ok"]
-    ddp = [r for r in ok if r["setting"] == "ddp"]
-    meta["D"] = ok[0]["D"] if ok else None
-    meta["threads_per_rank"] = max((r["threads_per_rank"] for r in ok), default=1)
-    if ddp:
-        ref = {key: statistics.fmean(r[key] for r in ddp)
-               for key in ("step_median_s", "step_mean_s", "peak_rss_mb", "rss_increase_mb")}
-        times = [r["step_median_s"] for r in ddp]
-        ref["noise_pct"] = 100 * (max(times) - min(times)) / ref["step_median_s"]
-        ref["runs"] = len(ddp)
-        meta["ddp_reference"] = ref
-        for r in ok:
-            r["step_ratio"] = r["step_median_s"] / ref["step_median_s"]
-            r["rss_ratio"] = r["peak_rss_mb"] / ref["peak_rss_mb"]
-            r["rss_increase_ratio"] = r["rss_increase_mb"] / ref["rss_increase_mb"]
-    else:
-        meta["ddp_reference"] = None
-    out_md.write_text(render_markdown(meta, rows))
-    out_json.write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
-    print(f"[bench] wrote {out_md} and {out_json} ({meta['total_wall_s']:.0f} s)", flush=True)
-    return 0 if len(ok) == len(rows) else 1
+    rows = run_schedule(args)
+    finish_metadata(meta, wall0)
+    add_reference(meta, rows)
+    write_report(out_md, render_markdown(meta, rows), {"meta": meta, "results": rows})
+    print(f"[bench] wrote {out_md} and its JSON ({meta['total_wall_s']:.0f} s)", flush=True)
+    return 0 if all(r["status"] == "ok" for r in rows) else 1
 
 
 if __name__ == "__main__":

@@ -16,6 +16,9 @@ Any argument can be overridden on the command line (``--trainer.max_steps 50``,
 ``--trainer.strategy.num_directions 4096``, ``--data.dataset text --data.data_files
 '[a.txt]'``); ``python examples/train_gpt2.py fit --help`` lists them all. Lightning's
 script launcher re-runs this file once per extra rank, hence the main guard.
+
+The model (``GPT2Module``) and the data (``GPT2DataModule``) are importable demos of the
+package: ``lightning_holograd/demos/gpt2_module.py`` and ``gpt2_data.py``.
 """
 
 from __future__ import annotations
@@ -23,8 +26,8 @@ from __future__ import annotations
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 import lightning_holograd  # noqa: F401  registers strategy="holograd" before the config is parsed
-from gpt2_data import GPT2DataModule  # sibling files: this script's directory is on sys.path
-from gpt2_module import GPT2Module
+from lightning_holograd.demos.gpt2_data import GPT2DataModule
+from lightning_holograd.demos.gpt2_module import GPT2Module
 
 
 class GPT2CLI(LightningCLI):

@@ -34,3 +34,38 @@ def _restore_leaky_env():
             os.environ.pop(name, None)
         else:
             os.environ[name] = value
+
+
+def _descendants(root: int) -> set[int]:
+    """Pids of every live descendant of ``root`` (from /proc; empty where there is none)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as handle:
+                    ppid = int(handle.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = set(), [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+@pytest.fixture(autouse=True)
+def _no_rank_left_behind():
+    """Kill the processes a test started and left running (ranks of a fit that timed out or
+    failed), so that a failed or timed-out test never leaves ranks blocked in a collective."""
+    import signal
+
+    before = _descendants(os.getpid())
+    yield
+    for pid in _descendants(os.getpid()) - before:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

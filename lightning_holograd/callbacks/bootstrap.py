@@ -1,20 +1,21 @@
-"""Codebook (ADC) bootstrap and refresh steps (PROTOCOL.md section 5)."""
+"""Codebook (ADC) bootstrap and refresh: when to take a true-gradient step (docs/PROTOCOL.md §5, §8)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
 
 __all__ = ["ADCBootstrap"]
 
 
 class ADCBootstrap(Callback):
-    """Use the true all-reduced gradient on the first ``bootstrap_steps`` optimizer steps
-    and then every ``refresh_every`` steps (0: never refresh).
+    """Take a true-gradient step on the first ``bootstrap_steps`` optimizer steps (the
+    bootstrap) and then every ``refresh_every`` steps (a refresh; 0: never refresh).
 
-    On those steps the strategy all-reduces the mean gradient of the non-excluded ranks
-    (one full all-reduce, counted as ``bootstrap`` traffic), feeds it to the direction
+    A true-gradient step all-reduces the mean gradient of the honest (not slashed) ranks
+    (one full all-reduce, counted as ``true_gradient`` traffic), feeds it to the direction
     family (the codebook's Oja update; the momentum family's average), logs the captured
     energy ``holograd/captured_energy`` measured against it, and applies it as the step's
     gradient. Such steps carry no scalar claims, so they cannot be verified; they are
@@ -36,6 +37,7 @@ class ADCBootstrap(Callback):
             return True
         return bool(self.refresh_every) and (step - self.bootstrap_steps) % self.refresh_every == self.refresh_every - 1
 
+    @override
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         request = getattr(trainer.strategy, "request_true_gradient", None)
         if request is None:

@@ -1,92 +1,36 @@
 """Byzantine ranks for experiments and tests: lying claims through the claim-hook path.
 
-Symbols: N ranks, K scalars per claim, a (K,) the claim an honest rank would submit,
-H (h, K) the honest rows of a step (ranks not in ``ranks``), mu and sigma their per-direction
-mean and standard deviation.
-
-Attacks on the row a of a Byzantine rank (``attack_row``):
-
-- ``random``: Gaussian noise with the RMS of a, drawn from a generator seeded from the
-  step commitment and the rank (reproducible, never the global RNG);
-- ``scale``: c a (c = ``scale``, default -4: pushes a mean past zero for N = 4);
-- ``sign_flip``: -a;
-- ``alie`` ("a little is enough", Baruch et al., 2019): mu - z sigma per direction;
-- ``ipm`` (inner-product manipulation, Xie et al., 2020): -epsilon mu.
+The lies themselves are the pure functions of ``lightning_holograd.protocol.attacks``
+(``random``, ``scale``, ``sign_flip``, ``alie``, ``ipm``; docs/PROTOCOL.md §4). This
+callback decides who lies when, and installs the lie where an attacker controlling a
+rank would: as a claim hook of the exchange.
 
 ``alie`` and ``ipm`` need an omniscient view of the honest rows, as does
-``only_unverified``. The simulator provides it with one extra ``torch.distributed.all_gather``
-of every rank's honest row per step, on every rank (all ranks install the hook so the
-collective is matched; honest ranks submit their row unchanged). This side channel
-simulates the standard omniscient-colluder threat model: it is not part of the protocol
-and is not counted in the traffic meter.
+``only_unverified``. The simulator provides it with one extra all_gather of every rank's
+honest row per step, on every rank (all ranks install the hook so the collective is
+matched; honest ranks submit their row unchanged). This side channel simulates the
+standard omniscient-colluder threat model: it is not part of the protocol and is not
+counted in the traffic meter.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 from collections.abc import Sequence
-from typing import Any, Literal, get_args
+from typing import Any
 
 import torch
-import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
 
-from ..exchange import HoloGradExchange, StepContext
-from ..protocol import draw_claims
+from ..engine import HoloGradExchange, StepContext
+from ..protocol import ATTACK_NAMES, AttackName, attack_generator, attack_row, evasive_liars
+from ..protocol.attacks import OMNISCIENT_ATTACKS
 
-__all__ = ["AttackName", "ByzantineSimulator", "attack_row", "attack_generator"]
+__all__ = ["ByzantineSimulator"]
 
 log = logging.getLogger(__name__)
-
-AttackName = Literal["random", "scale", "sign_flip", "alie", "ipm"]
-_OMNISCIENT = ("alie", "ipm")
-_SEED_TAG = b"holograd/byzantine"
-
-
-def attack_generator(commitment: bytes, rank: int) -> torch.Generator:
-    """Private CPU generator seeded from SHA256(tag || c_t || rank): same lie on every replay."""
-    digest = hashlib.sha256(_SEED_TAG + commitment + rank.to_bytes(8, "little")).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
-
-
-def attack_row(
-    attack: AttackName,
-    row: torch.Tensor,
-    honest_rows: torch.Tensor | None = None,
-    *,
-    scale: float = -4.0,
-    alie_z: float = 1.5,
-    ipm_epsilon: float = 0.5,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """The lie that replaces ``row`` (K,); ``honest_rows`` (h, K) for ``alie``/``ipm``,
-    ``generator`` (CPU) for ``random``. Returns float32 (K,) on ``row``'s device.
-
-    sigma is the unbiased standard deviation over the honest rows (0 when h = 1).
-    """
-    row = row.to(torch.float32)
-    if attack == "scale":
-        return row * scale
-    if attack == "sign_flip":
-        return -row
-    if attack == "random":
-        if generator is None:
-            raise ValueError("attack='random' needs a generator. HINT: attack_generator(commitment, rank).")
-        rms = row.pow(2).mean().sqrt()
-        noise = torch.randn(row.shape, generator=generator, dtype=torch.float32)
-        return (noise.to(row.device) * rms).to(torch.float32)
-    if attack in _OMNISCIENT:
-        if honest_rows is None or honest_rows.dim() != 2 or honest_rows.shape[0] == 0:
-            raise ValueError(f"attack={attack!r} needs honest_rows of shape (h >= 1, K).")
-        honest = honest_rows.to(device=row.device, dtype=torch.float32)
-        mu = honest.mean(dim=0)  # (K,)
-        if attack == "ipm":
-            return -ipm_epsilon * mu
-        sigma = honest.std(dim=0) if honest.shape[0] > 1 else torch.zeros_like(mu)  # (K,)
-        return mu - alie_z * sigma
-    raise ValueError(f"attack={attack!r} is unknown. HINT: choose one of {', '.join(map(repr, get_args(AttackName)))}.")
 
 
 def _finite_number(name: str, value: Any, positive: bool = False) -> float:
@@ -105,7 +49,7 @@ class ByzantineSimulator(Callback):
 
     Args:
         ranks: Byzantine ranks (colluding when several).
-        attack: see the module docstring.
+        attack: one of ``protocol.ATTACK_NAMES`` (see ``lightning_holograd.protocol.attacks``).
         start_step: first optimizer step (0-based) with lies; earlier steps are honest.
         scale, alie_z, ipm_epsilon: attack strengths (c, z, epsilon).
         only_unverified: lie only when the lie would not be drawn for verification at
@@ -133,9 +77,8 @@ class ByzantineSimulator(Callback):
             raise ValueError(f"ranks={ranks!r} must be a non-empty list of ranks.")
         if any(isinstance(r, bool) or not isinstance(r, int) or r < 0 for r in ranks) or len(set(ranks)) != len(ranks):
             raise ValueError(f"ranks={list(ranks)!r} must be distinct integers >= 0.")
-        if attack not in get_args(AttackName):
-            raise ValueError(f"attack={attack!r} is unknown. HINT: choose one of "
-                             f"{', '.join(map(repr, get_args(AttackName)))}.")
+        if attack not in ATTACK_NAMES:
+            raise ValueError(f"attack={attack!r} is unknown. HINT: choose one of {', '.join(map(repr, ATTACK_NAMES))}.")
         if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
             raise ValueError(f"start_step={start_step!r} must be an integer >= 0 (an optimizer step index).")
         if not isinstance(only_unverified, bool):
@@ -162,29 +105,32 @@ class ByzantineSimulator(Callback):
 
     @property
     def omniscient(self) -> bool:
-        return self.attack in _OMNISCIENT or self.only_unverified
+        return self.attack in OMNISCIENT_ATTACKS or self.only_unverified
 
     # -- installation ----------------------------------------------------------------------
+    @override
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         exchange = getattr(trainer.strategy, "exchange", None)
         if not isinstance(exchange, HoloGradExchange):
             raise TypeError(f"ByzantineSimulator needs strategy='holograd', got {type(trainer.strategy).__name__}.")
-        outside = [r for r in self.ranks if r >= exchange.world_size]
+        world_size = exchange.comm.world_size
+        outside = [r for r in self.ranks if r >= world_size]
         if outside:
-            raise ValueError(f"ranks={list(self.ranks)} names ranks {outside} outside "
-                             f"world_size={exchange.world_size}.")
-        if len(self.ranks) >= exchange.world_size and self.attack in _OMNISCIENT:
+            raise ValueError(f"ranks={list(self.ranks)} names ranks {outside} outside world_size={world_size}.")
+        if len(self.ranks) >= world_size and self.attack in OMNISCIENT_ATTACKS:
             raise ValueError(f"attack={self.attack!r} needs at least one honest rank; ranks={list(self.ranks)} "
-                             f"covers world_size={exchange.world_size}.")
+                             f"covers world_size={world_size}.")
         self._exchange = exchange
         exchange.claim_hooks.append(self.claim_hook)
-        if exchange.rank in self.ranks:
-            log.info("ByzantineSimulator: rank %d submits %s claims from optimizer step %d%s", exchange.rank,
+        if exchange.comm.rank in self.ranks:
+            log.info("ByzantineSimulator: rank %d submits %s claims from optimizer step %d%s", exchange.comm.rank,
                      self.attack, self.start_step, " when undrawn" if self.only_unverified else "")
 
+    @override
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         self._uninstall()
 
+    @override
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         self._uninstall()
 
@@ -200,13 +146,14 @@ class ByzantineSimulator(Callback):
         assert exchange is not None
         if ctx.step - 1 < self.start_step:
             return scalars
-        rank = exchange.rank
+        rank = exchange.comm.rank
         if not self.omniscient:
             if rank not in self.ranks:
                 return scalars
             self.lies += 1
             return self.lie_for(ctx, rank, scalars, None).to(scalars.device, scalars.dtype)
-        rows = self._gather_honest_rows(exchange, scalars)  # (N, K) float32, CPU
+        # The omniscient side channel: blocking, on every rank, not counted (kind=None).
+        rows = exchange.comm.all_gather(scalars.to(torch.float32), kind=None).cpu()  # (N, K)
         liars = self.liars(ctx, rows) if self.only_unverified else set(self.ranks)
         if rank not in self.ranks:
             return scalars
@@ -226,42 +173,17 @@ class ByzantineSimulator(Callback):
                           ipm_epsilon=self.ipm_epsilon, generator=generator)
 
     def liars(self, ctx: StepContext, rows: torch.Tensor) -> set[int]:
-        """Attackers that lie this step without being drawn, identical on every rank.
-
-        Start from all attackers lying; drop those the draw would pick on the resulting
-        matrix and redraw, until no liar is drawn (at most len(ranks) rounds). The final
-        matrix is exactly the one submitted, so no liar in it is drawn.
-        """
-        liars = set(self.ranks)
-        lies = {r: self.lie_for(ctx, r, rows[r], rows) for r in self.ranks}
-        while liars:
-            matrix = rows.clone()
-            for r in liars:
-                matrix[r] = lies[r]
-            drawn = set(draw_claims(ctx.commitment, matrix, self.p_verify, candidates=liars))
-            if not drawn:
-                break
-            liars -= drawn
-        return liars
-
-    @staticmethod
-    def _gather_honest_rows(exchange: HoloGradExchange, scalars: torch.Tensor) -> torch.Tensor:
-        """The omniscient side channel: every rank's honest row, (N, K) float32 on CPU.
-
-        Blocking all_gather on every rank; simulation only, deliberately not recorded in
-        ``exchange.traffic``.
-        """
-        local = scalars.detach().to(exchange.comm_device, torch.float32).contiguous()
-        if not exchange.distributed:
-            return local.unsqueeze(0).cpu()
-        parts = [torch.empty_like(local) for _ in range(exchange.world_size)]
-        dist.all_gather(parts, local, group=exchange.group)
-        return torch.stack(parts).cpu()
+        """Attackers that lie this step without being drawn, identical on every rank
+        (``protocol.evasive_liars`` on the honest rows ``rows`` (N, K))."""
+        return evasive_liars(ctx.commitment, rows, self.ranks, lambda r: self.lie_for(ctx, r, rows[r], rows),
+                             self.p_verify)
 
     # -- checkpoint state ----------------------------------------------------------------
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"lies": self.lies, "held_back": self.held_back}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.lies = int(state_dict["lies"])
         self.held_back = int(state_dict["held_back"])

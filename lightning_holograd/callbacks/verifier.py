@@ -1,43 +1,64 @@
-"""Verification sampling and slashing: proof of gradient projection (PROTOCOL.md 4 and 6).
+"""Verification sampling and slashing: proof of gradient projection (docs/PROTOCOL.md §4 and §6).
 
 Roles: ``verifier_ranks`` play HoloGrad's trusted coordinator/verifier; every other rank
 is an untrusted worker whose claims (its (K,) row of scalars for a step) are sampled.
 
 Per HoloGrad step, inside the exchange (after all rows are gathered, before they are
 aggregated, so before the update of step t), on every rank:
-1. rows with NaN/inf slash their rank (every rank sees the matrix: no messages);
-2. the draw ``draw_claims(c_t, A, p_verify, workers)`` picks the claims to check, from
-   randomness no rank can know when submitting, identical on every rank;
-3. each drawn claimant sends its micro-batches to its verifier (point-to-point); the
-   verifier checks their hash against the commitment, recomputes the scalars at theta_t
-   with the same LightningModule code and judges |a - a*| <= atol + rtol |a*|;
-4. verdicts are all-gathered; only verifier ranks' verdicts count. A rejected claim, a
-   batch that does not match its hash, or a missing batch slashes the claimant: its row
-   is excluded from this step's aggregation on every rank, and from every later step.
+1. a worker row with NaN/inf is always checked (every rank sees the matrix): the row is
+   dropped for the step in any case, and the rank is slashed only if the recomputation
+   is finite (it lied); an honest non-finite loss is a fault, not a lie;
+2. the draw ``draw_claims(c_t, A, p_verify, workers)`` picks the finite claims to check,
+   from randomness no rank can know when submitting, identical on every rank;
+3. the engine's ``VerificationTransport`` moves each checked claimant's micro-batches to
+   its verifier (a bundle, never a pickle; a claimant silent for ``transfer_timeout``
+   seconds counts as ``missing``), which checks their hash against the commitment,
+   recomputes the scalars at theta_t and judges |a - a*| <= atol + rtol |a*|; verdicts
+   come back, and only verifier ranks' verdicts count;
+4. a rejected claim, a batch that does not match its hash, or a missing batch slashes
+   the claimant (``Slashing.slash``): its row is left out of this step's aggregation on
+   every rank, and of every later step. More than ``max_slashed_fraction`` of the workers
+   slashed stops training (``TooManySlashedError``).
 Every verification and slash is appended to a hash-chained ledger (JSONL written by
-global rank 0, identical in memory on all ranks, saved in checkpoints).
+global rank 0, identical in memory on all ranks, saved in checkpoints). Its length and
+head are logged every step as an anchor (``holograd/ledger_records``,
+``holograd/ledger_head_0`` and ``_1``: 96 bits of the head). At the end of fit, rank
+zero reports the slashed ranks and why.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import pickle
+import math
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.distributed as dist
-from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.callbacks import Callback
+from torch import nn
+from typing_extensions import override
 
-from ..exchange import StepContext
-from ..protocol import Ledger, NotEnoughRanksError, Reason, claim_digest, draw_claims, hash_batch, judge_claim
+from ..engine import HoloGradExchange, StepContext
+from ..protocol import Ledger, Reason, draw_claims
 
-__all__ = ["ProofVerifier"]
+__all__ = ["ProofVerifier", "ledger_anchor_metrics", "stochastic_modules"]
 
 log = logging.getLogger(__name__)
+
+
+def ledger_anchor_metrics(ledger: Ledger) -> dict[str, float]:
+    """The ledger's anchor as exact float64 metrics: its record count and the first 96 bits
+    of its head hash, in two 48-bit integers (``Ledger.load(path, anchor=...)`` checks a file)."""
+    return {"holograd/ledger_records": float(len(ledger)),
+            "holograd/ledger_head_0": float(int(ledger.head[:12], 16)),
+            "holograd/ledger_head_1": float(int(ledger.head[12:24], 16))}
+
+
+def stochastic_modules(module: nn.Module) -> list[str]:
+    """Names of the dropout layers that are active in training mode (p > 0)."""
+    return [name or type(sub).__name__ for name, sub in module.named_modules()
+            if isinstance(sub, nn.modules.dropout._DropoutNd) and sub.p > 0]
 
 
 class ProofVerifier(Callback):
@@ -53,8 +74,17 @@ class ProofVerifier(Callback):
             honest scalars differ slightly.
         verifier_ranks: trusted ranks that recompute claims (their own claims are not checked).
         ledger_path: JSONL file for the hash-chained ledger (written by global rank 0).
-        slash: exclude ranks whose claim is rejected or whose scalars are not finite
-            (False: record verdicts only, for detection-rate experiments).
+            Earlier contents that the resumed run does not continue are kept beside it
+            as ``<ledger_path>.previous.<n>``, never overwritten.
+        slash: slash ranks whose claim is rejected (False: record verdicts only, for
+            detection-rate experiments).
+        transfer_timeout: seconds a verifier waits for a drawn claimant's batches; a
+            claimant that is not on time is slashed ``missing``. Set it above the batch
+            size divided by the link's bandwidth.
+        max_transfer_bytes: largest bundle of batches a verifier accepts (a larger one
+            counts as missing).
+        max_slashed_fraction: training stops once more than this fraction of the workers
+            (ranks outside ``verifier_ranks``) is slashed (1.0: never).
     """
 
     def __init__(
@@ -65,6 +95,9 @@ class ProofVerifier(Callback):
         verifier_ranks: Sequence[int] = (0,),
         ledger_path: str | None = None,
         slash: bool = True,
+        transfer_timeout: float = 60.0,
+        max_transfer_bytes: int = 1 << 30,
+        max_slashed_fraction: float = 0.5,
     ) -> None:
         if not isinstance(p_verify, (int, float)) or not 0.0 <= p_verify <= 1.0:
             raise ValueError(f"p_verify={p_verify!r} must lie in [0, 1]. HINT: 0.05 checks one claim in 20.")
@@ -74,6 +107,16 @@ class ProofVerifier(Callback):
         verifier_ranks = tuple(int(r) for r in verifier_ranks)
         if not verifier_ranks or any(r < 0 for r in verifier_ranks) or len(set(verifier_ranks)) != len(verifier_ranks):
             raise ValueError(f"verifier_ranks={verifier_ranks!r} must be distinct ranks >= 0, at least one.")
+        if not isinstance(transfer_timeout, (int, float)) or not transfer_timeout > 0:
+            raise ValueError(f"transfer_timeout={transfer_timeout!r} must be a number of seconds > 0. HINT: 60.")
+        if isinstance(max_transfer_bytes, bool) or not isinstance(max_transfer_bytes, int) or max_transfer_bytes < 1:
+            raise ValueError(f"max_transfer_bytes={max_transfer_bytes!r} must be an integer >= 1. HINT: 1 << 30.")
+        if not isinstance(max_slashed_fraction, (int, float)) or not 0.0 <= max_slashed_fraction <= 1.0:
+            raise ValueError(f"max_slashed_fraction={max_slashed_fraction!r} must lie in [0, 1]. HINT: 0.5 stops "
+                             "once more than half of the workers are slashed; 1.0 never stops.")
+        self.transfer_timeout = float(transfer_timeout)
+        self.max_transfer_bytes = max_transfer_bytes
+        self.max_slashed_fraction = float(max_slashed_fraction)
         self.p_verify = float(p_verify)
         self.rtol = float(rtol)
         self.atol = float(atol)
@@ -85,140 +128,143 @@ class ProofVerifier(Callback):
         self.slashed: list[int] = []  # ranks slashed so far, in order
         self.steps_served: dict[int, int] = defaultdict(int)
         self.claims_accepted: dict[int, int] = defaultdict(int)
-        self._strategy: Any = None
+        self._exchange: HoloGradExchange | None = None
         self._last_counted_step = 0
 
     # -- wiring ------------------------------------------------------------------------------
+    @override
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         exchange = getattr(trainer.strategy, "exchange", None)
-        if exchange is None or not hasattr(trainer.strategy, "recompute_claim"):
+        if not isinstance(exchange, HoloGradExchange):
             raise TypeError(f"ProofVerifier needs strategy='holograd', got {type(trainer.strategy).__name__}.")
         world = exchange.world_size
         bad = [r for r in self.verifier_ranks if r >= world]
         if bad:
             raise ValueError(f"verifier_ranks={list(self.verifier_ranks)} names ranks {bad} outside world_size={world}.")
-        self._strategy = trainer.strategy
+        self._check_deterministic(pl_module)
+        self._exchange = exchange
+        exchange.verification.open(self.transfer_timeout, self.max_transfer_bytes)
+        workers = world - len(self.verifier_ranks)
+        if self.max_slashed_fraction < 1.0:
+            exchange.slashing.max_slashed = math.floor(self.max_slashed_fraction * workers)
         exchange.review_hooks.append(self.review)
+        exchange.slashing.hooks.append(self._record_slash)
         self._open_ledger_file(trainer.is_global_zero)
+        if exchange.resized_from is not None:  # resumed with another world size: on the record
+            self.ledger.append(exchange.chain.step, -1, "resize", world_size_before=exchange.resized_from,
+                               world_size=world, slashed=sorted(exchange.slashing.slashed))
 
+    def _check_deterministic(self, pl_module: Any) -> None:
+        """Dropout draws masks the verifier cannot reproduce: every honest claim would fail."""
+        active = stochastic_modules(pl_module)
+        if not active:
+            return
+        message = (f"ProofVerifier: the module has active dropout layers ({', '.join(active[:5])}"
+                   f"{', ...' if len(active) > 5 else ''}); a verifier cannot reproduce a claimant's dropout masks, "
+                   "so honest claims fail verification. HINT: set the dropout probabilities to 0 for verified "
+                   "training (e.g. GPT2Module(dropout=0.0)), or use ProofVerifier(slash=False) with a tolerance "
+                   "calibrated as in README 'Verification and slashing'.")
+        if self.slash:
+            raise ValueError(message)
+        log.warning(message)
+
+    @override
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
-        exchange = getattr(trainer.strategy, "exchange", None)
-        if exchange is not None and self.review in exchange.review_hooks:
-            exchange.review_hooks.remove(self.review)
+        exchange = self._exchange
+        if exchange is not None:
+            if self.review in exchange.review_hooks:
+                exchange.review_hooks.remove(self.review)
+            if self._record_slash in exchange.slashing.hooks:
+                exchange.slashing.hooks.remove(self._record_slash)
 
     def _open_ledger_file(self, writer: bool) -> None:
-        """Rank 0 writes the ledger file; on resume it is rewritten from the checkpoint."""
+        """Rank 0 writes the ledger file: it continues the checkpoint's records, keeping any
+        earlier file that does not end exactly there under a new name (``Ledger.open_file``)."""
         if not writer or self.ledger_path is None:
             return
-        os.makedirs(os.path.dirname(os.path.abspath(self.ledger_path)), exist_ok=True)
-        if os.path.exists(self.ledger_path):
-            os.replace(self.ledger_path, self.ledger_path + ".previous")  # never lose what was there
-        records, self.ledger = self.ledger.records, Ledger(self.ledger_path)
-        with open(self.ledger_path, "w", encoding="utf-8") as handle:
-            handle.writelines(record.to_json() + "\n" for record in records)
-        self.ledger.records = list(records)
+        self.ledger = Ledger.open_file(self.ledger_path, self.ledger.records)
 
     # -- the review hook (every rank, inside the exchange) --------------------------------------
     def review(self, ctx: StepContext) -> None:
-        exchange = self._strategy.exchange
-        assert ctx.matrix is not None
-        workers = [r for r in range(exchange.world_size) if r not in self.verifier_ranks and r not in exchange.excluded]
-        for rank in workers:  # (the aggregator drops non-finite rows for this step in any case)
-            if self.slash and not bool(torch.isfinite(ctx.matrix[rank]).all()):
-                self._slash(ctx, rank, Reason.NONFINITE, {"claim_digest": claim_digest(ctx.matrix[rank])})
-        candidates = [r for r in workers if r not in exchange.excluded]
-        drawn = draw_claims(ctx.commitment, ctx.matrix, self.p_verify, candidates)
+        exchange = self._exchange
+        assert exchange is not None and ctx.matrix is not None
+        slashing = exchange.slashing
+        workers = [r for r in slashing.honest_ranks() if r not in self.verifier_ranks]
+        finite = torch.isfinite(ctx.matrix).all(dim=1).tolist()
+        nonfinite = [r for r in workers if not finite[r]]  # always checked: a fault, or a lie
+        drawn = draw_claims(ctx.commitment, ctx.matrix, self.p_verify, [r for r in workers if finite[r]])
+        drawn = sorted(set(drawn) | set(nonfinite))
         if drawn:
-            for claimant, report in sorted(self._verify(ctx, drawn).items()):
-                self._record(ctx, claimant, report)
-        self._check_enough_ranks(ctx)
+            reports = exchange.verification.verify(ctx, drawn, self.verifier_ranks, self.rtol, self.atol)
+            for claimant, report in sorted(reports.items()):
+                self._record_verdict(ctx, claimant, report)
 
-    def _verifier_of(self, claimant: int) -> int:
-        return self.verifier_ranks[claimant % len(self.verifier_ranks)]
-
-    def _verify(self, ctx: StepContext, drawn: list[int]) -> dict[int, dict[str, Any]]:
-        """Move drawn claimants' batches to their verifiers, recompute, share the verdicts."""
-        exchange, me = self._strategy.exchange, self._strategy.exchange.rank
-        reports: dict[int, dict[str, Any]] = {}
-        for claimant in drawn:
-            verifier = self._verifier_of(claimant)
-            if me == claimant:
-                payload = [move_data_to_device(ctx.extras.get("inputs"), "cpu")]
-                exchange.traffic.record("verification", "p2p", len(pickle.dumps(payload)))
-                dist.send_object_list(payload, dst=verifier)
-            elif me == verifier:
-                payload = [None]
-                dist.recv_object_list(payload, src=claimant)
-                reports[claimant] = self._check(ctx, claimant, payload[0])
-        gathered: list[Any] = [None] * exchange.world_size
-        exchange.traffic.record("verification", "all_gather", len(pickle.dumps(reports)))
-        dist.all_gather_object(gathered, reports)
-        merged: dict[int, dict[str, Any]] = {}
-        for rank in self.verifier_ranks:  # only trusted verdicts count
-            merged.update({int(c): r for c, r in (gathered[rank] or {}).items() if self._verifier_of(int(c)) == rank})
-        return merged
-
-    def _check(self, ctx: StepContext, claimant: int, inputs: Any) -> dict[str, Any]:
-        claimed = ctx.matrix[claimant]
-        base = {"claim_digest": claim_digest(claimed), "recomputed_digest": None,
-                "max_abs_error": None, "max_rel_error": None}
-        if not inputs:
-            return {**base, "accepted": False, "reason": Reason.MISSING.value}
-        batches = [batch for batch, _ in inputs]
-        if hash_batch(batches[0] if len(batches) == 1 else batches) != ctx.batch_hashes[claimant]:
-            return {**base, "accepted": False, "reason": Reason.BATCH_HASH.value}
-        device = self._strategy.root_device
-        recomputed = self._strategy.recompute_claim(move_data_to_device(list(inputs), device), ctx.seeds)
-        verdict = judge_claim(claimed, recomputed, self.rtol, self.atol)
-        return {**base, "accepted": verdict.accepted, "reason": verdict.reason.value,
-                "recomputed_digest": claim_digest(recomputed), "max_abs_error": verdict.max_abs_error,
-                "max_rel_error": verdict.max_rel_error}
-
-    def _record(self, ctx: StepContext, claimant: int, report: dict[str, Any]) -> None:
+    def _record_verdict(self, ctx: StepContext, claimant: int, report: dict[str, Any]) -> None:
         self.verified += 1
-        verdict = "accept" if report["accepted"] else "reject"
         fields = {k: v for k, v in report.items() if k != "accepted"}
-        self.ledger.append(ctx.step, claimant, "verify", verdict=verdict, **fields)
+        self.ledger.append(ctx.step, claimant, "verify", verdict="accept" if report["accepted"] else "reject", **fields)
         if report["accepted"]:
             self.claims_accepted[claimant] += 1
         elif self.slash:
-            self._slash(ctx, claimant, Reason(report["reason"]), {"claim_digest": report["claim_digest"]})
+            assert self._exchange is not None
+            self._exchange.slashing.slash(claimant, Reason(report["reason"]), ctx.step,
+                                          claim_digest=report["claim_digest"])
 
-    def _slash(self, ctx: StepContext, rank: int, reason: Reason, fields: dict[str, Any]) -> None:
-        exchange = self._strategy.exchange
-        if rank in exchange.excluded:
-            return
-        exchange.excluded.add(rank)
+    def _record_slash(self, rank: int, step: int, reason: Reason, fields: dict[str, Any]) -> None:
+        """Slashing hook: every slash of the run goes into the ledger, on every rank."""
         self.slashed.append(rank)
-        self.ledger.append(ctx.step, rank, "slash", reason=reason.value, **fields)
-        log.warning("step %d: rank %d slashed (%s)", ctx.step, rank, reason.value)
-
-    def _check_enough_ranks(self, ctx: StepContext) -> None:
-        exchange = self._strategy.exchange
-        honest = exchange.world_size - len(exchange.excluded)
-        needed = exchange.aggregator.min_rows()
-        if honest < needed:
-            raise NotEnoughRanksError(
-                f"step {ctx.step}: {honest} honest ranks remain (slashed: {sorted(exchange.excluded)}), but "
-                f"{exchange.aggregator.name} aggregation needs {needed}; training cannot continue. HINT: the "
-                f"ledger{' at ' + self.ledger_path if self.ledger_path else ''} lists every slash and its reason."
-            )
+        self.ledger.append(step, rank, "slash", reason=reason.value, **fields)
 
     # -- accounting and logging ------------------------------------------------------------------
+    @override
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        """Rank zero says how many workers were slashed, which and why (console and loggers)."""
+        summary = self.summary()
+        if not trainer.is_global_zero:
+            return
+        if summary["slashed"]:
+            log.warning("HoloGrad: %s", summary["text"])
+        else:
+            log.info("HoloGrad: %s", summary["text"])
+        for logger in trainer.loggers:
+            logger.log_hyperparams({"holograd/slashed_ranks": summary["slashed"],
+                                    "holograd/slash_reasons": summary["reasons"]})
+            logger.log_metrics({"holograd/slashed_total": float(len(summary["slashed"]))}, step=trainer.global_step)
+
+    @override
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        if trainer.is_global_zero and self.slashed:
+            log.warning("HoloGrad: training stopped (%s); %s", type(exception).__name__, self.summary()["text"])
+
+    def summary(self) -> dict[str, Any]:
+        """The slashes of the run from the ledger: ranks, reasons (rank -> "reason at step t") and a sentence."""
+        slashes = [r for r in self.ledger if r.event == "slash"]
+        reasons = {r.rank: f"{r.data.get('reason')} at step {r.step}" for r in slashes}
+        if not slashes:
+            text = f"no rank was slashed ({self.verified} claims verified)."
+        else:
+            listed = "; ".join(f"rank {rank}: {why}" for rank, why in sorted(reasons.items()))
+            text = (f"{len(slashes)} rank{'s' if len(slashes) > 1 else ''} slashed during the run ({listed}); "
+                    f"{self.verified} claims verified. The ledger lists every verdict.")
+        return {"slashed": sorted(reasons), "reasons": reasons, "text": text}
+
+    @override
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         exchange = trainer.strategy.exchange
         ctx = exchange.last_context
         if ctx is not None and ctx.step != self._last_counted_step:  # once per optimizer step
             self._last_counted_step = ctx.step
-            served = ctx.result.kept_ranks if ctx.result is not None else [
-                r for r in range(exchange.world_size) if r not in exchange.excluded]
+            served = ctx.result.kept_ranks if ctx.result is not None else exchange.slashing.honest_ranks()
             for rank in served:
                 self.steps_served[rank] += 1
         pl_module.log_dict({
             "holograd/verified": float(self.verified),
             "holograd/slashed": float(len(self.slashed)),
-            "holograd/honest_ranks": float(exchange.world_size - len(exchange.excluded)),
+            "holograd/honest_ranks": float(len(exchange.slashing.honest_ranks())),
         }, on_step=True, on_epoch=False, batch_size=1)
+        if trainer.is_global_zero:  # straight to the loggers: self.log would round to float32
+            for logger in trainer.loggers:
+                logger.log_metrics(ledger_anchor_metrics(self.ledger), step=trainer.global_step - 1)
 
     def credit(self) -> dict[int, dict[str, int]]:
         """Per-rank accounting: optimizer steps whose aggregate used the rank's row, accepted claims."""
@@ -226,6 +272,7 @@ class ProofVerifier(Callback):
         return {r: {"steps_served": self.steps_served[r], "claims_accepted": self.claims_accepted[r]} for r in ranks}
 
     # -- checkpoint state ------------------------------------------------------------------------
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {
             "ledger": self.ledger.state_dict(),
@@ -236,13 +283,14 @@ class ProofVerifier(Callback):
             "claims_accepted": dict(self.claims_accepted),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         ledger = Ledger()
-        ledger.load_state_dict(state["ledger"])
-        if ledger.head != state["ledger_head"]:
+        ledger.load_state_dict(state_dict["ledger"])
+        if ledger.head != state_dict["ledger_head"]:
             raise ValueError("checkpoint ledger does not end at its recorded head: records were removed.")
         self.ledger = ledger
-        self.verified = int(state["verified"])
-        self.slashed = [int(r) for r in state["slashed"]]
-        self.steps_served = defaultdict(int, {int(k): int(v) for k, v in state["steps_served"].items()})
-        self.claims_accepted = defaultdict(int, {int(k): int(v) for k, v in state["claims_accepted"].items()})
+        self.verified = int(state_dict["verified"])
+        self.slashed = [int(r) for r in state_dict["slashed"]]
+        self.steps_served = defaultdict(int, {int(k): int(v) for k, v in state_dict["steps_served"].items()})
+        self.claims_accepted = defaultdict(int, {int(k): int(v) for k, v in state_dict["claims_accepted"].items()})

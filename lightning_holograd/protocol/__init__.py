@@ -1,4 +1,8 @@
-"""Pure-torch HoloGrad protocol core: no Lightning imports here (see PROTOCOL.md)."""
+"""Pure-torch HoloGrad protocol core (docs/PROTOCOL.md §1-§8).
+
+No Lightning and no ``torch.distributed`` here: every function is a pure computation on
+tensors, bytes and seeds, identical on every rank that calls it with the same inputs.
+"""
 
 from .aggregators import (
     AGGREGATION_NAMES,
@@ -11,23 +15,33 @@ from .aggregators import (
     TrimmedMeanAggregator,
     make_aggregator,
 )
-from .chain import CommitmentChain, direction_seeds, genesis_commitment, hash_batch, scalars_digest
+from .attacks import ATTACK_NAMES, AttackName, attack_generator, attack_row, evasive_liars
+from .chain import CommitmentChain, direction_seeds, genesis_commitment, hash_batch, scalars_digest, step_batch_hash
 from .directions import (
+    DIRECTION_VERSION,
     DirectionFamily,
     GaussianDirections,
     IdentityDirections,
     RademacherDirections,
     SketchDirections,
 )
-from .families import FAMILY_NAMES, FamilyName, make_family
+from .factory import FAMILY_NAMES, FamilyName, make_family, resume_settings
 from .ledger import Ledger, LedgerRecord, LedgerTamperError
+from .codebook_fit import CODEBOOK_FITS, CODEBOOK_STRUCTURES, CodebookFit, CodebookStructure
 from .subspace import CodebookDirections, MomentumDirections, captured_energy
 from .verification import Reason, Verdict, claim_digest, draw_claims, judge_claim
 
 __all__ = [
     "AGGREGATION_NAMES",
+    "ATTACK_NAMES",
+    "AttackName",
+    "DIRECTION_VERSION",
     "AggregationResult",
     "Aggregator",
+    "CODEBOOK_FITS",
+    "CODEBOOK_STRUCTURES",
+    "CodebookFit",
+    "CodebookStructure",
     "CodebookDirections",
     "CommitmentChain",
     "DirectionFamily",
@@ -48,14 +62,19 @@ __all__ = [
     "SketchDirections",
     "TrimmedMeanAggregator",
     "Verdict",
+    "attack_generator",
+    "attack_row",
     "captured_energy",
     "claim_digest",
     "direction_seeds",
     "draw_claims",
+    "evasive_liars",
     "genesis_commitment",
     "hash_batch",
     "judge_claim",
     "make_aggregator",
     "make_family",
+    "resume_settings",
     "scalars_digest",
+    "step_batch_hash",
 ]

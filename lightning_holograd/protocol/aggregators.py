@@ -1,11 +1,12 @@
-"""Robust aggregation of the (ranks x directions) scalar matrix (PROTOCOL.md section 4).
+"""Robust aggregation of the (ranks x directions) scalar matrix (docs/PROTOCOL.md §4).
 
 Symbols: N ranks, K directions, A (N, K) with one row per rank, tau the trim ratio.
 
 Each column (direction) is aggregated across ranks independently: a direction is a
 separate measurement, so values are never trimmed across the K directions of a step.
-Before aggregating, rows of excluded (slashed) ranks and rows holding any non-finite
-value are dropped and reported; the divisor is the number of rows kept.
+Before aggregating, rows of slashed ranks (a permanent set, kept by the engine) and rows
+holding any non-finite value (dropped for this step only) are left out and reported; the
+divisor is the number of rows kept.
 
 Two defences act on whole rows (a rank's K scalars together) instead:
 
@@ -23,10 +24,12 @@ from __future__ import annotations
 import abc
 import math
 from collections.abc import Iterable
+from fractions import Fraction
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+from typing_extensions import override
 
 __all__ = [
     "AggregationResult",
@@ -50,7 +53,7 @@ class AggregationResult:
     scalars: torch.Tensor  # (K,)
     kept_ranks: tuple[int, ...]
     nonfinite_ranks: tuple[int, ...]  # dropped this step for NaN/inf scalars
-    excluded_ranks: tuple[int, ...]  # dropped because they were excluded (slashed)
+    slashed_ranks: tuple[int, ...]  # left out because they are slashed
     clipped_ranks: tuple[int, ...] = ()  # kept rows scaled down to the median norm
 
 
@@ -76,25 +79,29 @@ class Aggregator(abc.ABC):
     def _min_rows_hint(self) -> str:
         return ""
 
+    def robustness_warning(self, num_rows: int) -> str | None:
+        """Why this aggregator is no more robust than the mean with ``num_rows`` rows, or None."""
+        return None
+
     @abc.abstractmethod
     def aggregate(self, rows: torch.Tensor) -> torch.Tensor:
         """Combine finite rows (n, K), n >= min_rows(), into one (K,) vector."""
 
-    def __call__(self, matrix: torch.Tensor, excluded: Iterable[int] = ()) -> AggregationResult:
-        """Drop excluded and non-finite rows of ``matrix`` (N, K), then aggregate the rest."""
+    def __call__(self, matrix: torch.Tensor, slashed: Iterable[int] = ()) -> AggregationResult:
+        """Leave out slashed rows and drop non-finite rows of ``matrix`` (N, K), then aggregate the rest."""
         if matrix.dim() != 2:
             raise ValueError(f"matrix has shape {tuple(matrix.shape)}, expected (ranks, directions).")
-        excluded_set = {int(r) for r in excluded}
+        slashed_set = {int(r) for r in slashed}
         finite = torch.isfinite(matrix).all(dim=1).tolist()
         kept, nonfinite = [], []
         for rank, ok in enumerate(finite):
-            if rank in excluded_set:
+            if rank in slashed_set:
                 continue
             (kept if ok else nonfinite).append(rank)
         if len(kept) < self.min_rows():
             raise NotEnoughRanksError(
                 f"{self.name} aggregation needs at least {self.min_rows()} usable ranks, got {len(kept)} "
-                f"(excluded={sorted(excluded_set)}, non-finite={nonfinite}).{self._min_rows_hint()}"
+                f"(slashed={sorted(slashed_set)}, non-finite={nonfinite}).{self._min_rows_hint()}"
             )
         rows = matrix[kept].to(torch.float32)  # (n, K)
         clipped: tuple[int, ...] = ()
@@ -105,7 +112,7 @@ class Aggregator(abc.ABC):
             scalars=self.aggregate(rows),
             kept_ranks=tuple(kept),
             nonfinite_ranks=tuple(nonfinite),
-            excluded_ranks=tuple(sorted(excluded_set & set(range(matrix.shape[0])))),
+            slashed_ranks=tuple(sorted(slashed_set & set(range(matrix.shape[0])))),
             clipped_ranks=clipped,
         )
 
@@ -138,6 +145,7 @@ class MeanAggregator(Aggregator):
 
     name = "mean"
 
+    @override
     def aggregate(self, rows: torch.Tensor) -> torch.Tensor:
         total = rows[0].clone()
         for row in rows[1:]:
@@ -150,6 +158,14 @@ class MedianAggregator(Aggregator):
 
     name = "median"
 
+    @override
+    def robustness_warning(self, num_rows: int) -> str | None:
+        if num_rows <= 2:
+            return (f"median aggregation with {num_rows} ranks is the mean of the rows: one liar moves it "
+                    "arbitrarily. HINT: use at least 3 ranks for a robust median.")
+        return None
+
+    @override
     def aggregate(self, rows: torch.Tensor) -> torch.Tensor:
         ordered, _ = torch.sort(rows, dim=0)
         n = ordered.shape[0]
@@ -173,8 +189,18 @@ class TrimmedMeanAggregator(Aggregator):
         self.trim_ratio = float(trim_ratio)
 
     def num_trimmed(self, num_rows: int) -> int:
-        return math.floor(self.trim_ratio * num_rows)
+        """floor(tau n), exactly, for tau as written (0.29 * 100 trims 29, not the float product's 28)."""
+        return math.floor(Fraction(repr(self.trim_ratio)) * num_rows)
 
+    @override
+    def robustness_warning(self, num_rows: int) -> str | None:
+        if self.num_trimmed(num_rows) == 0:
+            return (f"trimmed_mean with trim_ratio={self.trim_ratio} and {num_rows} ranks trims floor("
+                    f"{self.trim_ratio} x {num_rows}) = 0 rows at each end: it is the plain mean. HINT: use "
+                    f"trim_ratio >= {1 / num_rows:.3g} (one row per end) with more than 2 ranks.")
+        return None
+
+    @override
     def aggregate(self, rows: torch.Tensor) -> torch.Tensor:
         ordered, _ = torch.sort(rows, dim=0)
         cut = self.num_trimmed(ordered.shape[0])
@@ -203,9 +229,11 @@ class KrumAggregator(Aggregator):
         self.num_byzantine = num_byzantine
         self.multi = multi
 
+    @override
     def min_rows(self) -> int:
         return max(2 * self.num_byzantine + 3, self.num_byzantine + self.multi)
 
+    @override
     def _min_rows_hint(self) -> str:
         return (f" HINT: krum with num_byzantine={self.num_byzantine}, multi={self.multi} needs "
                 f"max(2 * num_byzantine + 3, num_byzantine + multi) = {self.min_rows()} ranks; lower "
@@ -226,6 +254,7 @@ class KrumAggregator(Aggregator):
         ranked = sorted(range(len(scores)), key=lambda i: (scores[i], i))
         return sorted(ranked[: self.multi])
 
+    @override
     def aggregate(self, rows: torch.Tensor) -> torch.Tensor:
         return MeanAggregator().aggregate(rows[self.select(rows)])
 

@@ -1,54 +1,56 @@
-"""Seed-generated direction families (PROTOCOL.md section 3).
+"""Seed-generated direction families (docs/PROTOCOL.md §3).
 
 Symbols: D is the number of gradient coordinates (``dim``), K the number of
 directions per step (``num_directions``), a (K,) the scalars a_j = <g, v_j>.
 
 Every family maps a flat float32 gradient g (D,) to scalars with ``project`` and
 scalars back to an estimate g_hat (D,) with ``synthesize``. Random directions are
-never stored as a K x D matrix: they are regenerated, ``chunk_size`` coordinates at a
-time, on the gradient's device, from dedicated ``torch.Generator`` objects.
+never stored as a K x D matrix: they are regenerated chunk by chunk, on the gradient's
+device, with no Python loop per coordinate block.
 
-How a direction is defined (so that any chunk size gives bitwise the same values):
-coordinates are split into blocks of ``block_size``; block b of direction j is drawn
-by a generator seeded with ``splitmix64(s_j + (b + 1) * 0x9E3779B97F4A7C15)``, where
-s_j is the direction's 64-bit seed (chain.direction_seeds). ``block_size`` is part of
-the definition: all ranks and verifiers must use the same value. ``chunk_size`` (a
-multiple of it) only sets how much is materialised at once.
+How a direction is defined (DIRECTION_VERSION 2; docs/PROTOCOL.md §3 has every
+constant): each value is a pure integer function of a 64-bit seed and an index,
+``word(s, e)`` in ``direction_hash``, so the bits are the same on every device and for
+every chunk size.
+- sketch (one seed s): coordinate d has bucket ((word(s, d) >> 1) * K) >> 31 and sign
+  +1 if bit 0 of word(s, d) is 0, else -1.
+- rademacher (one seed per 32 directions): direction j is +1 at coordinate d if bit
+  (j mod 32) of word(s_{floor(j/32)}, d) is 0, else -1.
+- gaussian (one seed per direction): coordinate d of direction j is the Gaussian table's
+  atom at the 16-bit half (low for even d, high for odd d) of word(s_j, floor(d/2)).
+``chunk_size`` (optional) caps how many coordinates are materialised at once; it never
+changes a value. There are no blocks (version 1's generator blocks live in
+``directions_v1``, used only to resume lightning-holograd 0.1.x checkpoints).
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
 
+from .direction_hash import DIRECTION_VERSION, ChunkBuffers, gaussian_table, seed_keys, sign_table
+from .direction_versions import stored_direction_version, version_mismatch
+
 __all__ = [
+    "DIRECTION_VERSION",
     "DirectionFamily",
     "GaussianDirections",
     "RademacherDirections",
     "SketchDirections",
     "IdentityDirections",
-    "block_seed",
 ]
 
-_GOLDEN = 0x9E3779B97F4A7C15
-_MASK64 = (1 << 64) - 1
-DEFAULT_BLOCK_SIZE = 8192
-DEFAULT_CHUNK_SIZE = 32768
-
-
-def _splitmix64(x: int) -> int:
-    x = (x + _GOLDEN) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
-def block_seed(seed: int, block: int) -> int:
-    """Seed of block ``block`` of the direction whose seed is ``seed``."""
-    return _splitmix64((seed + (block + 1) * _GOLDEN) & _MASK64)
+DEFAULT_CHUNK_SIZE = None  # no cap beyond the device's working set
+_GRANULE = 64  # chunk boundaries are multiples of this (even: Gaussian pairs never split)
+# Cap on a chunk's largest temporary, in elements, by device type: a few L2 caches on a
+# CPU (measured fastest), large on an accelerator so that kernel launches stay few
+# (2^23 int64 elements = 64 MiB per temporary, a few alive at once).
+_WORK_ELEMENTS = {"cpu": 1 << 18}
+_WORK_ELEMENTS_ACCELERATOR = 1 << 23
+_Keys = tuple[torch.Tensor, torch.Tensor]  # (k0, k1) from seed_keys
 
 
 def _check_positive(name: str, value: int) -> None:
@@ -57,7 +59,7 @@ def _check_positive(name: str, value: int) -> None:
 
 
 class DirectionFamily(abc.ABC):
-    """A rule turning K seeds into K directions in R^D, with projection and synthesis.
+    """A rule turning seeds into K directions in R^D, with projection and synthesis.
 
     Call contract: pure functions of (gradient, seeds) except ``update`` and
     ``observe_gradient``, which advance the family's shared state; every rank must call
@@ -66,6 +68,7 @@ class DirectionFamily(abc.ABC):
 
     name: ClassVar[str]
     unbiased: ClassVar[bool]  # E[synthesize(project(g))] == g over the seeds
+    direction_version: ClassVar[int] = DIRECTION_VERSION  # 1 only for directions_v1's families
 
     def __init__(self, dim: int, num_directions: int) -> None:
         _check_positive("dim", dim)
@@ -103,9 +106,16 @@ class DirectionFamily(abc.ABC):
         return estimate
 
     def state_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "dim": self.dim, "num_directions": self.num_directions}
+        return {
+            "name": self.name,
+            "dim": self.dim,
+            "num_directions": self.num_directions,
+            "direction_version": self.direction_version,
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if stored_direction_version(state) != self.direction_version:
+            raise ValueError(version_mismatch(state, self.direction_version))
         for key in ("name", "dim", "num_directions"):
             if state[key] != getattr(self, key):
                 raise ValueError(
@@ -138,196 +148,229 @@ class DirectionFamily(abc.ABC):
             raise IndexError(f"index={index} out of range [0, {self.num_directions}).")
 
 
-class _BlockGenerated(DirectionFamily):
-    """Shared block/chunk machinery for families drawn from seeded generators."""
+class _HashedFamily(DirectionFamily):
+    """Shared chunking for families whose values come from ``direction_hash``."""
 
     def __init__(
         self,
         dim: int,
         num_directions: int,
-        block_size: int = DEFAULT_BLOCK_SIZE,
-        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        chunk_size: int | None = DEFAULT_CHUNK_SIZE,
     ) -> None:
         super().__init__(dim, num_directions)
-        _check_positive("block_size", block_size)
-        _check_positive("chunk_size", chunk_size)
-        if block_size % 8:
-            raise ValueError(f"block_size={block_size} must be a multiple of 8.")
-        if chunk_size % block_size:
-            raise ValueError(
-                f"chunk_size={chunk_size} must be a multiple of block_size={block_size}. "
-                f"HINT: use chunk_size={max(1, chunk_size // block_size) * block_size}."
-            )
-        self.block_size = block_size
+        if chunk_size is not None:
+            _check_positive("chunk_size", chunk_size)
         self.chunk_size = chunk_size
-        self._generators: dict[str, torch.Generator] = {}
-        self._sign_tables: dict[str, torch.Tensor] = {}
+        self._tables: dict[tuple[str, str], torch.Tensor] = {}
+        self._cpu_buffers: ChunkBuffers | None = None
 
-    def _generator(self, device: torch.device) -> torch.Generator:
-        key = str(device)
-        if key not in self._generators:
-            self._generators[key] = torch.Generator(device=device)
-        return self._generators[key]
+    def _chunks(self, per_coordinate: int, device: torch.device) -> Iterator[tuple[int, int]]:
+        """[start, stop) ranges covering [0, D): as many coordinates as keep ``per_coordinate``
+        temporaries per coordinate within the device's working set, at most ``chunk_size``
+        (None: no cap), rounded up to a multiple of 64."""
+        work = _WORK_ELEMENTS.get(device.type, _WORK_ELEMENTS_ACCELERATOR)
+        size = max(_GRANULE, work // max(1, per_coordinate))
+        if self.chunk_size is not None:
+            size = min(size, self.chunk_size)
+        size = -(-size // _GRANULE) * _GRANULE
+        for start in range(0, self.dim, size):
+            yield start, min(start + size, self.dim)
 
-    def _chunks(self) -> range:
-        return range(0, self.dim, self.chunk_size)
+    def _buffers(self, device: torch.device) -> ChunkBuffers:
+        """Chunk buffers: kept across calls on a CPU (fresh pages cost page faults there, a
+        few MiB at most), new per call elsewhere (a caching allocator reuses the memory).
+        So one family instance must not run two calls at once from two threads."""
+        if device.type != "cpu":
+            return ChunkBuffers(device)
+        if self._cpu_buffers is None:
+            self._cpu_buffers = ChunkBuffers(device)
+        return self._cpu_buffers
 
-    def _drawn_width(self, start: int) -> int:
-        """Coordinates drawn for the chunk at ``start``: whole blocks covering [start, dim)."""
-        needed = min(self.chunk_size, self.dim - start)
-        return -(-needed // self.block_size) * self.block_size
-
-    def _seeded(self, seed: int, block: int, device: torch.device) -> torch.Generator:
-        gen = self._generator(device)
-        gen.manual_seed(block_seed(seed, block))
-        return gen
-
-    def _random_signs(self, out: torch.Tensor, gen: torch.Generator) -> None:
-        """Fill ``out`` (length multiple of 8) with +-1 from random bytes, 8 signs per byte.
-
-        Bit i of byte k gives sign k*8 + i (1 -> +1, 0 -> -1), read from a 256 x 8 table.
-        """
-        key = str(out.device)
-        if key not in self._sign_tables:
-            bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1  # (256, 8)
-            self._sign_tables[key] = (bits * 2 - 1).to(device=out.device, dtype=torch.float32)
-        raw = torch.empty(out.numel() // 8, dtype=torch.uint8, device=out.device)
-        raw.random_(0, 256, generator=gen)
-        torch.index_select(self._sign_tables[key], 0, raw.long(), out=out.view(-1, 8))
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "block_size": self.block_size}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        super().load_state_dict(state)
-        if state["block_size"] != self.block_size:
-            raise ValueError(
-                f"checkpoint block_size={state['block_size']} differs from block_size={self.block_size}: "
-                "the directions would change. HINT: resume with the same block_size."
-            )
+    def _table(self, kind: str, device: torch.device) -> torch.Tensor:
+        """A constant table on ``device``, moved there once."""
+        key = (kind, str(device))
+        if key not in self._tables:
+            self._tables[key] = gaussian_table(device) if kind == "gaussian" else sign_table(8, device)
+        return self._tables[key]
 
 
-class _DenseFamily(_BlockGenerated):
-    """v_j = z_j with i.i.d. unit-variance entries; g_hat = (1/K) sum_j a_j z_j (unbiased)."""
+class GaussianDirections(_HashedFamily):
+    """v_j = z_j, i.i.d. entries from the 2^16-atom Gaussian table (mean 0, variance 1).
 
+    g_hat = (1/K) sum_j a_j z_j, unbiased; E||g_hat - g||^2 = ((D + m4 - 2)/K) ||g||^2 with
+    m4 = 2.99925 the table's fourth moment (a true Gaussian has m4 = 3: (D + 1)/K).
+    """
+
+    name = "gaussian"
     unbiased = True
 
-    @abc.abstractmethod
-    def _fill_block(self, out: torch.Tensor, gen: torch.Generator) -> None:
-        """Fill ``out`` (block_size,) with one block of i.i.d. unit-variance entries."""
-
-    def _fill_rows(self, buf: torch.Tensor, seeds: Sequence[int], start: int) -> None:
-        """buf (len(seeds), chunk_size) <- coordinates [start, start + chunk) of each direction.
-
-        Only the blocks that overlap [start, dim) are drawn (a short last chunk is cheap).
-        """
-        first_block = start // self.block_size
-        width = self._drawn_width(start)
-        for row, seed in enumerate(seeds):
-            for offset in range(0, width, self.block_size):
-                gen = self._seeded(seed, first_block + offset // self.block_size, buf.device)
-                self._fill_block(buf[row, offset : offset + self.block_size], gen)
+    def _values(self, keys: _Keys, start: int, stop: int, buf: ChunkBuffers) -> torch.Tensor:
+        """(2, R, w) float32: [0] at even coordinates start, start + 2, ..., [1] at odd ones."""
+        words = buf.words(keys, start // 2, (stop + 1) // 2)  # (R, w)
+        halves = buf.get("halves", 2, *words.shape)
+        torch.bitwise_and(words, 0xFFFF, out=halves[0])
+        torch.bitwise_right_shift(words, 16, out=halves[1])
+        values = buf.get("values", *halves.shape, dtype=torch.float32)
+        torch.index_select(self._table("gaussian", buf.device), 0, halves.view(-1), out=values.view(-1))
+        return values
 
     def project(self, flat_grad: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
         grad = self._check_grad(flat_grad)
-        seeds = self._check_seeds(seeds)
-        scalars = torch.zeros(len(seeds), dtype=torch.float32, device=grad.device)
-        buf = torch.empty(len(seeds), self.chunk_size, dtype=torch.float32, device=grad.device)  # (K, chunk)
-        for start in self._chunks():
-            part = grad[start : start + self.chunk_size]
-            self._fill_rows(buf, seeds, start)
-            scalars += buf[:, : part.numel()] @ part
+        keys = seed_keys(self._check_seeds(seeds), grad.device)
+        buf = self._buffers(grad.device)
+        scalars = torch.zeros(self.num_directions, dtype=torch.float32, device=grad.device)
+        for start, stop in self._chunks(self.num_directions, grad.device):
+            values = self._values(keys, start, stop, buf)
+            odd = grad[start + 1 : stop : 2]
+            scalars += values[0] @ grad[start:stop:2]
+            scalars += values[1, :, : odd.numel()] @ odd
         return scalars
 
     def synthesize(self, scalars: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
         scalars = self._check_scalars(scalars)
-        seeds = self._check_seeds(seeds)
+        keys = seed_keys(self._check_seeds(seeds), scalars.device)
+        buf = self._buffers(scalars.device)
         weights = scalars / self.num_directions
         out = torch.empty(self.dim, dtype=torch.float32, device=scalars.device)
-        buf = torch.empty(len(seeds), self.chunk_size, dtype=torch.float32, device=scalars.device)
-        for start in self._chunks():
-            part = out[start : start + self.chunk_size]
-            self._fill_rows(buf, seeds, start)
-            torch.mv(buf[:, : part.numel()].t(), weights, out=part)
+        for start, stop in self._chunks(self.num_directions, scalars.device):
+            values = self._values(keys, start, stop, buf)
+            odd = out[start + 1 : stop : 2]
+            out[start:stop:2] = weights @ values[0]
+            odd.copy_(weights @ values[1, :, : odd.numel()])
         return out
 
     def direction(self, seeds: Sequence[int], index: int, device: torch.device | str = "cpu") -> torch.Tensor:
         seeds = self._check_seeds(seeds)
         self._check_index(index)
+        device = torch.device(device)
+        keys, buf = seed_keys(seeds[index : index + 1], device), self._buffers(device)
         out = torch.empty(self.dim, dtype=torch.float32, device=device)
-        buf = torch.empty(1, self.chunk_size, dtype=torch.float32, device=device)
-        for start in self._chunks():
-            part = out[start : start + self.chunk_size]
-            self._fill_rows(buf, seeds[index : index + 1], start)
-            part.copy_(buf[0, : part.numel()])
+        for start, stop in self._chunks(2, device):
+            values = self._values(keys, start, stop, buf)  # (2, 1, w)
+            out[start:stop] = values[:, 0].T.reshape(-1)[: stop - start]  # interleave even/odd
         return out
 
 
-class GaussianDirections(_DenseFamily):
-    """z_j ~ N(0, I_D). E||g_hat - g||^2 = ((D + 1) / K) ||g||^2 (paper-faithful)."""
+class RademacherDirections(_HashedFamily):
+    """z_j uniform on {-1, +1}^D, 32 directions per seed (one bit each of a 32-bit word).
 
-    name = "gaussian"
-
-    def _fill_block(self, out: torch.Tensor, gen: torch.Generator) -> None:
-        out.normal_(generator=gen)
-
-
-class RademacherDirections(_DenseFamily):
-    """z_j uniform on {-1, +1}^D. E||g_hat - g||^2 = ((D - 1) / K) ||g||^2; cheaper to draw."""
+    g_hat = (1/K) sum_j a_j z_j, unbiased; E||g_hat - g||^2 = ((D - 1)/K) ||g||^2.
+    Projection is a weighted histogram of g per byte of the words (4 per 32 directions)
+    times a 256 x 8 sign table; synthesis is one lookup per byte in a table of the 256
+    signed sums of 8 scalars: O(D K / 8) work instead of O(D K).
+    """
 
     name = "rademacher"
+    unbiased = True
+    SIGNS_PER_SEED: ClassVar[int] = 32
 
-    def _fill_block(self, out: torch.Tensor, gen: torch.Generator) -> None:
-        self._random_signs(out, gen)
+    @property
+    def num_seeds(self) -> int:
+        return -(-self.num_directions // self.SIGNS_PER_SEED)
+
+    def _bytes(self, keys: _Keys, start: int, stop: int, buf: ChunkBuffers) -> torch.Tensor:
+        """(4 G, n) int64: row 4g + q holds byte q of word(s_g, d) for d in [start, stop)."""
+        words = buf.words(keys, start, stop)  # (G, n)
+        out = buf.get("bytes", words.shape[0], 4, words.shape[1])
+        for q in range(4):
+            torch.bitwise_right_shift(words, 8 * q, out=out[:, q])
+        out[:, :3].bitwise_and_(0xFF)  # byte 3 is already < 256 (words < 2^32)
+        return out.view(-1, words.shape[1])
+
+    def project(self, flat_grad: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
+        grad = self._check_grad(flat_grad)
+        keys = seed_keys(self._check_seeds(seeds), grad.device)
+        buf = self._buffers(grad.device)
+        rows = 4 * self.num_seeds
+        # hist[4g + q, v] = sum of g_d over coordinates whose byte q of word(s_g, d) is v.
+        hist = torch.zeros(rows, 256, dtype=torch.float64, device=grad.device)
+        for start, stop in self._chunks(rows, grad.device):
+            part = buf.get("part", stop - start, dtype=torch.float64).copy_(grad[start:stop])
+            hist.scatter_add_(1, self._bytes(keys, start, stop, buf), part.expand(rows, -1))
+        signs = self._table("signs", grad.device).to(torch.float64)  # (256, 8)
+        return (hist @ signs).reshape(-1)[: self.num_directions].to(torch.float32)
+
+    def synthesize(self, scalars: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
+        scalars = self._check_scalars(scalars)
+        keys = seed_keys(self._check_seeds(seeds), scalars.device)
+        buf = self._buffers(scalars.device)
+        rows = 4 * self.num_seeds
+        weights = torch.zeros(rows * 8, dtype=torch.float32, device=scalars.device)
+        weights[: self.num_directions] = scalars / self.num_directions
+        # table[4g + q, v] = sum_i weights[32g + 8q + i] * sign(bit i of v).
+        table = weights.view(rows, 8) @ self._table("signs", scalars.device).T  # (4 G, 256)
+        out = torch.empty(self.dim, dtype=torch.float32, device=scalars.device)
+        for start, stop in self._chunks(rows, scalars.device):
+            codes = self._bytes(keys, start, stop, buf)
+            values = torch.gather(table, 1, codes, out=buf.get("values", *codes.shape, dtype=torch.float32))
+            torch.sum(values, dim=0, out=out[start:stop])
+        return out
+
+    def direction(self, seeds: Sequence[int], index: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        seeds = self._check_seeds(seeds)
+        self._check_index(index)
+        group, bit = divmod(index, self.SIGNS_PER_SEED)
+        device = torch.device(device)
+        keys, buf = seed_keys(seeds[group : group + 1], device), self._buffers(device)
+        out = torch.empty(self.dim, dtype=torch.float32, device=device)
+        for start, stop in self._chunks(1, device):
+            words = buf.words(keys, start, stop)[0]
+            out[start:stop] = 1 - 2 * ((words >> bit) & 1)
+        return out
 
 
-class SketchDirections(_BlockGenerated):
+class SketchDirections(_HashedFamily):
     """Count sketch: coordinate d goes to bucket h(d) in [0, K) with sign s(d).
 
     Direction j is the signed indicator of bucket j; a_j = sum_{h(d)=j} s(d) g_d and
-    g_hat_d = s(d) a_{h(d)}. Unbiased (signs are independent across coordinates),
-    E||g_hat - g||^2 = ~(D - 1)/K ||g||^2 for a uniform hash, at O(D) cost for any K.
+    g_hat_d = s(d) a_{h(d)}. Unbiased (the sign bit is independent of the bucket bits),
+    E||g_hat - g||^2 = ~(D - 1)/K ||g||^2, at O(D) cost for any K.
     One seed per step (the first direction seed) defines h and s.
     """
 
     name = "sketch"
     unbiased = True
 
+    def __init__(
+        self,
+        dim: int,
+        num_directions: int,
+        chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+    ) -> None:
+        super().__init__(dim, num_directions, chunk_size)
+        if num_directions > 1 << 32:
+            raise ValueError(f"num_directions={num_directions} must be <= 2^32 for the sketch.")
+
     @property
     def num_seeds(self) -> int:
         return 1
 
-    def _hash_chunk(self, seed: int, start: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Buckets (int64) and signs (float32) for coordinates [start, start + chunk)."""
-        buckets = torch.empty(self.chunk_size, dtype=torch.int64, device=device)
-        signs = torch.empty(self.chunk_size, dtype=torch.float32, device=device)
-        first_block = start // self.block_size
-        for offset in range(0, self._drawn_width(start), self.block_size):
-            gen = self._seeded(seed, first_block + offset // self.block_size, device)
-            buckets[offset : offset + self.block_size].random_(0, self.num_directions, generator=gen)
-            self._random_signs(signs[offset : offset + self.block_size], gen)
-        return buckets, signs
+    def _slots(self, keys: _Keys, start: int, stop: int, buf: ChunkBuffers) -> torch.Tensor:
+        """(n,) int64 slot 2 h(d) + (1 if s(d) = -1 else 0) for d in [start, stop)."""
+        words = buf.words(keys, start, stop)[0]
+        # (word >> 1) < 2^31 and K <= 2^32: the product stays below 2^63.
+        slots = torch.bitwise_right_shift(words, 1, out=buf.get("slots", stop - start))
+        slots.mul_(self.num_directions).bitwise_right_shift_(31).bitwise_left_shift_(1)
+        return slots.bitwise_or_(words.bitwise_and_(1))
 
     def project(self, flat_grad: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
         grad = self._check_grad(flat_grad)
-        (seed,) = self._check_seeds(seeds)
-        scalars = torch.zeros(self.num_directions, dtype=torch.float32, device=grad.device)
-        for start in self._chunks():
-            part = grad[start : start + self.chunk_size]
-            buckets, signs = self._hash_chunk(seed, start, grad.device)
-            n = part.numel()
-            scalars.index_add_(0, buckets[:n], signs[:n] * part)
-        return scalars
+        keys = seed_keys(self._check_seeds(seeds), grad.device)
+        buf = self._buffers(grad.device)
+        sums = torch.zeros(2 * self.num_directions, dtype=torch.float64, device=grad.device)  # (2K,)
+        for start, stop in self._chunks(1, grad.device):
+            part = buf.get("part", stop - start, dtype=torch.float64).copy_(grad[start:stop])
+            sums.index_add_(0, self._slots(keys, start, stop, buf), part)
+        return (sums[0::2] - sums[1::2]).to(torch.float32)
 
     def synthesize(self, scalars: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
         scalars = self._check_scalars(scalars)
-        (seed,) = self._check_seeds(seeds)
+        keys = seed_keys(self._check_seeds(seeds), scalars.device)
+        buf = self._buffers(scalars.device)
+        signed = torch.stack((scalars, -scalars), dim=1).reshape(-1)  # (2K,): slot -> s(d) a_h(d)
         out = torch.empty(self.dim, dtype=torch.float32, device=scalars.device)
-        for start in self._chunks():
-            part = out[start : start + self.chunk_size]
-            buckets, signs = self._hash_chunk(seed, start, scalars.device)
-            n = part.numel()
-            torch.mul(signs[:n], scalars[buckets[:n]], out=part)
+        for start, stop in self._chunks(1, scalars.device):
+            torch.index_select(signed, 0, self._slots(keys, start, stop, buf), out=out[start:stop])
         return out
 
     def direction(self, seeds: Sequence[int], index: int, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Verification maths for proof-of-gradient-projection (PROTOCOL.md section 6).
+"""Verification maths for proof-of-gradient-projection (docs/PROTOCOL.md §6).
 
 Symbols: N ranks, K scalars per claim, A (N, K) the submitted scalar matrix of step t,
 c_t the step commitment, p = ``p_verify``.
@@ -9,6 +9,9 @@ c_t the step commitment, p = ``p_verify``.
   be checked, and every rank computes the same draw. A rank that cheats on m claims goes
   undetected with probability (1 - p)^m.
 - Verdict: a recomputed claim a* accepts a iff |a_j - a*_j| <= atol + rtol |a*_j| for every j.
+  A non-finite claim is an honest fault when the recomputation is non-finite too (accepted,
+  reason ``nonfinite``: the row was only dropped for its step) and a lie when the
+  recomputation is finite (rejected, reason ``nonfinite``).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ class Reason(str, enum.Enum):
     OK = "ok"
     MISMATCH = "mismatch"  # recomputed scalars differ beyond tolerance
     BATCH_HASH = "batch_hash"  # the batch sent to the verifier does not match the commitment
-    NONFINITE = "nonfinite"  # NaN or inf among the submitted scalars
+    NONFINITE = "nonfinite"  # NaN or inf among the submitted scalars (a lie iff the recomputation is finite)
     MISSING = "missing"  # the claimant did not provide its batch
 
 
@@ -51,7 +54,7 @@ def draw_claims(commitment: bytes, matrix: torch.Tensor, p_verify: float, candid
     chosen = []
     for rank in sorted(set(int(r) for r in candidates)):
         u = int.from_bytes(hashlib.sha256(root + struct.pack("<Q", rank)).digest()[:8], "little") / 2.0**64
-        if u < p_verify:
+        if p_verify >= 1.0 or u < p_verify:  # u can round to 1.0: p_verify = 1 checks every claim
             chosen.append(rank)
     return chosen
 
@@ -70,8 +73,8 @@ def judge_claim(claimed: torch.Tensor, recomputed: torch.Tensor, rtol: float, at
     recomputed = recomputed.detach().to(torch.float64).cpu()
     if claimed.shape != recomputed.shape:
         return Verdict(False, Reason.MISMATCH, float("inf"), float("inf"))
-    if not bool(torch.isfinite(claimed).all()):
-        return Verdict(False, Reason.NONFINITE, float("inf"), float("inf"))
+    if not bool(torch.isfinite(claimed).all()):  # honest iff the recomputation is non-finite too
+        return Verdict(not bool(torch.isfinite(recomputed).all()), Reason.NONFINITE, float("inf"), float("inf"))
     error = (claimed - recomputed).abs()
     scale = recomputed.abs()
     relative = torch.where(scale > 0, error / scale.clamp_min(torch.finfo(torch.float64).tiny),

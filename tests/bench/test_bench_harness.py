@@ -6,32 +6,26 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-_BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
-sys.path.insert(0, str(_BENCH))
-sys.path.insert(0, str(_BENCH.parent / "tests" / "strategy"))  # toy.free_port
-
-import frontier  # noqa: E402
-from claims_training import random_abs_cos  # noqa: E402
-from slow_link import time_to_target  # noqa: E402
+from benchmarks import frontier, frontier_report  # the repository root is on sys.path (pyproject: pytest pythonpath)
+from benchmarks.claims_gpt2 import random_abs_cos
+from benchmarks.netns import tbf_burst, unavailable_reason
+from benchmarks.slow_link import time_to_target
 
 D_TINY = 445_952  # parameters of configs/gpt2-tiny-cpu.yaml
 
 
 def test_interpolate_at_is_linear_in_log_x_and_refuses_to_extrapolate():
     pts = [(10.0, 1.0), (1000.0, 2.0)]
-    assert frontier.interpolate_at(pts, 100.0) == pytest.approx(1.5)
-    assert frontier.interpolate_at(pts, 10.0) == pytest.approx(1.0)
-    assert frontier.interpolate_at(pts, 1000.0) == pytest.approx(2.0)
-    assert frontier.interpolate_at(pts, 5.0) is None
-    assert frontier.interpolate_at(pts, 2000.0) is None
-    assert frontier.interpolate_at([], 1.0) is None
+    assert frontier_report.interpolate_at(pts, 100.0) == pytest.approx(1.5)
+    assert frontier_report.interpolate_at(pts, 10.0) == pytest.approx(1.0)
+    assert frontier_report.interpolate_at(pts, 1000.0) == pytest.approx(2.0)
+    assert frontier_report.interpolate_at(pts, 5.0) is None
+    assert frontier_report.interpolate_at(pts, 2000.0) is None
+    assert frontier_report.interpolate_at([], 1.0) is None
 
 
 def test_headlines_pick_best_compression_within_two_percent():
@@ -40,7 +34,7 @@ def test_headlines_pick_best_compression_within_two_percent():
 
     rows = [row("ddp", "ddp", 1.0, 2.0), row("a1", "fam", 100.0, 2.03), row("a2", "fam", 500.0, 2.05),
             row("a3", "fam", 5000.0, 2.6), row("b1", "other", 4.0, 2.5)]
-    heads = {h["family"]: h for h in frontier.headlines(rows, ddp_loss=2.0)}
+    heads = {h["family"]: h for h in frontier_report.headlines(rows, ddp_loss=2.0)}
     assert set(heads) == {"fam", "other"}
     assert heads["fam"]["best_within"]["run"] == "a1"  # 2.05 is 2.5 % above DDP: out
     # log-interpolation between 500x (1.025) and 5000x (1.3): 1000x is log10(2) = 0.301 of the way
@@ -59,15 +53,15 @@ def test_time_to_target_interpolates_between_checks():
 
 
 def test_tbf_burst_is_ten_ms_of_rate_with_a_floor():
-    assert frontier.tbf_burst("100mbit") == "125000b"
-    assert frontier.tbf_burst("1gbit") == "1250000b"
-    assert frontier.tbf_burst("1mbit") == f"{32 * 1024}b"
+    assert tbf_burst("100mbit") == "125000b"
+    assert tbf_burst("1gbit") == "1250000b"
+    assert tbf_burst("1mbit") == f"{32 * 1024}b"
     with pytest.raises(ValueError, match="100mbit"):
-        frontier.tbf_burst("fast")
+        tbf_burst("fast")
 
 
 def test_iface_tx_bytes_reads_the_transmit_column(tmp_path):
-    from netbench_worker import iface_tx_bytes
+    from benchmarks.probes import iface_tx_bytes
 
     dev = tmp_path / "dev"
     dev.write_text(
@@ -98,7 +92,7 @@ def test_random_abs_cos_matches_monte_carlo():
 def _diloco_rank(rank: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
-    from netbench_worker import DiLoCoAverager
+    from benchmarks.baselines import DiLoCoAverager
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
@@ -120,7 +114,7 @@ def _diloco_rank(rank: int, port: int, out: str) -> None:
 @pytest.mark.multiprocess
 def test_diloco_outer_step_is_nesterov_on_the_mean_pseudo_gradient(tmp_path):
     import torch.multiprocessing as mp
-    from toy import free_port
+    from lightning_holograd.demos import free_port
 
     mp.start_processes(_diloco_rank, args=(free_port(), str(tmp_path)), nprocs=2, start_method="fork")
     res = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
@@ -134,16 +128,8 @@ def test_diloco_outer_step_is_nesterov_on_the_mean_pseudo_gradient(tmp_path):
             torch.testing.assert_close(anchor.detach(), want)
 
 
-def _can_make_namespaces() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root for ip netns"
-    if not (shutil.which("ip") and shutil.which("tc")):
-        return "needs iproute2 (ip, tc)"
-    return None
-
-
 @pytest.mark.multiprocess
-@pytest.mark.skipif(_can_make_namespaces() is not None, reason=str(_can_make_namespaces()))
+@pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))
 def test_frontier_measures_ddp_and_holograd_bytes_at_the_interface(tmp_path):
     """Three 6-step two-namespace torchrun jobs (DDP, sketch K = 256, DDP again). DDP's bytes,
     read from the kernel's interface counters, match the ring all-reduce model 2(N-1)/N x 4D
@@ -168,8 +154,7 @@ def test_frontier_measures_ddp_and_holograd_bytes_at_the_interface(tmp_path):
 
 
 def test_bad_arguments_are_refused_before_any_run(capsys):
-    import claims
-    import slow_link
+    from benchmarks import claims, slow_link
 
     with pytest.raises(SystemExit) as exc:
         slow_link.main(["--rates", "none,fast"])

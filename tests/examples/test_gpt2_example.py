@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import runpy
 import socket
 import subprocess
 import sys
@@ -26,12 +27,13 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "examples"))  # the example imports its siblings the same way
+from lightning_holograd.demos.gpt2_data import GPT2DataModule, TokenBlocks, stdlib_corpus, stdlib_files
+from lightning_holograd.demos.gpt2_module import GPT2Module
+from lightning_holograd.strategies.checkpoint import STATE_KEY
 
-from gpt2_data import GPT2DataModule, TokenBlocks, stdlib_corpus, stdlib_files  # noqa: E402
-from gpt2_module import GPT2Module  # noqa: E402
-from train_gpt2 import GPT2CLI  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
+# The example is a script, not a module: run its definitions (the main guard keeps it from training).
+GPT2CLI = runpy.run_path(str(REPO / "examples" / "train_gpt2.py"), run_name="train_gpt2")["GPT2CLI"]
 
 TINY = REPO / "configs" / "gpt2-tiny-cpu.yaml"
 CONFIGS = sorted((REPO / "configs").glob("gpt2-*.yaml"))
@@ -261,7 +263,7 @@ def test_cli_trains_and_checkpoints(tmp_path: Path) -> None:
 
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert checkpoint["global_step"] == CLI_STEPS
-    state = checkpoint["holograd"]
+    state = checkpoint[STATE_KEY]
     assert state["config"]["num_directions"] == 4096
     assert state["exchange"]["chain"]["step"] == CLI_STEPS
     assert state["exchange"]["traffic"]["steps"] == CLI_STEPS

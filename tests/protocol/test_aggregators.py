@@ -1,4 +1,4 @@
-"""Per-direction robust aggregation of the (ranks x directions) matrix (PROTOCOL.md 4).
+"""Per-direction robust aggregation of the (ranks x directions) matrix (docs/PROTOCOL.md §4).
 
 Notation: A (N, K) has one row per rank and one column per direction; tau is the trim
 ratio, and a trimmed mean drops floor(tau n) values at each end of every column.
@@ -143,7 +143,7 @@ def test_non_finite_rows_dropped_and_reported(name):
     result = make_aggregator(name, trim_ratio=0.2, num_byzantine=0)(matrix)
     assert result.nonfinite_ranks == (1, 3, 5)
     assert result.kept_ranks == (0, 2, 4)
-    assert result.excluded_ranks == ()
+    assert result.slashed_ranks == ()
     # Kept rows 1, 2, 3 / 10, 20, 30: mean, median and trimmed mean (floor(0.2*3) = 0) agree.
     # Krum (f = 0) scores each row by its n - 2 = 1 nearest row: all three score 101, and
     # the tie goes to the lowest rank, so it returns rank 0's row.
@@ -153,11 +153,11 @@ def test_non_finite_rows_dropped_and_reported(name):
 
 
 @pytest.mark.parametrize("name", ["mean", "median", "trimmed_mean"])
-def test_excluded_ranks_dropped(name):
+def test_slashed_ranks_left_out(name):
     matrix = torch.tensor([[1e30, -1e30], [1.0, 2.0], [float("nan"), 0.0], [3.0, 4.0]])
-    result = make_aggregator(name, trim_ratio=0.1)(matrix, excluded=[0, 2, 17])
+    result = make_aggregator(name, trim_ratio=0.1)(matrix, slashed=[0, 2, 17])
     assert result.kept_ranks == (1, 3)
-    assert result.excluded_ranks == (0, 2)  # excluded wins over non-finite; 17 is not a rank
+    assert result.slashed_ranks == (0, 2)  # slashed wins over non-finite; 17 is not a rank
     assert result.nonfinite_ranks == ()
     torch.testing.assert_close(result.scalars, torch.tensor([2.0, 3.0]))
 
@@ -167,7 +167,7 @@ def test_divisor_is_the_number_of_rows_kept():
     matrix = torch.full((4, 3), 4.0)
     matrix[2, 1] = float("nan")
     assert torch.equal(MeanAggregator()(matrix).scalars, torch.full((3,), 4.0))
-    assert torch.equal(MeanAggregator()(matrix, excluded=[0]).scalars, torch.full((3,), 4.0))
+    assert torch.equal(MeanAggregator()(matrix, slashed=[0]).scalars, torch.full((3,), 4.0))
     matrix[0, 0] = 8.0  # kept rows {0, 1, 3}: (8 + 4 + 4)/3
     assert float(MeanAggregator()(matrix).scalars[0]) == pytest.approx(16 / 3)
 
@@ -176,10 +176,10 @@ def test_divisor_is_the_number_of_rows_kept():
 def test_not_enough_ranks(name):
     aggregator = make_aggregator(name)
     nan_matrix = torch.full((3, 2), float("nan"))
-    with pytest.raises(NotEnoughRanksError, match=r"got 0 \(excluded=\[\], non-finite=\[0, 1, 2\]\)"):
+    with pytest.raises(NotEnoughRanksError, match=r"got 0 \(slashed=\[\], non-finite=\[0, 1, 2\]\)"):
         aggregator(nan_matrix)
-    with pytest.raises(NotEnoughRanksError, match=r"got 0 \(excluded=\[0, 1\], non-finite=\[2\]\)"):
-        aggregator(torch.tensor([[1.0, 2.0], [3.0, 4.0], [float("inf"), 0.0]]), excluded=[0, 1])
+    with pytest.raises(NotEnoughRanksError, match=r"got 0 \(slashed=\[0, 1\], non-finite=\[2\]\)"):
+        aggregator(torch.tensor([[1.0, 2.0], [3.0, 4.0], [float("inf"), 0.0]]), slashed=[0, 1])
 
 
 def test_rejects_non_matrix():
@@ -204,11 +204,11 @@ def test_mean_sums_in_rank_order():
 def test_mean_is_bitwise_reproducible_and_independent_of_dropped_rows():
     """Same kept rows -> same bits, whatever the dropped rows contain, on every call."""
     matrix = _honest(8, 16, seed=3) * torch.logspace(-6, 6, 16)
-    first = MeanAggregator()(matrix, excluded=[5]).scalars
+    first = MeanAggregator()(matrix, slashed=[5]).scalars
     poisoned = matrix.clone()
     poisoned[5] = 1e30
     poisoned = torch.cat([poisoned, torch.full((1, 16), float("nan"))])
-    again = MeanAggregator()(poisoned, excluded=[5]).scalars
+    again = MeanAggregator()(poisoned, slashed=[5]).scalars
     assert torch.equal(first, again)
     kept = torch.cat([matrix[:5], matrix[6:]])
     expected = kept[0].clone()
@@ -298,9 +298,9 @@ def test_krum_needs_2f_plus_3_rows(num_byzantine, multi, needed):
     with pytest.raises(NotEnoughRanksError, match=rf"krum aggregation needs at least {needed} usable ranks, "
                                                   rf"got {needed - 1} .*num_byzantine={num_byzantine}"):
         krum(_honest(needed - 1, 3))
-    # excluded rows do not count
-    with pytest.raises(NotEnoughRanksError, match=rf"got {needed - 1} \(excluded=\[0\]"):
-        krum(_honest(needed, 3), excluded=[0])
+    # slashed rows do not count
+    with pytest.raises(NotEnoughRanksError, match=rf"got {needed - 1} \(slashed=\[0\]"):
+        krum(_honest(needed, 3), slashed=[0])
 
 
 @pytest.mark.parametrize(("kwargs", "pattern"), [
@@ -336,11 +336,11 @@ def test_clipping_scales_a_large_row_to_the_median_norm_and_leaves_the_others():
 
 def test_clipping_uses_the_median_of_kept_rows_only():
     """Even count: median of norms 1, 2, 4, 8 is 3; rows 2 and 3 (honest-looking but above
-    the median) are shrunk too. Excluded and non-finite rows do not vote on the median, and
+    the median) are shrunk too. Slashed and non-finite rows do not vote on the median, and
     clipped_ranks names matrix rows, not positions among the kept ones."""
     rows = torch.tensor([[1.0, 0.0], [0.0, 2.0], [4.0, 0.0], [0.0, 8.0]])
     matrix = torch.cat([torch.tensor([[1e6, 0.0], [float("nan"), 0.0]]), rows])  # ranks 0, 1 dropped
-    result = MeanAggregator(clip_row_norms=True)(matrix, excluded=[0])
+    result = MeanAggregator(clip_row_norms=True)(matrix, slashed=[0])
     assert result.kept_ranks == (2, 3, 4, 5) and result.clipped_ranks == (4, 5)
     torch.testing.assert_close(result.scalars, torch.tensor([1.0 + 3.0, 2.0 + 3.0]) / 4)
 

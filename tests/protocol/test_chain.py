@@ -1,4 +1,4 @@
-"""Commitment chain, batch hashing and direction seeds (PROTOCOL.md section 2)."""
+"""Commitment chain, batch hashing and direction seeds (docs/PROTOCOL.md §2)."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ SCALARS = [torch.arange(4, dtype=torch.float32) * t for t in range(1, 5)]
 
 
 def test_genesis_is_the_spec_hash_and_deterministic():
-    expected = hashlib.sha256(b"holograd/v1" + "run-1".encode()).digest()
+    expected = hashlib.sha256(b"holograd/v2/dirs2" + "run-1".encode()).digest()
     assert genesis_commitment("run-1") == expected
     assert CommitmentChain("run-1").head == expected
     assert genesis_commitment("run-1") != genesis_commitment("run-2")
@@ -160,6 +160,26 @@ def test_load_state_dict_with_other_seed_rejected():
     with pytest.raises(ValueError, match="seed='run-a'.*seed='run-b'"):
         other.load_state_dict(state)
     assert other.head == genesis_commitment("run-b")
+
+
+def test_genesis_tag_names_the_direction_version_and_old_chains_are_refused():
+    """The tag carries DIRECTION_VERSION, so two direction definitions never share a chain; a
+    0.1.x chain state (no tag, genesis "holograd/v1") or another tag is refused, untouched, by
+    a version-2 chain (a version-1 chain resumes it: test_directions_v1.py)."""
+    from lightning_holograd.protocol.chain import GENESIS_TAG
+    from lightning_holograd.protocol.directions import DIRECTION_VERSION
+
+    assert GENESIS_TAG == f"holograd/v2/dirs{DIRECTION_VERSION}".encode()
+    chain = CommitmentChain("s")
+    chain.advance(HASHES[0])
+    state = chain.state_dict()
+    assert state["genesis_tag"] == "holograd/v2/dirs2"
+    old = {key: value for key, value in state.items() if key != "genesis_tag"}
+    for bad, shown in ((old, "genesis_tag=None"), ({**state, "genesis_tag": "holograd/v2/dirs3"}, "dirs3")):
+        fresh = CommitmentChain("s")
+        with pytest.raises(ValueError, match=f"{shown}.*HINT: build the chain with the checkpoint's direction_version"):
+            fresh.load_state_dict(bad)
+        assert fresh.step == 0 and fresh.head == genesis_commitment("s")
 
 
 # -- direction seeds -------------------------------------------------------------------

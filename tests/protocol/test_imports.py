@@ -1,4 +1,4 @@
-"""The protocol package is pure torch: it never imports Lightning (STYLE.md layout)."""
+"""The protocol package is pure torch: it never imports Lightning (README "Architecture")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Hash-chained slashing ledger (PROTOCOL.md section 6)."""
+"""Hash-chained slashing ledger (docs/PROTOCOL.md §6)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Fit ``ToyModule`` with HoloGrad on CPU/gloo; each rank writes ``rank{R}.pt`` to ``--out``.
+"""Fit the demo ``ToyModule`` with HoloGrad on CPU/gloo; each rank writes ``rank{R}.pt`` to ``--out``.
 
 Driver for ``test_launch.py``; it runs as a plain script under every launch path:
 
@@ -15,10 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # for `toy`, whichever way this file is run
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -64,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     import lightning.pytorch as L
 
     import lightning_holograd  # noqa: F401  (registers the strategy names)
-    from toy import SaveRankState, ToyModule
+    from lightning_holograd.demos import SaveRankState, ToyModule
 
     trainer = L.Trainer(
         accelerator="cpu", devices=args.devices, num_nodes=args.num_nodes, strategy=build_strategy(args),

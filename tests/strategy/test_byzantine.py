@@ -2,7 +2,7 @@
 
 Unit tests check each attack's arithmetic, the reproducible random lie, argument
 validation and the evasive (``only_unverified``) plan. Multi-process tests fork 4 ranks
-on the toy task of ``toy.py`` (Gaussian directions, K = 64, D = 178, 48 SGD steps; the
+on the toy task of ``lightning_holograd.demos`` (Gaussian directions, K = 64, D = 178, 48 SGD steps; the
 clean run takes the full-dataset loss from 5.22 to ~0.16) with rank 3 lying from step 0,
 and compare the final full-dataset loss with the clean run of the same aggregation.
 With N = 4, trimmed_mean at tau = 0.25 cuts one value per end of every direction and so
@@ -19,11 +19,11 @@ from types import SimpleNamespace
 import lightning.pytorch as L
 import pytest
 import torch
-from toy import ToyModule, assert_identical_replicas, fit, make_dataset
+from replicas import assert_identical_replicas
 
 from lightning_holograd import ByzantineSimulator, HoloGradConfig, HoloGradStrategy, StepContext
-from lightning_holograd.callbacks.byzantine import attack_generator, attack_row
-from lightning_holograd.protocol import draw_claims
+from lightning_holograd.demos import ToyModule, fit, make_dataset
+from lightning_holograd.protocol import attack_generator, attack_row, draw_claims
 from lightning_holograd.protocol.aggregators import KrumAggregator, MedianAggregator, TrimmedMeanAggregator
 
 ATTACKER, WORLD_SIZE, STEPS = 3, 4, 48

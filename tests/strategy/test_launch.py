@@ -30,9 +30,8 @@ import torch
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 DRIVER = str(HERE.relative_to(REPO) / "launch_toy.py")
-sys.path.insert(0, str(HERE))  # `toy`, as launch_toy.py imports it
 
-from toy import free_port, load_ranks, make_dataset  # noqa: E402
+from lightning_holograd.demos import free_port, load_ranks, make_dataset
 
 MAX_STEPS, NUM_DIRECTIONS, DIRECTIONS = 24, 64, "gaussian"  # launch_toy.py's defaults
 LAUNCH_TIMEOUT_S = 180
@@ -189,13 +188,13 @@ def _trainer(package: str, strategy: str) -> Any:
                           enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
 
 
-def _assert_resolves(registration: Any) -> None:
+def _assert_resolves(strategies: Any) -> None:
     """Every name resolves, in each package, to that package's current HoloGrad class."""
     import lightning.pytorch.strategies as lstrategies
     import pytorch_lightning.strategies as plstrategies
 
-    expected = {"lightning.pytorch": (registration.HoloGradStrategy, lstrategies.DDPStrategy),
-                "pytorch_lightning": (registration.PLHoloGradStrategy, plstrategies.DDPStrategy)}
+    expected = {"lightning.pytorch": (strategies.HoloGradStrategy, lstrategies.DDPStrategy),
+                "pytorch_lightning": (strategies.PLHoloGradStrategy, plstrategies.DDPStrategy)}
     for package, (cls, ddp) in expected.items():
         assert cls is not None and issubclass(cls, ddp), (package, cls)
         for name, start_method in {"holograd": "popen", "holograd_spawn": "spawn", "holograd_fork": "fork"}.items():
@@ -207,32 +206,35 @@ def _assert_resolves(registration: Any) -> None:
 
 @pytest.fixture
 def restore_registration() -> Any:
-    """Undo a reload: put the original classes back in the module and in both registries."""
-    import lightning_holograd.registration as registration
+    """Undo a reload: put the original classes back in the package and in both registries."""
+    import lightning.pytorch.strategies as lstrategies
+    import pytorch_lightning.strategies as plstrategies
 
-    saved = dict(vars(registration))
-    yield registration
-    vars(registration).update(saved)
-    registration.register_strategies(saved["HoloGradStrategy"], "lightning.pytorch")
-    registration.register_strategies(saved["PLHoloGradStrategy"], "pytorch_lightning")
+    import lightning_holograd.strategies as strategies
+
+    saved = dict(vars(strategies))
+    yield strategies
+    vars(strategies).update(saved)
+    saved["HoloGradStrategy"].register_strategies(lstrategies.StrategyRegistry)
+    saved["PLHoloGradStrategy"].register_strategies(plstrategies.StrategyRegistry)
 
 
 def test_registered_names_resolve_in_both_packages() -> None:
     import lightning_holograd
 
-    assert lightning_holograd.PLHoloGradStrategy is lightning_holograd.registration.PLHoloGradStrategy
-    _assert_resolves(lightning_holograd.registration)
+    assert lightning_holograd.PLHoloGradStrategy is lightning_holograd.strategies.PLHoloGradStrategy
+    _assert_resolves(lightning_holograd.strategies)
 
 
 def test_reimport_and_reload_are_harmless(restore_registration: Any) -> None:
-    registration = restore_registration
-    first = importlib.import_module("lightning_holograd")
-    assert importlib.import_module("lightning_holograd") is first
-    registration.register_strategies(registration.HoloGradStrategy, "lightning.pytorch")  # twice: no error
-    importlib.reload(registration)  # rebuilds the classes and registers them again (override)
-    _assert_resolves(registration)
+    strategies = restore_registration
     from lightning.pytorch.strategies import StrategyRegistry
 
+    first = importlib.import_module("lightning_holograd")
+    assert importlib.import_module("lightning_holograd") is first
+    strategies.HoloGradStrategy.register_strategies(StrategyRegistry)  # twice: no error
+    importlib.reload(strategies)  # registers the classes again
+    _assert_resolves(strategies)
     assert {"holograd", "holograd_spawn", "holograd_fork"} <= set(StrategyRegistry)
 
 
@@ -305,4 +307,4 @@ def test_pytorch_lightning_fork_fit(tmp_path: Path) -> None:
     # The launcher ships rank 0's weights and protocol state back to this (parent) process.
     differing = [k for k, v in module.state_dict().items() if not torch.equal(v, rank0["params"][k])]
     assert not differing, f"parent module {differing} differ from rank 0's final parameters"
-    assert trainer.strategy.final_state["chain"] == rank0["exchange"]["chain"]
+    assert trainer.strategy.final_protocol_state["chain"] == rank0["exchange"]["chain"]

@@ -1,6 +1,6 @@
 """HoloGradStrategy end to end with real processes (fork launcher, gloo, CPU).
 
-Every test trains the toy task of ``toy.py`` on 2 ranks unless stated otherwise. Fork is
+Every test trains the toy task of ``lightning_holograd.demos`` on 2 ranks unless stated otherwise. Fork is
 the fastest launcher inside pytest (~1 s per fit); the other launch paths are covered by
 ``test_launch.py``.
 """
@@ -16,9 +16,11 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
-from toy import ToyModule, assert_identical_replicas, fit, free_port, max_param_diff
+from replicas import assert_identical_replicas, max_param_diff
 
 from lightning_holograd import ADCBootstrap, HoloGradStrategy, ReplicaDivergenceError
+from lightning_holograd.demos import ToyModule, fit, free_port
+from lightning_holograd.strategies.checkpoint import STATE_KEY
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(300)]
 
@@ -66,6 +68,43 @@ def test_manual_optimization_matches_ddp(tmp_path):
     assert_identical_replicas(ours)
     assert ours[0]["exchange"]["chain"]["step"] == 16
     assert max_param_diff(ours[0], ddp[0]) <= 1e-6
+
+
+class _GradsAfterBackward(L.Callback):
+    """Each rank saves its first batch and the gradients ``on_after_backward`` sees at the first step."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = out_dir
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == 0:
+            torch.save(batch, self.out_dir / f"batch{trainer.global_rank}.pt")
+
+    def on_after_backward(self, trainer, pl_module):
+        if trainer.global_step == 0:
+            grads = [p.grad.detach().clone() for p in pl_module.parameters()]
+            torch.save(grads, self.out_dir / f"grads{trainer.global_rank}.pt")
+
+
+def test_on_after_backward_sees_the_exchanged_gradient(tmp_path):
+    """The strategy's ``backward`` is Lightning's ``Strategy.backward`` with the exchange
+    inserted before ``precision_plugin.post_backward``; this pins that order. With identity
+    directions g_hat is the mean of the ranks' local gradients, so the hook sees the same
+    gradient on both ranks although their local gradients differ. Bound 1e-6: float
+    rounding of the mean only."""
+    fit(ToyModule(), holograd(directions="identity"), tmp_path / "out", max_steps=1,
+        callbacks=[_GradsAfterBackward(tmp_path)])
+    seen = [torch.load(tmp_path / f"grads{rank}.pt") for rank in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(*seen))
+    local = []
+    for rank in range(2):
+        module = ToyModule()
+        x, y = torch.load(tmp_path / f"batch{rank}.pt")
+        torch.nn.functional.mse_loss(module(x), y).backward()
+        local.append([p.grad for p in module.parameters()])
+    assert any(not torch.allclose(a, b) for a, b in zip(*local))
+    for got, g0, g1 in zip(seen[0], *local):
+        torch.testing.assert_close(got, (g0 + g1) / 2, rtol=0, atol=1e-6)
 
 
 # -- every family trains and keeps replicas identical -----------------------------------
@@ -131,10 +170,9 @@ def test_jvp_scalars_equal_backward_projections():
     """In-process: <g, v_j> by forward mode equals the dot product with the backward gradient,
     over two accumulated micro-batches (loss scaled by 1/2 as Lightning does). float32
     rounding differs between the two paths, so the bound is relative, 1e-5."""
-    from toy import make_dataset
-
-    from lightning_holograd.jvp import jvp_scalars
+    from lightning_holograd.demos import make_dataset
     from lightning_holograd.protocol import direction_seeds, make_family
+    from lightning_holograd.strategies.claims import jvp_scalars
 
     module = ToyModule()
     module.log = lambda *args, **kwargs: None
@@ -174,7 +212,7 @@ def test_jvp_projection_end_to_end(tmp_path):
 
 
 def test_logged_traffic_and_compression(tmp_path):
-    """N = 2 ranks, K = 64: per step each rank puts 32 hash bytes + 4K scalar bytes into
+    """N = 2 ranks, K = 64: per step each rank puts 33 bytes (hash + flag) + 4K scalar bytes into
     all_gathers (wire: (N-1) x that); a ring all-reduce of D floats sends 2 (N-1)/N 4D."""
     k = 64
     logger = CSVLogger(tmp_path, name="logs")
@@ -183,9 +221,9 @@ def test_logged_traffic_and_compression(tmp_path):
     rows = [r for r in read_metrics(tmp_path / "logs") if r.get("holograd/bytes_per_step")]
     assert len(rows) == 16
     for row in rows:
-        assert float(row["holograd/payload_bytes_per_step"]) == 32 + 4 * k
-        assert float(row["holograd/bytes_per_step"]) == 32 + 4 * k
-    assert float(rows[-1]["holograd/compression"]) == pytest.approx(4 * D_TOY / (32 + 4 * k))
+        assert float(row["holograd/payload_bytes_per_step"]) == 33 + 4 * k  # 32-byte hash + flag byte, K scalars
+        assert float(row["holograd/bytes_per_step"]) == 33 + 4 * k
+    assert float(rows[-1]["holograd/compression"]) == pytest.approx(4 * D_TOY / (33 + 4 * k))
 
 
 def test_bootstrap_steps_use_true_gradient_and_log_captured_energy(tmp_path):
@@ -196,7 +234,7 @@ def test_bootstrap_steps_use_true_gradient_and_log_captured_energy(tmp_path):
     true_steps = [s for s in range(16) if boot.is_true_gradient_step(s)]
     assert true_steps == [0, 1, 2, 7, 12]
     traffic = states[0]["exchange"]["traffic"]["total_payload"]
-    assert traffic["bootstrap"] == len(true_steps) * 4 * D_TOY
+    assert traffic["true_gradient"] == len(true_steps) * 4 * D_TOY
     assert traffic["scalars"] == (16 - len(true_steps)) * 4 * 8
     all_rows = read_metrics(tmp_path / "logs")
     rows = [r for r in all_rows if r.get("holograd/true_gradient_step")]
@@ -224,7 +262,7 @@ def test_resume_is_bitwise_exact(tmp_path):
     fit(ToyModule(adam=True), holograd(**kwargs), tmp_path / "first", max_epochs=1, enable_checkpointing=True,
         callbacks=[ckpt], **epochs)
     checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
-    assert checkpoint["holograd"]["exchange"]["chain"]["step"] == 8
+    assert checkpoint[STATE_KEY]["exchange"]["chain"]["step"] == 8
     resumed = fit(ToyModule(adam=True), holograd(**kwargs), tmp_path / "resumed", max_epochs=2,
                   ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"), **epochs)
     assert_identical_replicas(resumed)
@@ -279,7 +317,7 @@ def test_audit_names_the_step_and_the_diverging_rank(tmp_path):
         ({"directions": "codebook", "num_directions": 8, "codebook_rank": 9}, "codebook_rank=9"),
         ({"directions": "codebook", "codebook_rank": 0}, "codebook_rank=0"),
         ({"directions": "momentum", "num_directions": 1}, "num_directions=1"),
-        ({"chunk_size": 10000}, "chunk_size=10000"),
+        ({"chunk_size": 0}, "chunk_size=0"),  # any positive chunk_size is valid since DIRECTION_VERSION 2
         ({"seed": ""}, "seed=''"),
         ({"audit_every": -1}, "audit_every=-1"),
     ],
@@ -318,6 +356,6 @@ def test_fork_ships_a_large_protocol_state_back_to_the_parent(tmp_path):
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=2, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(Wide())
-    state = trainer.strategy.final_state
+    state = trainer.strategy.final_protocol_state
     assert state["family"]["basis"].shape == (1000 * 1000 + 1000, 16)
     assert state["chain"]["step"] == 2

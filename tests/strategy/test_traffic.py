@@ -3,8 +3,10 @@
 The test wraps every ``torch.distributed`` collective in the pytest process before the
 fork launcher starts the ranks, so both ranks run real gloo collectives through counting
 wrappers. It then shows (a) that during HoloGrad steps no collective carries more than
-the hashes (32 bytes) or the K float32 scalars (4K bytes), and (b) that the per-step
-payload the strategy logs equals what the wrappers counted for its own calls.
+the hashes with their flag byte (33 bytes) or the K float32 scalars (4K bytes), and that
+Lightning's per-batch 8-byte SIGTERM broadcast is gone (the stop flag rides in the
+commit), and (b) that the per-step payload the strategy logs equals what the wrappers
+counted for its own calls.
 """
 
 from __future__ import annotations
@@ -19,9 +21,9 @@ import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 from lightning.pytorch.loggers import CSVLogger
-from toy import ToyModule, fit
 
 from lightning_holograd import HoloGradStrategy
+from lightning_holograd.demos import ToyModule, fit
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(300)]
 
@@ -44,10 +46,16 @@ def _payload(args: tuple, kwargs: dict, name: str) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
+def _is_holograd(filename: str) -> bool:
+    """A frame of the strategy's own code (the demo task's ``fit`` only calls Lightning)."""
+    path = Path(filename).as_posix()
+    return "lightning_holograd/" in path and "lightning_holograd/demos/" not in path
+
+
 def _counting(name: str, original):
     @functools.wraps(original)
     def wrapper(*args, **kwargs):
-        from_holograd = any("lightning_holograd" in frame.filename for frame in traceback.extract_stack()[:-1])
+        from_holograd = any(_is_holograd(frame.filename) for frame in traceback.extract_stack()[:-1])
         RECORDS.append(("collective", None, name, _payload(args, kwargs, name), from_holograd))
         return original(*args, **kwargs)
 
@@ -111,18 +119,18 @@ def test_no_collective_carries_more_than_scalars_and_hashes(tmp_path, counted_co
         for step, calls in per_step.items():
             ours = [size for name, size, mine in calls if mine]
             theirs = [(name, size) for name, size, mine in calls if not mine]
-            # (a) HoloGrad's own collectives: one hash gather and one scalar gather per step
-            assert sorted(ours) == [32, 4 * k], (step, calls)
-            # Lightning's own per-step control messages are tiny; nothing gradient-sized
-            assert all(size <= 8 for _, size in theirs), (step, theirs)
-            assert max(size for _, size, _ in calls) <= max(32, 4 * k)
+            # (a) HoloGrad's own collectives: one hash (+ flag byte) gather and one scalar gather per step
+            assert sorted(ours) == [33, 4 * k], (step, calls)
+            # and nothing else: Lightning's per-batch SIGTERM broadcast is replaced by the flag byte
+            assert theirs == [], (step, theirs)
+            assert max(size for _, size, _ in calls) <= max(33, 4 * k)
             # (b) the logged figure equals what the wrappers counted for HoloGrad's calls
             assert logged[step] == sum(ours)
 
 
 def test_ddp_gradient_traffic_is_invisible_to_python_wrappers(tmp_path, counted_collectives):
     """Why this test counts HoloGrad only: DDP's bucketed all-reduce is issued from C++, so
-    wrapping torch.distributed sees none of it (LIGHTNING_NOTES). Shown here so that the
+    wrapping torch.distributed sees none of it. Shown here so that the
     benchmarks measure DDP traffic with a comm hook or interface counters instead."""
     fit(ToyModule(), "ddp_fork", tmp_path, max_steps=4, callbacks=[_MarkSteps(tmp_path)])
     per_step = _per_step(torch.load(tmp_path / "collectives0.pt"))

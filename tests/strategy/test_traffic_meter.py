@@ -1,8 +1,8 @@
-"""TrafficMeter arithmetic (no processes): the ring model of traffic.py's docstring."""
+"""TrafficMeter arithmetic (no processes): the ring model of engine/traffic.py's docstring."""
 
 import pytest
 
-from lightning_holograd.traffic import TrafficMeter, ring_wire_bytes
+from lightning_holograd.engine import TrafficMeter, ring_wire_bytes
 
 
 def test_ring_model():

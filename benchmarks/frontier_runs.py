@@ -1,0 +1,201 @@
+"""The runs of the network benchmarks and how one of them is run: an N-node torchrun job of
+``netbench_worker`` over a fresh ``netns.Cluster``, its rank files combined into one row.
+
+``RUNS`` names every setting of the frontier (the peers and the HoloGrad families); a run's
+spec is what ``baselines.build_strategy`` reads, plus ``"family"`` (the frontier's grouping)
+and, for settings that need a strategy argument not every checkout has yet, ``"needs"``
+(checked by ``missing_features`` before the run starts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+from pathlib import Path
+from typing import Any
+
+from benchmarks.harness import read_rank_files, remove_stale, run_metadata
+from benchmarks.netns import Cluster
+
+WORKER = "benchmarks.netbench_worker"  # run by torchrun as a module, from the repository root
+
+
+def holograd_spec(family: str, k: int, **extra: Any) -> dict[str, Any]:
+    """A HoloGrad run: ``family`` directions, K = ``k``; ``bootstrap``/``refresh`` add
+    ADCBootstrap; ``direction_groups``/``local_steps`` name the family after them."""
+    init = {"directions": family, "num_directions": k}
+    bootstrap = {key: extra.pop(key) for key in ("bootstrap", "refresh") if key in extra}
+    needs = [key for key in ("direction_groups", "local_steps") if key in extra]
+    label = "-".join([f"holograd-{family}", *(("groups" if key == "direction_groups" else "local") for key in needs)])
+    spec = {"kind": "holograd", "family": label, "K": k, "init_args": {**init, **extra}, **bootstrap}
+    return {**spec, "needs": needs} if needs else spec
+
+
+# Ordered: the most informative runs first, so that a --runs subset or an interrupted
+# invocation still has the reference and the main families.
+PEERS: dict[str, dict[str, Any]] = {
+    "ddp": {"kind": "ddp", "family": "ddp"},
+    "ddp-bf16": {"kind": "ddp_hook", "hook": "bf16", "family": "ddp-bf16"},
+    "powersgd-r1": {"kind": "ddp_hook", "hook": "powersgd", "rank": 1, "family": "powersgd"},
+    "powersgd-r2": {"kind": "ddp_hook", "hook": "powersgd", "rank": 2, "family": "powersgd"},
+    "powersgd-r4": {"kind": "ddp_hook", "hook": "powersgd", "rank": 4, "family": "powersgd"},
+    "localsgd-h4": {"kind": "localsgd", "period": 4, "family": "localsgd"},
+    "localsgd-h16": {"kind": "localsgd", "period": 16, "family": "localsgd"},
+    "localsgd-h64": {"kind": "localsgd", "period": 64, "family": "localsgd"},
+    "diloco-h16": {"kind": "diloco", "period": 16, "family": "diloco"},
+    "diloco-h64": {"kind": "diloco", "period": 64, "family": "diloco"},
+}
+HOLOGRAD: dict[str, dict[str, Any]] = {
+    "sketch-64": holograd_spec("sketch", 64),
+    "sketch-256": holograd_spec("sketch", 256),
+    "sketch-1024": holograd_spec("sketch", 1024),
+    "sketch-4096": holograd_spec("sketch", 4096),
+    "sketch-16384": holograd_spec("sketch", 16384),
+    "sketch-65536": holograd_spec("sketch", 65536),
+    "rademacher-16": holograd_spec("rademacher", 16),
+    "rademacher-64": holograd_spec("rademacher", 64),
+    "gaussian-16": holograd_spec("gaussian", 16),
+    "gaussian-64": holograd_spec("gaussian", 64),
+    "momentum-64": holograd_spec("momentum", 64),
+    "codebook-64-boot10": holograd_spec("codebook", 64, codebook_rank=64, bootstrap=10),
+    "codebook-64-boot10-refresh50": holograd_spec("codebook", 64, codebook_rank=64, bootstrap=10, refresh=50),
+    "rademacher-256": holograd_spec("rademacher", 256),
+    "gaussian-256": holograd_spec("gaussian", 256),
+}
+# Independent directions per rank (issue 11 §1) and local steps with a sketched pseudo-gradient
+# (§2): strategy arguments built on branch `slowlink`; skipped ("pending") until they exist.
+# Payload per rank and step at N = 2: (32 + 4K) / H bytes, i.e. about 1,740x at K = 4096,
+# H = 16 and at K = 16384, H = 64, and 435x at K = 1024 (per step) or K = 16384, H = 16.
+SLOWLINK: dict[str, dict[str, Any]] = {
+    "sketch-256-perrank": holograd_spec("sketch", 256, direction_groups="per_rank"),
+    "sketch-1024-perrank": holograd_spec("sketch", 1024, direction_groups="per_rank"),
+    "sketch-4096-perrank": holograd_spec("sketch", 4096, direction_groups="per_rank"),
+    "sketch-4096-h16": holograd_spec("sketch", 4096, local_steps=16),  # shared directions: the ablation of §2
+    "sketch-4096-perrank-h16": holograd_spec("sketch", 4096, direction_groups="per_rank", local_steps=16),
+    "sketch-16384-perrank-h16": holograd_spec("sketch", 16384, direction_groups="per_rank", local_steps=16),
+    "sketch-16384-perrank-h64": holograd_spec("sketch", 16384, direction_groups="per_rank", local_steps=64),
+    "sketch-65536-perrank-h64": holograd_spec("sketch", 65536, direction_groups="per_rank", local_steps=64),
+}
+RUNS: dict[str, dict[str, Any]] = {**PEERS, **HOLOGRAD, **SLOWLINK}
+SHORT_RUNS = [*PEERS, *HOLOGRAD]  # the 300-step frontier of results/frontier_cpu.md
+# The long frontier: every peer, the sketch over K, the cheaper dense families, momentum, one
+# codebook, and the slowlink settings (gaussian/rademacher at K = 256 cost 5-10x DDP's step).
+LONG_RUNS = [*PEERS, "sketch-64", "sketch-256", "sketch-1024", "sketch-4096", "sketch-16384", "sketch-65536",
+             "rademacher-64", "gaussian-64", "momentum-64", "codebook-64-boot10-refresh50", *SLOWLINK]
+SMOKE_RUNS = ["ddp", "sketch-256"]
+REFERENCE = "ddp"
+LAST_REFERENCE = "ddp-last"  # DDP again at the end: the two give the noise level of the ratios
+
+
+def spec_of(name: str) -> dict[str, Any]:
+    return RUNS[REFERENCE] if name == LAST_REFERENCE else RUNS[name]
+
+
+def label(r: dict[str, Any]) -> str:
+    """A run's setting in a few characters: K (and bootstrap, groups, H), rank or H; and its
+    learning-rate multiplier where it is not 1."""
+    text = _setting(r["spec"])
+    scale = r["spec"].get("lr_scale", 1.0)
+    if r["spec"].get("lr_swept") is False:
+        return f"{text}, lr x1 (not swept)"
+    return text if scale == 1.0 else f"{text}, lr x{scale:g}"
+
+
+def _setting(spec: dict[str, Any]) -> str:
+    if spec.get("K"):
+        init = spec.get("init_args", {})
+        extra = [f"boot {spec['bootstrap']}" if spec.get("bootstrap") else "",
+                 f"refresh {spec['refresh']}" if spec.get("refresh") else "",
+                 f"groups {init['direction_groups']}" if init.get("direction_groups") else "",
+                 f"H={init['local_steps']}" if init.get("local_steps") else ""]
+        return ", ".join([f"K={spec['K']}", *(e for e in extra if e)])
+    if spec.get("rank"):
+        return f"rank {spec['rank']}"
+    if spec.get("period"):
+        return f"H={spec['period']}"
+    return "-"
+
+
+def missing_features(spec: dict[str, Any]) -> list[str]:
+    """The strategy arguments ``spec`` needs that this checkout's HoloGradStrategy lacks."""
+    if not spec.get("needs"):
+        return []
+    from lightning_holograd import HoloGradStrategy
+
+    accepted = set(inspect.signature(HoloGradStrategy.__init__).parameters)
+    return [key for key in spec["needs"] if key not in accepted]
+
+
+def network_metadata(module: str, argv: list[str] | None, args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
+    """``run_metadata`` with the settings every network benchmark shares (steps, validation,
+    ranks, corpus); ``extra`` adds the benchmark's own."""
+    return run_metadata(module, argv, profile=args.profile, steps=args.steps, val_every=args.val_every,
+                        val_batches=args.val_batches, warmup=args.warmup, num_nodes=args.ranks,
+                        max_bytes=args.max_bytes, **extra)
+
+
+def worker_args(name: str, spec: dict[str, Any], args: argparse.Namespace, out_dir: Path) -> list[str]:
+    """The worker's command line for run ``name`` under the invocation's settings ``args``."""
+    out = ["--spec", json.dumps({**spec, "name": name}), "--out", str(out_dir), "--steps", str(args.steps),
+           "--val-every", str(args.val_every), "--val-batches", str(args.val_batches), "--warmup", str(args.warmup)]
+    for option in ("schedule_steps", "target", "time_cap", "batch_size", "max_bytes"):
+        value = getattr(args, option, None)
+        if value is not None:
+            out += [f"--{option.replace('_', '-')}", str(value)]
+    return out
+
+
+def run_one(name: str, spec: dict[str, Any], args: argparse.Namespace, out_dir: Path, rate: str | None = None,
+            num_nodes: int = 2, tag: str = "frontier") -> dict[str, Any]:
+    """One run as an N-node torchrun job over a fresh cluster (``rate``: tbf shaping)."""
+    missing = missing_features(spec)
+    if missing:
+        print(f"[{tag}] {name}: skipped, HoloGradStrategy has no {missing} in this checkout", flush=True)
+        return {"run": name, "family": spec["family"], "spec": spec, "status": f"pending (needs {', '.join(missing)})"}
+    remove_stale(out_dir, f"{name}_rank*.json")
+    with Cluster(num_nodes=num_nodes, rate=rate) as cluster:
+        job = cluster.run_torchrun(WORKER, worker_args(name, spec, args, out_dir), timeout=args.timeout,
+                                   port=args.port)
+    row = combine_ranks(name, spec, job, read_rank_files(out_dir, name, num_nodes), num_nodes)
+    print(f"[{tag}] {summary(row)}", flush=True)
+    return row
+
+
+def summary(row: dict[str, Any]) -> str:
+    """One line about a finished run (the error and rank 0's output tail when it failed)."""
+    if row["status"] != "ok":
+        return f"{row['run']}: {row['status']}\n{row.get('output_tails', [''])[0][-2000:]}"
+    val = "" if row["final_val_loss"] is None else f"val {row['final_val_loss']:.4f} (best {row['best_val_loss']:.4f})  "
+    return (f"{row['run']:30s} {val}{row['bytes_per_step']:>12,.0f} B/step  step {row['step_median_s'] * 1e3:6.1f} ms  "
+            f"RSS {row['peak_rss_mb']:.0f} MB  ({row['wall_s']:.0f} s)")
+
+
+def combine_ranks(name: str, spec: dict[str, Any], job: dict[str, Any], ranks: list[dict[str, Any]],
+                  num_nodes: int) -> dict[str, Any]:
+    """One row from the rank files: the validation loss of rank 0 (synced across ranks), and
+    per step or check the max over ranks of time and bytes (the slowest, busiest rank)."""
+    row: dict[str, Any] = {"run": name, "family": spec["family"], "spec": spec, "wall_s": job["wall_s"],
+                           "job_tx_bytes": job["job_tx_bytes"], "returncodes": job["returncodes"]}
+    if job["returncodes"] != [0] * num_nodes or len(ranks) != num_nodes:
+        row["status"] = f"error (rc={job['returncodes']}, {len(ranks)}/{num_nodes} rank files)"
+        row["output_tails"] = job["output_tails"]
+        return row
+    r0 = ranks[0]
+    curve = [{"step": points[0]["step"], "val_loss": points[0]["val_loss"],
+              "train_s": max(p["train_s"] for p in points), "bytes": max(p["bytes"] for p in points)}
+             for points in zip(*(r["curve"] for r in ranks))]
+    sent = [r["bytes_sent_train"] for r in ranks]
+    row.update({
+        "status": "ok", "world_size": num_nodes, "D": r0["num_params"], "steps": r0["global_step"], "curve": curve,
+        "final_val_loss": curve[-1]["val_loss"] if curve else None,
+        "best_val_loss": min(p["val_loss"] for p in curve) if curve else None,
+        "bytes_train_per_rank": max(sent), "bytes_train_by_rank": sent,
+        "bytes_per_step": max(sent) / r0["global_step"],
+        "bytes_per_step_after_warmup": max(r["bytes_per_step_after_warmup"] for r in ranks),
+        "bytes_per_step_after_warmup_by_rank": [r["bytes_per_step_after_warmup"] for r in ranks],
+        "step_median_s": max(r["step_median_s"] for r in ranks),
+        "peak_rss_mb": max(r["peak_rss_mb"] for r in ranks),
+        "holograd_meter_wire": r0.get("holograd_meter_wire"),
+    })
+    return row

@@ -1,6 +1,6 @@
 """Tables of ``local_steps_study.py`` runs: val loss as a ratio to DDP, bytes and compression.
 
-``python benchmarks/local_steps_study.py --report`` reads every run JSON in the runs folder,
+``python -m benchmarks.local_steps_study --report`` reads every run JSON in the runs folder,
 writes ``results/local_steps_study.json`` (all runs, train curves dropped) and prints the
 Markdown tables that ``results/local_steps_study.md`` quotes. The reference of a run is the
 DDP run (``--ratio 0 --local-steps 1``) with the same number of workers and steps.

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Design study for issue 11 §1-§2: direction groups, and local steps with a verifiable inner state.
 
 This is a DESIGN STUDY, not the frontier: one process simulates N data-parallel workers with
@@ -47,11 +46,11 @@ p_verify * (H B T token_bytes + state bytes) / H. ``--budget exchange`` sizes K 
 alone is 4 D / ratio bytes per step; ``--budget total`` so exchange plus verification is.
 
 Run one configuration per command (the tag names it); ``--report`` collects the runs:
-  python benchmarks/local_steps_study.py --workers 4 --steps 300 --ratio 0          # DDP
-  python benchmarks/local_steps_study.py --workers 4 --steps 300 --ratio 1000 --groups per_rank
-  python benchmarks/local_steps_study.py --workers 4 --steps 300 --ratio 1000 --local-steps 16 \
+  python -m benchmarks.local_steps_study --workers 4 --steps 300 --ratio 0          # DDP
+  python -m benchmarks.local_steps_study --workers 4 --steps 300 --ratio 1000 --groups per_rank
+  python -m benchmarks.local_steps_study --workers 4 --steps 300 --ratio 1000 --local-steps 16 \
       --groups per_rank --inner factored_v --outer avg
-  python benchmarks/local_steps_study.py --report       # tables to stdout, local_steps_study.json
+  python -m benchmarks.local_steps_study --report       # tables to stdout, local_steps_study.json
 """
 
 from __future__ import annotations
@@ -60,24 +59,21 @@ import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import argparse  # noqa: E402
-import hashlib  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import shlex  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+import argparse
+import hashlib
+import json
+import math
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
 
-import torch  # noqa: E402
+import torch
+
+from benchmarks.harness import MODEL_KW, SEED
 
 _BENCH_DIR = Path(__file__).resolve().parent
-for _p in (_BENCH_DIR, _BENCH_DIR.parent / "examples"):
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
-
-from bench_strategy import MODEL_KW, SEED  # noqa: E402  the tiny GPT-2 of configs/gpt2-tiny-cpu.yaml
 
 RUNS_DIR = _BENCH_DIR / "results" / "local_steps_study_runs"
 BATCH, DATA_SEED = 16, 1234
@@ -90,8 +86,8 @@ class Workload:
     """Model, per-worker batch streams, flat gradients and validation loss of the tiny GPT-2."""
 
     def __init__(self, workers: int, val_batches: int = 32) -> None:
-        from gpt2_data import stdlib_corpus
-        from gpt2_module import GPT2Module
+        from lightning_holograd.demos.gpt2_data import stdlib_corpus
+        from lightning_holograd.demos.gpt2_module import GPT2Module
 
         torch.manual_seed(SEED)  # the example's init
         self.module = GPT2Module(**MODEL_KW)
@@ -361,7 +357,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     work = Workload(args.workers, args.val_batches)
     log: dict[str, Any] = {"tag": tag_of(args), "args": vars(args), "dim": work.dim, "k": 0, "check_bytes": 0,
                            "exchange_bytes": 0.0, "verify_bytes": 0.0, "val": {}, "train_loss": [], "_t0": time.time(), "_cpu0": time.process_time()}
-    log["command"] = "python benchmarks/local_steps_study.py " + shlex.join(sys.argv[1:])
+    log["command"] = "python -m benchmarks.local_steps_study " + shlex.join(sys.argv[1:])
     (run_per_step if args.local_steps == 1 else run_rounds)(work, args, log)
     full = 4.0 * work.dim * args.steps
     log.update(final_val=log["val"][str(args.steps)], wall_s=round(time.time() - log.pop("_t0"), 1),
@@ -411,7 +407,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.report:
-        from local_steps_report import report
+        from benchmarks.local_steps_report import report
 
         return report(args.out)
     log = train(args)

@@ -5,17 +5,12 @@ from __future__ import annotations
 
 import json
 import math
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-_BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
-sys.path.insert(0, str(_BENCH))
-
-import local_steps_study as study  # noqa: E402
+from benchmarks import local_steps_study as study
 
 SHAPES = [torch.Size([4, 3]), torch.Size([5])]  # one matrix, one vector: D = 17
 

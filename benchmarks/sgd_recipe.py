@@ -2,7 +2,7 @@
 
 The demo (``lightning.pytorch.demos.LightningTransformer``) trains ``torch.optim.SGD(lr=0.1)``
 with batch size 1 on WikiText-2 windows of 35 tokens. WikiText-2 needs a download, so
-this runs the same model and recipe on byte-level text (vocab 256: D = 1,395,456) from
+this runs the same model and recipe on byte-level text (vocab 256: D = 1,393,856) from
 the Python standard library's sources, which every installation has. 2 CPU ranks (fork
 launcher, gloo); the mean training loss of the last ``--window`` steps on rank 0 is
 reported for each variant:

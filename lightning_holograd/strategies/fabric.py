@@ -81,7 +81,7 @@ from .runtime import (
     module_state,
     run_exchange,
 )
-from .signals import StopOnSignal
+from .signals import StopOnSignal, check_sigterm_grace
 
 __all__ = ["HoloGradFabricStrategy"]
 
@@ -137,9 +137,7 @@ class HoloGradFabricStrategy(DDPStrategy):
     def __init__(self, process_group_backend: str | None = None, timeout: timedelta | None = default_pg_timeout,
                  start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen", sigterm_grace: float = 10.0,
                  resume_rank_map: dict[int, int] | None = None, **settings: Any) -> None:
-        if isinstance(sigterm_grace, bool) or not isinstance(sigterm_grace, (int, float)) or not sigterm_grace > 0:
-            raise ValueError(f"sigterm_grace={sigterm_grace!r} must be a number of seconds > 0. HINT: 10.")
-        self.sigterm_grace = float(sigterm_grace)
+        self.sigterm_grace = check_sigterm_grace(sigterm_grace)
         self.resume_rank_map = resume_rank_map
         self._stop_on_signal: StopOnSignal | None = None
         self._previous_sigterm: Any = None

@@ -21,10 +21,17 @@ import signal
 import threading
 from typing import Any
 
-__all__ = ["StopOnSignal"]
+__all__ = ["StopOnSignal", "check_sigterm_grace"]
 
 log = logging.getLogger(__name__)
 EXIT_CODE = 128 + signal.SIGTERM
+
+
+def check_sigterm_grace(value: object) -> float:
+    """``sigterm_grace`` as seconds, or ValueError naming it (the Trainer and Fabric strategies)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"sigterm_grace={value!r} must be a number of seconds > 0. HINT: 10.")
+    return float(value)
 
 
 class StopOnSignal:

@@ -68,7 +68,7 @@ from .runtime import (
     module_state,
     run_exchange,
 )
-from .signals import StopOnSignal
+from .signals import StopOnSignal, check_sigterm_grace
 
 __all__ = ["HoloGradStrategy", "HoloGradStrategyMixin", "STRATEGY_NAMES"]
 
@@ -202,7 +202,7 @@ class HoloGradStrategyMixin(LocalStepsMixin):
         self._step_inputs: list[tuple[Any, int]] = []  # (batch, batch_idx) of this step's micro-batches
         self._true_gradient_requested = False
         self._step_metrics: dict[str, float] = {}  # of the last optimizer step, until logged
-        self.sigterm_grace = float(sigterm_grace)
+        self.sigterm_grace = check_sigterm_grace(sigterm_grace)
         self.resume_rank_map = resume_rank_map
         self._stop_on_signal: StopOnSignal | None = None
 

@@ -211,3 +211,12 @@ def test_ranks_die_with_their_killed_parent(tmp_path):
     finally:
         if driver.poll() is None:
             driver.kill()
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, True, "10", None])
+def test_sigterm_grace_is_checked_by_both_strategies(bad):
+    from lightning_holograd import HoloGradFabricStrategy, HoloGradStrategy
+
+    for cls in (HoloGradStrategy, HoloGradFabricStrategy):
+        with pytest.raises(ValueError, match=r"sigterm_grace=.* must be a number of seconds > 0\. HINT"):
+            cls(sigterm_grace=bad)

@@ -5,7 +5,8 @@ Each rank runs the same steps through two exchanges side by side, one per path, 
 rows: a row per rank and step from a private generator, with a non-finite row at one step
 and a slashed rank from another, so that the kept set, the owner reassignment and the
 non-finite flag are all exercised. The sharded path must give bitwise the all_gather path's
-aggregate and estimate; the all_reduce path the mean of the kept rows up to the summation
+aggregate and estimate, with review hooks (row commitments gathered) and without them
+("sharded_bare": the flag rides in the all_to_all; at N = 2 "sharded" has no hooks either); the all_reduce path the mean of the kept rows up to the summation
 order (so its chain, which records the aggregate, soon takes other seeds).
 """
 
@@ -41,8 +42,9 @@ def _exchange(aggregation: str, path: str, world: int, a2a: str) -> HoloGradExch
     family = make_family("sketch", DIM, K)
     aggregator = make_aggregator(aggregation, trim_ratio=0.25)
     comm = Comm(TrafficMeter(world, DIM), all_to_all=a2a)
-    exchange = HoloGradExchange(family, aggregator, CommitmentChain("sharded-test"), comm, aggregation_path=path)
-    if world >= 3 and path != "all_reduce":
+    exchange = HoloGradExchange(family, aggregator, CommitmentChain("sharded-test"), comm,
+                                aggregation_path=path.replace("sharded_bare", "sharded"))
+    if world >= 3 and path in ("all_gather", "sharded"):
         def review(ctx):
             if ctx.step >= SLASH[0]:
                 exchange.slashing.slash(SLASH[1], Reason.MISMATCH, ctx.step)
@@ -59,12 +61,13 @@ def _row(rank: int, step: int, seeds: list[int], family) -> torch.Tensor:
 
 
 def _run_paths(rank: int, world: int, aggregation: str, a2a: str) -> dict:
-    paths = ["all_gather", "sharded"] + (["all_reduce"] if aggregation == "mean" else [])
+    paths = (["all_gather", "sharded"] + (["sharded_bare"] if world >= 3 else [])
+             + (["all_reduce"] if aggregation == "mean" else []))
     exchanges = {p: _exchange(aggregation, p, world, a2a) for p in paths}
     out = {p: [] for p in paths}
     for step in range(1, STEPS + 1):
         for path, ex in exchanges.items():
-            if path == "all_reduce" and world >= 3 and step == SLASH[0]:  # no review hooks on this path
+            if path in ("all_reduce", "sharded_bare") and world >= 3 and step == SLASH[0]:  # no review hooks
                 ex.slashing.slash(SLASH[1], Reason.MISMATCH, step)
             estimate = ex.step(f"{rank}/{step}".encode().ljust(32, b"."),
                                lambda seeds, ex=ex, step=step: _row(rank, step, seeds, ex.family))
@@ -99,10 +102,14 @@ def _launch(world: int, tmp_path: Path) -> list[dict]:
 
 def _wire_formula(world: int) -> dict[str, float]:
     """Wire bytes per rank and step of rank 0 on each path with nobody slashed (docs/PROTOCOL.md §8):
-    rank 0 owns a full block of b columns and sends the other K - b to their owners."""
+    rank 0 owns a full block of b columns and sends the other K - b to their owners; with
+    review hooks (N >= 3 here) it gathers its 33-byte row commitment, without them it sends
+    its 4-byte flag in each all_to_all message."""
     block = -(-K // world)
+    bare = (world - 1) * (33 + 4 + 4 * block) + 4 * (K - block)
     return {"all_gather": (world - 1) * (33 + 4 * K),
-            "sharded": (world - 1) * (33 + 33 + 4 * block) + 4 * (K - block),
+            "sharded": (world - 1) * (33 + 33 + 4 * block) + 4 * (K - block) if world >= 3 else bare,
+            "sharded_bare": bare,
             "all_reduce": (world - 1) * 33 + 2 * (world - 1) / world * 4 * (K + 1)}
 
 
@@ -115,7 +122,7 @@ def test_sharded_is_bitwise_the_all_gather_path(world, tmp_path):
             for step, (scalars, estimate, wire, _) in enumerate(steps, start=1):
                 for other in ranks[1:]:  # every rank holds the same aggregate and estimate
                     assert torch.equal(other[key][path][step - 1][1], estimate), (key, path, step)
-                if path == "sharded":
+                if path.startswith("sharded"):
                     assert torch.equal(scalars, reference[step - 1][0]), (key, step, scalars, reference[step - 1][0])
                     assert torch.equal(estimate, reference[step - 1][1]), (key, step)
                 elif path == "all_reduce":  # the mean of the kept rows, summed in the backend's order

@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from lightning_holograd.demos import free_port
-from lightning_holograd.engine import Comm, HoloGradExchange, TrafficMeter
+from lightning_holograd.engine import Comm, HoloGradExchange, NonFiniteError, TrafficMeter
 from lightning_holograd.protocol import (
     CommitmentChain,
     Reason,
@@ -91,9 +91,31 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _launch(world: int, tmp_path: Path) -> list[dict]:
+def _all_nan_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """Every rank's row is NaN at step 1 on each sharded variant: each must raise NonFiniteError."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        mp.start_processes(_worker, args=(world, free_port(), str(tmp_path)), nprocs=world, start_method="fork")
+        outcome = {}
+        for path in ("sharded", "sharded_bare"):
+            ex = _exchange("median", path, world, "auto")
+            try:
+                ex.step(f"{rank}".encode().ljust(32, b"."), lambda seeds: torch.full((K,), float("nan")))
+                outcome[path] = "no error"
+            except NonFiniteError as error:
+                outcome[path] = str(error)
+        torch.save(outcome, Path(out_dir) / f"rank{rank}.pt")
+    except BaseException:
+        (Path(out_dir) / f"rank{rank}.err").write_text(traceback.format_exc())
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def _launch(world: int, tmp_path: Path, worker=_worker) -> list[dict]:
+    try:
+        mp.start_processes(worker, args=(world, free_port(), str(tmp_path)), nprocs=world, start_method="fork")
     except Exception:
         errors = "\n".join(p.read_text() for p in sorted(tmp_path.glob("*.err")))
         raise AssertionError(f"a rank failed:\n{errors}") from None
@@ -132,6 +154,14 @@ def test_sharded_is_bitwise_the_all_gather_path(world, tmp_path):
                     torch.testing.assert_close(scalars, torch.stack([rows[r] for r in kept]).mean(0))
                 if step == 1:  # nobody slashed yet: the formula holds exactly
                     assert wire == pytest.approx(_wire_formula(world)[path]), (key, path, wire)
+
+
+def test_rows_non_finite_on_every_rank_stop_both_sharded_variants_naming_the_step(tmp_path):
+    """With and without review hooks (flags gathered with the commitments, or carried in the
+    all_to_all), every rank learns that no row is finite and raises at the same step."""
+    for outcome in _launch(3, tmp_path, _all_nan_worker):
+        for path in ("sharded", "sharded_bare"):
+            assert outcome[path].startswith("step 1: the loss or gradient was non-finite on every rank"), outcome
 
 
 def test_paths_that_cannot_compute_the_aggregation_are_refused():

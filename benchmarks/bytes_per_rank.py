@@ -10,9 +10,10 @@ max over ranks and the spread). Paths and their payload formulas per rank and st
 - ``ddp``: DDP's ring all-reduce, 2(N-1)/N x 4D;
 - ``allgather``: ``aggregation_path="all_gather"`` (sketch, K = ``--k``): two all_gathers
   (32-byte batch hashes with a flag byte, K float32 scalars), (N-1)(33 + 4K);
-- ``sharded``: ``aggregation_path="sharded"`` (docs/PROTOCOL.md §4.5): the hashes, an
-  all_gather of 32-byte row commitments with a flag byte, an all_to_all of column blocks and
-  an all_gather of the aggregated blocks, (N-1)(33 + 33) + 2 x 4K (N-1)/N (N divides K);
+- ``sharded``: ``aggregation_path="sharded"`` without a verifier (docs/PROTOCOL.md §4.5):
+  the hashes, an all_to_all of column blocks (each message led by a float32 non-finite flag)
+  and an all_gather of the aggregated blocks, (N-1)(33 + 4) + 2 x 4K (N-1)/N (N divides K);
+  a ``ProofVerifier`` adds an all_gather of 33-byte row commitments;
 - ``allreduce``: ``aggregation_path="all_reduce"`` (mean only): the hashes and one
   all_reduce of K scalars and a count, (N-1) 33 + 2 (N-1)/N x 4(K + 1).
 
@@ -53,8 +54,9 @@ PATHS: dict[str, dict[str, Any]] = {
     "ddp": {"formula": "2*(N-1)/N*4*D", "what": "ring all-reduce of D float32"},
     "allgather": {"formula": "(N-1)*(33+4*K)", "what": "all_gather of hashes (+flag byte) and K scalars",
                   "init_args": {"aggregation_path": "all_gather"}},
-    "sharded": {"formula": "(N-1)*(33+33) + 2*4*K*(N-1)/N",
-                "what": "hashes, N row commitments (+flag byte), all_to_all + all_gather of K/N blocks",
+    "sharded": {"formula": "(N-1)*(33+4) + 2*4*K*(N-1)/N",
+                "what": "hashes, all_to_all of K/N blocks (+a float32 flag; no row commitments without a "
+                        "verifier) + all_gather of the aggregated blocks",
                 "init_args": {"aggregation_path": "sharded"}},
     "allreduce": {"formula": "(N-1)*33 + 2*(N-1)/N*4*(K+1)", "what": "hashes, all_reduce of K scalars + a count",
                   "init_args": {"aggregation_path": "all_reduce"}},

@@ -19,7 +19,8 @@ coordinates. Per step, on every rank, in this order (docs/PROTOCOL.md §2-§4):
 That is the ``all_gather`` aggregation path. ``aggregation_path="sharded"`` replaces steps
 3-5 by a row-commitment gather, an all_to_all of column blocks, per-block aggregation
 by each block's owner and an all_gather of the aggregated blocks (bitwise the same a;
-``engine/sharded.py``), ``"all_reduce"`` by one all_reduce of the rows (``mean`` only),
+``engine/sharded.py``; without review hooks the commitment is skipped and the flag rides
+in the all_to_all), ``"all_reduce"`` by one all_reduce of the rows (``mean`` only),
 and ``"auto"`` picks per step (``current_path``; docs/PROTOCOL.md §4.5).
 
 With G > 1 direction groups (docs/PROTOCOL.md §9.1) rank i projects onto the seeds of
@@ -375,9 +376,11 @@ class HoloGradExchange:
             if not result.kept_ranks and result.nonfinite_ranks:
                 self._raise_none_finite(ctx, list(result.nonfinite_ranks))
             return result
-        ctx.sharded = self.sharding.commit_row(row.to(torch.float32))
+        reviewed = bool(self.review_hooks or self.block_review_hooks)  # else no commitment (engine/sharded.py)
+        ctx.sharded = (self.sharding.commit_row if reviewed else self.sharding.open_row)(row.to(torch.float32))
         for review in self.review_hooks:
             review(ctx)
+        self.sharding.exchange(ctx.sharded, row)
         counted = self.slashing.honest_ranks()
         if counted and all(r in ctx.sharded.nonfinite for r in counted):
             self._raise_none_finite(ctx, counted)

@@ -16,6 +16,12 @@ Symbols: N ranks, W = K (+ public values) the row width, b = ceil(W / N) the blo
 
 Per rank and step: (N - 1)(33 + 33) + 2 (N - 1) x 4b bytes, about 2 x 4W + 66 N.
 
+Without review hooks (no verification, no audit) nobody reads a commitment, so step 1 is
+skipped (``open_row``) and the flag travels as one float32 (1.0: non-finite) before the
+values in each all_to_all message: three collectives per step instead of four,
+(N - 1)(33 + 4) + 2 (N - 1) x 4b bytes. Why a verified step cannot fold the commitment into
+the all_to_all the same way: docs/PROTOCOL.md §6.12 ("Why the commitments are gathered").
+
 ``all_reduce`` (``mean`` without verification): one all_reduce of the W values of a rank's
 row, or zeros, plus one count (1 for a finite row of a rank that is not slashed, else 0);
 the mean is the sum divided by the count. 2 (N - 1) / N x 4 (W + 1) bytes. The sum's order
@@ -47,9 +53,10 @@ class ShardState:
     """What a sharded step knows (``StepContext.sharded``); hooks read it."""
 
     bounds: list[tuple[int, int]]  # the N column blocks
-    commitments: list[bytes]  # every rank's row commitment, rank order
-    nonfinite: list[int]  # ranks whose flag byte says their row holds NaN/inf
-    leaves: list[bytes]  # this rank's N block leaves
+    commitments: list[bytes]  # every rank's row commitment, rank order (empty when unreviewed)
+    nonfinite: list[int]  # ranks whose flag says their row holds NaN/inf (unreviewed: set by exchange)
+    leaves: list[bytes]  # this rank's N block leaves (empty when unreviewed)
+    flag: float | None = None  # unreviewed: this rank's flag, sent in each all_to_all message
     owners: list[int] = field(default_factory=list)  # owner of each block at the all_to_all
     received: dict[int, torch.Tensor] = field(default_factory=dict)  # owned block -> (N, width) as received
     kept: list[int] = field(default_factory=list)  # rows aggregated at this step
@@ -82,18 +89,27 @@ class ShardedAggregation:
         nonfinite = [rank for rank, r in enumerate(rows) if r[32] & ROW_FLAG_NONFINITE]
         return ShardState(bounds, commitments, nonfinite, leaves)
 
+    def open_row(self, row: torch.Tensor) -> ShardState:
+        """The unreviewed step's state (no collective): the flag goes with the blocks."""
+        flag = 0.0 if bool(torch.isfinite(row).all()) else 1.0
+        return ShardState(block_bounds(row.numel(), self.comm.world_size), [], [], [], flag=flag)
+
+    def exchange(self, state: ShardState, row: torch.Tensor) -> None:
+        """The all_to_all: ``state.received`` gets this rank's owned blocks of every row; on an
+        unreviewed step (``open_row``) ``state.nonfinite`` gets the flags that came with them."""
+        state.owners = block_owners(self.comm.world_size, self.slashing.slashed)
+        self._exchange_blocks(state, row)
+
     def aggregate(self, state: ShardState, row: torch.Tensor) -> AggregationResult:
-        """all_to_all of the blocks, per-direction aggregation of the owned ones, all_gather of
+        """Per-direction aggregation of the owned blocks (after ``exchange``), all_gather of
         the aggregates; every rank returns the same aggregated row (W,)."""
         slashed = self.slashing.slashed
-        state.owners = block_owners(self.comm.world_size, slashed)
         state.kept = [r for r in range(self.comm.world_size) if r not in slashed and r not in state.nonfinite]
         if len(state.kept) < self.aggregator.min_rows():
             raise NotEnoughRanksError(
                 f"{self.aggregator.name} aggregation needs at least {self.aggregator.min_rows()} usable ranks, got "
                 f"{len(state.kept)} (slashed={sorted(slashed)}, non-finite={state.nonfinite}).")
-        received = self._exchange_blocks(state, row)
-        mine = self._aggregate_owned(state, received)
+        mine = self._aggregate_owned(state, self._owned_matrix(state, row))
         pad = max(state.width_of(r) for r in range(self.comm.world_size))
         local = torch.zeros(pad, dtype=torch.float32, device=row.device)
         local[: mine.numel()] = mine
@@ -108,21 +124,31 @@ class ShardedAggregation:
         return AggregationResult(scalars=scalars, kept_ranks=tuple(state.kept), nonfinite_ranks=tuple(
             r for r in state.nonfinite if r not in slashed), slashed_ranks=tuple(sorted(slashed)))
 
-    def _exchange_blocks(self, state: ShardState, row: torch.Tensor) -> torch.Tensor:
-        """This rank's owned columns of every rank's row: (N, width owned)."""
-        world = self.comm.world_size
-        parts = [row[state.bounds[b][0]:state.bounds[b][1]] for r in range(world) for b in state.owned(r)]
-        send = torch.cat(parts).to(torch.float32) if parts else row.new_zeros(0, dtype=torch.float32)
+    def _exchange_blocks(self, state: ShardState, row: torch.Tensor) -> None:
+        """Send every owner its blocks of this row (after the flag when unreviewed); keep this
+        rank's owned columns of every row in ``state.received``."""
+        world, head = self.comm.world_size, int(state.flag is not None)
+        flag = [row.new_full((head,), state.flag or 0.0, dtype=torch.float32)]
+        parts = [part for r in range(world)
+                 for part in flag + [row[state.bounds[b][0]:state.bounds[b][1]].to(torch.float32)
+                                     for b in state.owned(r)]]
+        send = torch.cat(parts) if parts else row.new_zeros(0, dtype=torch.float32)
         width = state.width_of(self.comm.rank)
-        received = self.comm.all_to_all(send, [state.width_of(r) for r in range(world)], [width] * world,
-                                        "scalars")
-        matrix = received.reshape(world, width).to(row.device)
-        at = 0
+        received = self.comm.all_to_all(send, [head + state.width_of(r) for r in range(world)],
+                                        [head + width] * world, "scalars")
+        matrix = received.reshape(world, head + width).to(row.device)
+        if head:
+            state.nonfinite = [r for r, value in enumerate(matrix[:, 0].tolist()) if value != 0.0]
+        at = head
         for block in state.owned(self.comm.rank):
             size = state.bounds[block][1] - state.bounds[block][0]
             state.received[block] = matrix[:, at:at + size]
             at += size
-        return matrix
+
+    def _owned_matrix(self, state: ShardState, row: torch.Tensor) -> torch.Tensor:
+        """The owned blocks side by side: (N, width owned)."""
+        blocks = [state.received[b] for b in state.owned(self.comm.rank)]
+        return torch.cat(blocks, dim=1) if blocks else row.new_zeros((self.comm.world_size, 0), dtype=torch.float32)
 
     def _aggregate_owned(self, state: ShardState, received: torch.Tensor) -> torch.Tensor:
         """The aggregate of this rank's owned columns over the kept rows (the all_gather path's

@@ -86,7 +86,7 @@ class HoloGradConfig:
     projection: str = "backward"
     audit_every: int = 100
     sync_buffers: bool = True
-    aggregation_path: str = "all_gather"  # docs/PROTOCOL.md §4.5: auto, all_gather, sharded, all_reduce
+    aggregation_path: str = "auto"  # docs/PROTOCOL.md §4.5: auto, all_gather, sharded, all_reduce
     target_compression: float = DEFAULT_TARGET_COMPRESSION  # sets the default K: about D / target_compression
     estimate_scale: str = "unbiased"  # factor on g_hat: "unbiased" (1), "min_variance", "norm"
     direction_groups: int | str = 1  # G, or "per_rank" (G = world size); docs/PROTOCOL.md §9.1

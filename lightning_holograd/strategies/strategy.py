@@ -105,8 +105,9 @@ class HoloGradStrategyMixin(LocalStepsMixin):
         aggregation_path: how rows cross the wire (README "Bytes per rank"): ``all_gather``
             (every rank receives all N rows), ``sharded`` (all_to_all of column blocks, each
             rank aggregates one, all_gather of the aggregates: bytes per rank independent of
-            N), ``all_reduce`` (``mean`` only, no verification), ``auto`` (the cheapest of
-            them that computes the same thing, decided at each step; recommended from N = 3 on).
+            N), ``all_reduce`` (``mean`` only, no verification), ``auto`` (the default: the
+            cheapest of them that computes the same thing, decided at each step; ``all_gather``
+            on N <= 2 ranks, so two-rank runs are bitwise those of ``all_gather``).
         target_compression: sets the default K (num_directions=None) to about D / target_compression.
         estimate_scale: factor on g_hat: ``unbiased`` (1), ``min_variance`` (1/(1 + v), the
             least mean-squared error; biased toward 0) or ``norm`` (1/sqrt(1 + v)).
@@ -157,7 +158,7 @@ class HoloGradStrategyMixin(LocalStepsMixin):
         projection: ProjectionName = "backward",
         audit_every: int = 100,
         sync_buffers: bool = True,
-        aggregation_path: AggregationPath = "all_gather",
+        aggregation_path: AggregationPath = "auto",
         direction_groups: int | Literal["per_rank"] = 1,
         local_steps: int = 1,
         inner_state: Literal["public_v", "reset"] = "public_v",

@@ -5,7 +5,8 @@ Each rank runs the same steps through two exchanges side by side, one per path, 
 rows: a row per rank and step from a private generator, with a non-finite row at one step
 and a slashed rank from another, so that the kept set, the owner reassignment and the
 non-finite flag are all exercised. The sharded path must give bitwise the all_gather path's
-aggregate and estimate; the all_reduce path the mean of the kept rows up to the summation
+aggregate and estimate, with review hooks (row commitments gathered) and without them
+("sharded_bare": the flag rides in the all_to_all; at N = 2 "sharded" has no hooks either); the all_reduce path the mean of the kept rows up to the summation
 order (so its chain, which records the aggregate, soon takes other seeds).
 """
 
@@ -21,7 +22,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from lightning_holograd.demos import free_port
-from lightning_holograd.engine import Comm, HoloGradExchange, TrafficMeter
+from lightning_holograd.engine import Comm, HoloGradExchange, NonFiniteError, TrafficMeter
 from lightning_holograd.protocol import (
     CommitmentChain,
     Reason,
@@ -41,8 +42,9 @@ def _exchange(aggregation: str, path: str, world: int, a2a: str) -> HoloGradExch
     family = make_family("sketch", DIM, K)
     aggregator = make_aggregator(aggregation, trim_ratio=0.25)
     comm = Comm(TrafficMeter(world, DIM), all_to_all=a2a)
-    exchange = HoloGradExchange(family, aggregator, CommitmentChain("sharded-test"), comm, aggregation_path=path)
-    if world >= 3 and path != "all_reduce":
+    exchange = HoloGradExchange(family, aggregator, CommitmentChain("sharded-test"), comm,
+                                aggregation_path=path.replace("sharded_bare", "sharded"))
+    if world >= 3 and path in ("all_gather", "sharded"):
         def review(ctx):
             if ctx.step >= SLASH[0]:
                 exchange.slashing.slash(SLASH[1], Reason.MISMATCH, ctx.step)
@@ -59,12 +61,13 @@ def _row(rank: int, step: int, seeds: list[int], family) -> torch.Tensor:
 
 
 def _run_paths(rank: int, world: int, aggregation: str, a2a: str) -> dict:
-    paths = ["all_gather", "sharded"] + (["all_reduce"] if aggregation == "mean" else [])
+    paths = (["all_gather", "sharded"] + (["sharded_bare"] if world >= 3 else [])
+             + (["all_reduce"] if aggregation == "mean" else []))
     exchanges = {p: _exchange(aggregation, p, world, a2a) for p in paths}
     out = {p: [] for p in paths}
     for step in range(1, STEPS + 1):
         for path, ex in exchanges.items():
-            if path == "all_reduce" and world >= 3 and step == SLASH[0]:  # no review hooks on this path
+            if path in ("all_reduce", "sharded_bare") and world >= 3 and step == SLASH[0]:  # no review hooks
                 ex.slashing.slash(SLASH[1], Reason.MISMATCH, step)
             estimate = ex.step(f"{rank}/{step}".encode().ljust(32, b"."),
                                lambda seeds, ex=ex, step=step: _row(rank, step, seeds, ex.family))
@@ -88,9 +91,31 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _launch(world: int, tmp_path: Path) -> list[dict]:
+def _all_nan_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """Every rank's row is NaN at step 1 on each sharded variant: each must raise NonFiniteError."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        mp.start_processes(_worker, args=(world, free_port(), str(tmp_path)), nprocs=world, start_method="fork")
+        outcome = {}
+        for path in ("sharded", "sharded_bare"):
+            ex = _exchange("median", path, world, "auto")
+            try:
+                ex.step(f"{rank}".encode().ljust(32, b"."), lambda seeds: torch.full((K,), float("nan")))
+                outcome[path] = "no error"
+            except NonFiniteError as error:
+                outcome[path] = str(error)
+        torch.save(outcome, Path(out_dir) / f"rank{rank}.pt")
+    except BaseException:
+        (Path(out_dir) / f"rank{rank}.err").write_text(traceback.format_exc())
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def _launch(world: int, tmp_path: Path, worker=_worker) -> list[dict]:
+    try:
+        mp.start_processes(worker, args=(world, free_port(), str(tmp_path)), nprocs=world, start_method="fork")
     except Exception:
         errors = "\n".join(p.read_text() for p in sorted(tmp_path.glob("*.err")))
         raise AssertionError(f"a rank failed:\n{errors}") from None
@@ -99,10 +124,14 @@ def _launch(world: int, tmp_path: Path) -> list[dict]:
 
 def _wire_formula(world: int) -> dict[str, float]:
     """Wire bytes per rank and step of rank 0 on each path with nobody slashed (docs/PROTOCOL.md §8):
-    rank 0 owns a full block of b columns and sends the other K - b to their owners."""
+    rank 0 owns a full block of b columns and sends the other K - b to their owners; with
+    review hooks (N >= 3 here) it gathers its 33-byte row commitment, without them it sends
+    its 4-byte flag in each all_to_all message."""
     block = -(-K // world)
+    bare = (world - 1) * (33 + 4 + 4 * block) + 4 * (K - block)
     return {"all_gather": (world - 1) * (33 + 4 * K),
-            "sharded": (world - 1) * (33 + 33 + 4 * block) + 4 * (K - block),
+            "sharded": (world - 1) * (33 + 33 + 4 * block) + 4 * (K - block) if world >= 3 else bare,
+            "sharded_bare": bare,
             "all_reduce": (world - 1) * 33 + 2 * (world - 1) / world * 4 * (K + 1)}
 
 
@@ -115,7 +144,7 @@ def test_sharded_is_bitwise_the_all_gather_path(world, tmp_path):
             for step, (scalars, estimate, wire, _) in enumerate(steps, start=1):
                 for other in ranks[1:]:  # every rank holds the same aggregate and estimate
                     assert torch.equal(other[key][path][step - 1][1], estimate), (key, path, step)
-                if path == "sharded":
+                if path.startswith("sharded"):
                     assert torch.equal(scalars, reference[step - 1][0]), (key, step, scalars, reference[step - 1][0])
                     assert torch.equal(estimate, reference[step - 1][1]), (key, step)
                 elif path == "all_reduce":  # the mean of the kept rows, summed in the backend's order
@@ -125,6 +154,14 @@ def test_sharded_is_bitwise_the_all_gather_path(world, tmp_path):
                     torch.testing.assert_close(scalars, torch.stack([rows[r] for r in kept]).mean(0))
                 if step == 1:  # nobody slashed yet: the formula holds exactly
                     assert wire == pytest.approx(_wire_formula(world)[path]), (key, path, wire)
+
+
+def test_rows_non_finite_on_every_rank_stop_both_sharded_variants_naming_the_step(tmp_path):
+    """With and without review hooks (flags gathered with the commitments, or carried in the
+    all_to_all), every rank learns that no row is finite and raises at the same step."""
+    for outcome in _launch(3, tmp_path, _all_nan_worker):
+        for path in ("sharded", "sharded_bare"):
+            assert outcome[path].startswith("step 1: the loss or gradient was non-finite on every rank"), outcome
 
 
 def test_paths_that_cannot_compute_the_aggregation_are_refused():

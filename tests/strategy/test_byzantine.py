@@ -302,11 +302,13 @@ class _CheckEvasion(L.Callback):
 def test_evasive_attacker_lies_only_where_it_is_not_drawn(tmp_path):
     """only_unverified with p_verify = 0.5 and start_step = 2, 16 steps, 4 ranks: the first
     two steps are honest; afterwards the attacker never submits a lie that the draw on the
-    submitted matrix would check, and it does lie on some steps and hold back on others."""
+    submitted matrix would check, and it does lie on some steps and hold back on others.
+    The evasion plan and the check draw on the matrix A: the all_gather path's draw (auto
+    would take the sharded path here, whose draw hashes row commitments, docs/PROTOCOL.md §6.12)."""
     p_verify = 0.5
     simulator = ByzantineSimulator([ATTACKER], "sign_flip", start_step=2, only_unverified=True, p_verify=p_verify)
     check = _CheckEvasion(tmp_path, p_verify)
-    states = fit(ToyModule(), holograd(), tmp_path, devices=WORLD_SIZE, max_steps=16,
+    states = fit(ToyModule(), holograd(aggregation_path="all_gather"), tmp_path, devices=WORLD_SIZE, max_steps=16,
                  callbacks=[check, simulator, _SaveCounts(simulator, tmp_path)])
     assert_identical_replicas(states)
     log = json.loads((tmp_path / "evasion.json").read_text())

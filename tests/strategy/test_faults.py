@@ -73,10 +73,13 @@ def step_times(out: Path, rank: int) -> dict[int, float]:
 def test_slow_claimant_is_slashed_missing_and_the_others_do_not_wait(tmp_path):
     """Rank 2 of 3 sleeps 6 s at step 3 with transfer_timeout = 1 s: it is slashed
     ``missing`` at step 3, ranks 0 and 1 finish step 3 while it sleeps, and when it wakes it
-    catches up (the verdicts wait for it) and the run completes with identical replicas."""
+    catches up (the verdicts wait for it) and the run completes with identical replicas.
+    On the all_gather path: on the sharded path (auto's choice here) the others wait for it
+    at the all_to_all (docs/PROTOCOL.md §6.12)."""
     verifier = ProofVerifier(p_verify=1.0, transfer_timeout=1.0, ledger_path=str(tmp_path / "ledger.jsonl"))
     callbacks = [verifier, SleepInClaimantPath(2, 3, 6.0, tmp_path), StepClock(tmp_path)]
-    states = fit(ToyModule(), holograd(), tmp_path / "ranks", devices=3, max_steps=6, callbacks=callbacks)
+    states = fit(ToyModule(), holograd(aggregation_path="all_gather"), tmp_path / "ranks", devices=3, max_steps=6,
+                 callbacks=callbacks)
     assert_identical_replicas(states)
     assert [s["exchange"]["slashed"] for s in states] == [[2], [2], [2]]
     slashes = [(r.step, r.rank, r.data["reason"]) for r in Ledger.load(tmp_path / "ledger.jsonl") if r.event == "slash"]
@@ -90,9 +93,10 @@ def test_slow_claimant_is_slashed_missing_and_the_others_do_not_wait(tmp_path):
 def test_a_rank_that_stops_joining_ends_the_job_with_its_rank_and_step(tmp_path):
     """Rank 2 falls silent for good at step 3 (process-group timeout 5 s): it is slashed
     ``missing`` at step 3, and the job ends at step 4 with an error naming rank 2 and the
-    step, well within a minute, instead of hanging."""
+    step, well within a minute, instead of hanging. On the all_gather path (on the sharded
+    path the others already block in step 3's all_to_all)."""
     verifier = ProofVerifier(p_verify=1.0, transfer_timeout=1.0, ledger_path=str(tmp_path / "ledger.jsonl"))
-    strategy = holograd(timeout=timedelta(seconds=5), sigterm_grace=2.0)
+    strategy = holograd(timeout=timedelta(seconds=5), sigterm_grace=2.0, aggregation_path="all_gather")
     start = time.monotonic()
     with pytest.raises(Exception) as failure:
         fit(ToyModule(), strategy, tmp_path / "ranks", devices=3, max_steps=8,
@@ -148,9 +152,10 @@ def test_sigterm_ends_a_rank_blocked_in_a_collective(tmp_path):
     """Rank 2 hangs for good at step 3; ranks 0 and 1 block in the next collective (the
     process-group timeout is 10 minutes). SIGTERM to rank 0 cannot run its Python handler
     there; the watchdog exits it after sigterm_grace = 2 s, its peers see the connection
-    close, and the whole job ends within a minute."""
+    close, and the whole job ends within a minute. On the all_gather path, where ranks 0 and
+    1 finish step 3 without rank 2 (the signal is sent after it)."""
     sender = _send_when_running(tmp_path, 0, 3, signal.SIGTERM)
-    strategy = holograd(timeout=timedelta(minutes=10), sigterm_grace=2.0)
+    strategy = holograd(timeout=timedelta(minutes=10), sigterm_grace=2.0, aggregation_path="all_gather")
     with pytest.raises(Exception) as failure:
         fit(ToyModule(), strategy, tmp_path / "ranks", devices=3, max_steps=8,
             callbacks=[ProofVerifier(p_verify=1.0, transfer_timeout=1.0), SleepInClaimantPath(2, 3, 600.0, tmp_path),

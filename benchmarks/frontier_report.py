@@ -96,8 +96,8 @@ def _setup_lines(meta: dict[str, Any], ref: dict[str, Any], d: int) -> list[str]
         f"- validation: {meta['val_batches']} batches x 16 x 128 tokens per rank every {meta['val_every']} steps; "
         "loss in nats per byte",
         f"- bytes: the kernel's tx counter of each rank's veth end from train start to train end (max over the "
-        f"{'two' if n == 2 else n} ranks): payload, Lightning's own collectives (8 B broadcast per step, metric "
-        "syncs), gloo framing, TCP/IP headers and ACKs. veth offloads segmentation (TSO/GSO): a large message pays "
+        f"{'two' if n == 2 else n} ranks): payload, Lightning's own collectives (metric syncs; "
+        "before 2026-12-03 also an 8 B SIGTERM broadcast per step), gloo framing, TCP/IP headers and ACKs. veth offloads segmentation (TSO/GSO): a large message pays "
         "its 66 B of Ethernet/IP/TCP headers once per super-packet of up to 64 KB, not once per 1448-byte segment, "
         "so on a 1500-byte-MTU NIC the large-message runs (DDP, hooks, averaging) would count ~4.6 % more",
         f"- DDP reference = mean of {', '.join(ref['runs'])}: {ref['bytes_train_per_rank'] / meta['steps']:,.0f} B "
@@ -126,15 +126,16 @@ def _floor_lines(ok: list[dict[str, Any]], ref: dict[str, Any], num_nodes: int) 
         return []
     floor = min(hg, key=lambda r: r["bytes_per_step_after_warmup"])
     local_steps = floor["spec"].get("init_args", {}).get("local_steps", 1)  # one exchange per H steps
-    payload_bytes = round((num_nodes - 1) * (32 + 4 * floor["spec"]["K"]) / local_steps)
+    payload_bytes = round((num_nodes - 1) * (33 + 4 * floor["spec"]["K"]) / local_steps)
     return [
         "",
         f"Per-step floor: the smallest HoloGrad run ({floor['run']}) sends "
         f"{floor['bytes_per_step_after_warmup']:,.0f} B per rank and step, of which {payload_bytes:,} B are "
-        "protocol payload (32 hash bytes + 4K scalar bytes" + (f", to each of N - 1 = {num_nodes - 1} ranks"
-                                                               if num_nodes > 2 else "")
-        + "); the rest is per-message cost (TCP/IP headers, ACKs, gloo framing, Lightning's 8-byte broadcast every "
-        f"step). At {num_nodes} ranks this caps the measured compression near "
+        "protocol payload (33 commit bytes + 4K scalar bytes per exchange" + (
+            f", one exchange per H = {local_steps} steps, plus 4 bytes per public value" if local_steps > 1 else "")
+        + (f", to each of N - 1 = {num_nodes - 1} ranks" if num_nodes > 2 else "")
+        + "); the rest is per-message cost (TCP/IP headers, ACKs, gloo framing, Lightning's metric syncs). "
+        f"At {num_nodes} ranks{' and this H' if local_steps > 1 else ''} this caps the measured compression near "
         f"{ref['bytes_train_per_rank'] / ok[0]['steps'] / floor['bytes_per_step_after_warmup']:,.0f}x whatever K is.",
     ]
 

@@ -103,6 +103,9 @@ def render_markdown(meta: dict[str, Any], refs: dict[str, Any], rows: list[dict[
         f"per-config budget {meta['max_seconds']} s, total wall {meta['total_wall_s']:.0f} s",
         f"- load average (1 min) at start / end: {meta['loadavg_start']} / {meta['loadavg_end']} "
         f"(on a shared machine, other processes inflate the times; the JSON keeps every repeat)",
+        *([] if meta["device"] != "cpu" else [
+            "- GPU: not measured here (no GPU was available to this run); on a CUDA machine run "
+            "`python -m benchmarks.bench_directions --device cuda` or `python -m benchmarks.gpu_check`"]),
         "",
         *_reference_lines(refs),
         "",

@@ -148,6 +148,17 @@ class DirectionFamily(abc.ABC):
             raise IndexError(f"index={index} out of range [0, {self.num_directions}).")
 
 
+def synthesized_direction(family: DirectionFamily, seeds: Sequence[int], index: int,
+                          device: torch.device | str = "cpu") -> torch.Tensor:
+    """v_index of a one-seed family, as the synthesis of the one-hot scalar vector e_index
+    (for families whose directions exist only through ``synthesize``, e.g. the sketch)."""
+    (seed,) = family._check_seeds(seeds)
+    family._check_index(index)
+    onehot = torch.zeros(family.num_directions, dtype=torch.float32, device=device)
+    onehot[index] = 1.0
+    return family.synthesize(onehot, [seed])
+
+
 class _HashedFamily(DirectionFamily):
     """Shared chunking for families whose values come from ``direction_hash``."""
 
@@ -374,11 +385,7 @@ class SketchDirections(_HashedFamily):
         return out
 
     def direction(self, seeds: Sequence[int], index: int, device: torch.device | str = "cpu") -> torch.Tensor:
-        (seed,) = self._check_seeds(seeds)
-        self._check_index(index)
-        onehot = torch.zeros(self.num_directions, dtype=torch.float32, device=device)
-        onehot[index] = 1.0
-        return self.synthesize(onehot, [seed])
+        return synthesized_direction(self, seeds, index, device)
 
 
 class IdentityDirections(DirectionFamily):

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from .directions import DirectionFamily, IdentityDirections, _check_positive
+from .directions import DirectionFamily, IdentityDirections, _check_positive, synthesized_direction
 from .direction_versions import VERSION_1_FAMILIES, check_resumable
 
 __all__ = ["V1_BLOCK_SIZE", "V1_CHUNK_SIZE", "block_seed", "make_family_v1"]
@@ -222,11 +222,7 @@ class SketchDirectionsV1(_BlockGenerated):
         return out
 
     def direction(self, seeds: Sequence[int], index: int, device: torch.device | str = "cpu") -> torch.Tensor:
-        (seed,) = self._check_seeds(seeds)
-        self._check_index(index)
-        onehot = torch.zeros(self.num_directions, dtype=torch.float32, device=device)
-        onehot[index] = 1.0
-        return self.synthesize(onehot, [seed])
+        return synthesized_direction(self, seeds, index, device)
 
 
 class IdentityDirectionsV1(IdentityDirections):

@@ -8,7 +8,12 @@ import torch
 
 from lightning_holograd.engine import Comm, HoloGradExchange, TrafficMeter
 from lightning_holograd.protocol import CommitmentChain, make_aggregator, make_family
-from lightning_holograd.protocol.quantize import decode_rows, dither, encode_row, row_bytes
+from lightning_holograd.protocol.quantize import (
+    decode_rows,
+    dither,
+    encode_row,
+    row_bytes,
+)
 
 DIM, K = 40, 13  # K b not a multiple of 8 at b = 2 and 4
 

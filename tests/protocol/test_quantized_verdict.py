@@ -9,7 +9,12 @@ import pytest
 import torch
 
 from lightning_holograd.protocol import Reason, judge_quantized_claim
-from lightning_holograd.protocol.quantize import QuantizedClaim, dither, levels_of, quantize
+from lightning_holograd.protocol.quantize import (
+    QuantizedClaim,
+    dither,
+    levels_of,
+    quantize,
+)
 
 COMMITMENT = hashlib.sha256(b"verdict step").digest()
 K, RTOL, ATOL = 32, 1e-5, 1e-6

@@ -10,10 +10,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from lightning.pytorch.loggers import CSVLogger
 from replicas import assert_identical_replicas
 from test_byzantine import _SaveCounts
 from test_traffic import _MarkSteps, _per_step, counted_collectives  # noqa: F401 (a fixture)
-from lightning.pytorch.loggers import CSVLogger
 
 from lightning_holograd import (
     ByzantineSimulator,

@@ -26,6 +26,7 @@ from lightning_holograd import (
 from lightning_holograd.demos import ToyModule, fit
 from lightning_holograd.protocol import Ledger, draw_claims
 from lightning_holograd.protocol.quantize import requantize_rows, row_bytes
+from lightning_holograd.strategies.advice import advise, compression_at
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(300)]
 
@@ -56,6 +57,18 @@ def test_allowed_settings():
         assert HoloGradStrategy(scalar_bits=bits).config.scalar_bits == bits
         assert HoloGradFabricStrategy(scalar_bits=bits, aggregation_path="all_gather").config.scalar_bits == bits
     assert HoloGradConfig().scalar_bits == 32  # the default keeps float32 scalars
+
+
+def test_setup_advice_counts_quantized_bytes():
+    """D = 4000 on 2 ranks: K = 1000 float32 scalars (32 + 4000 bytes) and K = 8000 4-bit ones
+    (32 + 4004 bytes) compress about 4x; K = 3999 warns at float32 (2D / (N (K + 8)) = 0.998)
+    and not at 4 bits (32 + 2004 bytes: 3.9x)."""
+    adam = [torch.optim.Adam([torch.zeros(1)])]
+    assert compression_at(2, 4000, 1000) == pytest.approx(8 * 4000 / (2 * (32 + 4000)))
+    assert compression_at(2, 4000, 8000, 4) == pytest.approx(8 * 4000 / (2 * (32 + 4004)))
+    assert not advise(HoloGradConfig(num_directions=3999, scalar_bits=4).resolve(4000), 4000, 2, adam)
+    (message,) = advise(HoloGradConfig(num_directions=3999).resolve(4000), 4000, 2, adam)
+    assert "compression 0.998 < 1" in message
 
 
 # -- the evasive plan sees the decoded rows ------------------------------------------------------------

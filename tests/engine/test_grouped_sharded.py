@@ -131,3 +131,49 @@ def test_grouped_sharded_is_bitwise_the_grouped_all_gather_path(world, groups, t
                     assert torch.equal(other[key][path][step - 1]["estimate"], got["estimate"]), (key, path, step)
         for path in PATHS:
             assert by_path[path][0]["wire"] == _wire_formula(world, groups, path), (key, path)
+
+
+def _auto(monkeypatch, aggregation: str, world: int, groups: int, k: int, hooks: bool = False,
+          clip: bool = False) -> str:
+    """``current_path`` of an ``auto`` exchange as it would be on ``world`` ranks (no process group)."""
+    ex = HoloGradExchange(make_family("sketch", DIM, k), make_aggregator(aggregation, clip_row_norms=clip),
+                          CommitmentChain("auto"), Comm(TrafficMeter(1, DIM)), aggregation_path="auto",
+                          num_groups=groups)
+    ex.review_hooks = [print] if hooks else []
+    monkeypatch.setattr(HoloGradExchange, "world_size", property(lambda self: world))
+    return ex.current_path()
+
+
+def test_auto_with_groups_takes_sharded_exactly_when_its_formula_sends_fewer_bytes(monkeypatch):
+    # N = 8, G = 2, K = 4096, no hooks: 7 x 4 flags + 4 (4096 - 1024) + 7 x 4 x 1024 = 40,988 < 7 x 4 x 4096
+    assert _auto(monkeypatch, "mean", 8, 2, 4096) == "sharded"
+    assert _auto(monkeypatch, "median", 8, 2, 4096, hooks=True) == "sharded"
+    # N = 4, G = 2 (groups of 2), K = 13 with a verifier: 3 x 33 + 4 (13 - 6) + 3 x 4 x 7 = 211 > 3 x 4 x 13 = 156
+    assert _auto(monkeypatch, "mean", 4, 2, 13, hooks=True) == "all_gather"
+    assert _auto(monkeypatch, "mean", 4, 2, 4096, hooks=True) == "sharded"
+    # groups of one rank (per_rank): 4W (N - 1) for the aggregates alone, never fewer bytes
+    assert _auto(monkeypatch, "mean", 8, 8, 4096) == "all_gather"
+    # whole-row defences and N <= 2 keep all_gather, as without groups
+    assert _auto(monkeypatch, "mean", 8, 2, 4096, clip=True) == "all_gather"
+    assert _auto(monkeypatch, "krum", 14, 2, 4096) == "all_gather"
+    assert _auto(monkeypatch, "mean", 2, 2, 4096) == "all_gather"
+
+
+def test_group_settings_that_cannot_shard_are_refused_with_a_hint(monkeypatch):
+    from lightning_holograd import HoloGradStrategy
+
+    HoloGradStrategy(direction_groups=2, aggregation_path="sharded", aggregation="median")  # accepted
+    with pytest.raises(ValueError, match="aggregation_path='sharded' with direction_groups='per_rank'.*HINT"):
+        HoloGradStrategy(direction_groups="per_rank", aggregation_path="sharded")
+    with pytest.raises(ValueError, match="aggregation_path='all_reduce' with direction_groups=2.*HINT"):
+        HoloGradStrategy(direction_groups=2, aggregation_path="all_reduce")
+    monkeypatch.setattr(Comm, "world_size", property(lambda self: 4))
+    family, mean = make_family("sketch", DIM, K), make_aggregator("mean")
+    with pytest.raises(ValueError, match="'sharded' with 4 direction groups on 4 ranks.*HINT"):
+        HoloGradExchange(family, mean, CommitmentChain("x"), Comm(TrafficMeter(4, DIM)), aggregation_path="sharded",
+                         num_groups=4)
+    with pytest.raises(ValueError, match="'all_reduce' with 2 direction groups.*HINT"):
+        HoloGradExchange(family, mean, CommitmentChain("x"), Comm(TrafficMeter(4, DIM)),
+                         aggregation_path="all_reduce", num_groups=2)
+    HoloGradExchange(family, mean, CommitmentChain("x"), Comm(TrafficMeter(4, DIM)), aggregation_path="sharded",
+                     num_groups=2)  # groups of two ranks: accepted

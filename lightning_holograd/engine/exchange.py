@@ -49,8 +49,8 @@ import torch
 
 from ..protocol import AggregationResult, Aggregator, CommitmentChain, DirectionFamily, hash_batch
 from ..protocol.groups import GroupedAggregation, aggregate_groups, group_of, synthesize_groups
-from .comm import Comm
 from ..protocol.sharding import sharded_wire_bytes
+from .comm import Comm
 from .sharded import ShardedAggregation, ShardState
 from .slashing import Slashing, remap_slashed
 from .traffic import TrafficMeter
@@ -288,15 +288,7 @@ class HoloGradExchange:
             estimate = self.family.reconstruct(ctx.result.scalars[:k], ctx.seeds)
             ctx.public_values = ctx.result.scalars[k:]
         else:  # groups: the all_gather or the sharded path (checked at construction, chosen by current_path)
-            if ctx.path == "sharded":
-                ctx.result = self._aggregate_sharded(ctx, scalars)
-            else:
-                ctx.matrix = self.comm.all_gather(scalars.to(torch.float32), "scalars").to(scalars.device)
-                for review in self.review_hooks:
-                    review(ctx)
-                self._check_some_finite(ctx)
-                ctx.result = aggregate_groups(self.aggregator, ctx.matrix, self.slashing.slashed, self.num_groups)
-            assert isinstance(ctx.result, GroupedAggregation)
+            ctx.result = self._aggregate_grouped(ctx, scalars)
             scalars, weights = ctx.result.scalars, ctx.result.weights
             estimate = synthesize_groups(self.family, scalars[:, :k], weights, ctx.group_seeds)
             ctx.public_values = torch.tensor(weights, dtype=torch.float32, device=scalars.device) @ scalars[:, k:]
@@ -383,7 +375,20 @@ class HoloGradExchange:
             return "all_reduce"
         return "sharded"
 
-    def _aggregate_sharded(self, ctx: StepContext, row: torch.Tensor) -> AggregationResult:
+    def _aggregate_grouped(self, ctx: StepContext, row: torch.Tensor) -> GroupedAggregation:
+        """Steps 3-5 of docs/PROTOCOL.md §1.1 with direction groups (§9.1), on the ``all_gather`` or ``sharded`` path."""
+        if ctx.path == "sharded":
+            result = self._aggregate_sharded(ctx, row)
+        else:
+            ctx.matrix = self.comm.all_gather(row.to(torch.float32), "scalars").to(row.device)
+            for review in self.review_hooks:
+                review(ctx)
+            self._check_some_finite(ctx)
+            result = aggregate_groups(self.aggregator, ctx.matrix, self.slashing.slashed, self.num_groups)
+        assert isinstance(result, GroupedAggregation)
+        return result
+
+    def _aggregate_sharded(self, ctx: StepContext, row: torch.Tensor) -> AggregationResult | GroupedAggregation:
         """Steps 3-5 of §1.1 on the ``sharded`` or ``all_reduce`` path (``engine/sharded.py``)."""
         if ctx.path == "all_reduce":
             if self.review_hooks or self.block_review_hooks:

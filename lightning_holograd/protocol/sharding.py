@@ -38,11 +38,11 @@ from .verification import draw_claims_from_root
 __all__ = [
     "block_bounds",
     "block_owners",
-    "group_block_bounds",
     "commit_leaves",
     "commitments_digest",
     "draw_audit_block",
     "draw_sharded_claims",
+    "group_block_bounds",
     "row_commitment",
     "row_leaves",
     "sharded_wire_bytes",

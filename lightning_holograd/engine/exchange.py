@@ -357,7 +357,7 @@ class HoloGradExchange:
         defences (Krum, row clipping); else ``all_reduce`` for ``mean`` without review hooks
         (verification); else ``sharded``. With G > 1 direction groups (no ``all_reduce``):
         ``sharded`` when ``protocol.sharding.sharded_wire_bytes`` is below the all_gather's
-        (N - 1) 4W bytes (W = K + E; e.g. groups of >= 3 ranks at a large K), else
+        (N - 1) 4W bytes (W = K + E; e.g. groups of >= 2 ranks on N >= 4 at a large K), else
         ``all_gather`` (always for ``"per_rank"``, whose groups of one rank have nothing to
         split). Every rank decides alike: the inputs are the settings, N, W and the
         installed hooks."""
@@ -376,7 +376,8 @@ class HoloGradExchange:
         return "sharded"
 
     def _aggregate_grouped(self, ctx: StepContext, row: torch.Tensor) -> GroupedAggregation:
-        """Steps 3-5 of docs/PROTOCOL.md §1.1 with direction groups (§9.1), on the ``all_gather`` or ``sharded`` path."""
+        """Steps 3-5 of docs/PROTOCOL.md §1.1 with direction groups (§9.1), on the
+        ``all_gather`` or the ``sharded`` path."""
         if ctx.path == "sharded":
             result = self._aggregate_sharded(ctx, row)
         else:

@@ -22,7 +22,8 @@ sends a rank's blocks to the owners in its group only (nothing to other groups),
 aggregates within the group, and the one all_gather of step 5 gives every rank all G
 group aggregates (G, W), which are weighted as on the all_gather path
 (``protocol.groups.group_weights``). Per rank and step, with m = N / G:
-(N - 1) 33 + 4W (m - 1)/m + (N - 1) 4W/m, about 4W (G + 1) + 33 N.
+(N - 1)(33 + 33) + 4W (m - 1)/m + (N - 1) 4W/m, about 4W (G + 1) + 66 N
+(docs/PROTOCOL.md §8).
 
 Without review hooks (no verification, no audit) nobody reads a commitment, so step 1 is
 skipped (``open_row``) and the flag travels as one float32 (1.0: non-finite) before the

@@ -8,7 +8,8 @@ without one (the flag rides in the all_to_all). Events, chosen so that every rul
 falls); from step 3 rank 2 is slashed inside group 0 (its blocks move to the next member of
 its group); from step 4 every member of the last group is slashed (that group is left out:
 zero aggregate, zero weight, its blocks owned by nobody). The sharded paths must give
-bitwise the all_gather path's group aggregates, weights, kept ranks and estimate.
+bitwise the all_gather path's group aggregates, weights, kept ranks, estimate and public
+values (each row carries E public values after its K scalars, as with local steps).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from lightning_holograd.protocol.groups import group_ranks
 pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(120)]
 
 DIM, K, STEPS = 64, 13, 4  # K not a multiple of any group size: blocks of unequal width
+E = 2  # public values after the K scalars (local steps, docs/PROTOCOL.md §9.2): rows of W = K + E
 NONFINITE = (2, 1)  # (step, rank): this rank's row holds a NaN at that step
 SLASH_ONE = (3, 2)  # (step, rank): slashed in the review of that step
 SLASH_GROUP = 4  # from this step every member of the last group is slashed
@@ -47,6 +49,7 @@ def _exchange(aggregation: str, path: str, world: int, groups: int, a2a: str) ->
     comm = Comm(TrafficMeter(world, DIM), all_to_all=a2a)
     exchange = HoloGradExchange(family, aggregator, CommitmentChain("grouped-sharded-test"), comm,
                                 aggregation_path=path.replace("sharded_bare", "sharded"), num_groups=groups)
+    exchange.num_public_values = E
     if path != "sharded_bare":
         def review(ctx):
             for rank in _slashed_at(ctx.step, world, groups):
@@ -58,7 +61,7 @@ def _exchange(aggregation: str, path: str, world: int, groups: int, a2a: str) ->
 
 def _row(rank: int, step: int, seeds: list[int], family) -> torch.Tensor:
     gen = torch.Generator().manual_seed(1000 * step + rank)
-    row = family.project(torch.randn(DIM, generator=gen), seeds)
+    row = torch.cat([family.project(torch.randn(DIM, generator=gen), seeds), torch.randn(E, generator=gen)])
     if (step, rank) == NONFINITE:
         row[3] = float("nan")
     return row
@@ -81,6 +84,7 @@ def _run_paths(rank: int, world: int, groups: int, aggregation: str, a2a: str) -
             out[path].append({"scalars": res.scalars.clone(), "weights": res.weights, "kept": res.kept_ranks,
                               "left_out": res.left_out_groups, "nonfinite": res.nonfinite_ranks,
                               "estimate": estimate.clone(), "wire": ex.traffic.step_wire(),
+                              "public": ctx.public_values.clone(),
                               "digest": ex.chain.last_scalars_digest})
     return out
 
@@ -104,14 +108,15 @@ def _wire_formula(world: int, groups: int, path: str) -> int:
     """Rank 0's wire bytes at step 1 (nobody slashed), derived from docs/PROTOCOL.md §8 by hand:
     the hashes; the row commitments (reviewed) or a 4-byte flag to every peer (bare); the
     all_to_all of its row to the other members of group 0 (rank 0 keeps its own block of
-    ceil(K / m_0) columns); the all_gather of the aggregates padded to the widest block,
-    ceil(K / m) for the smallest group of m = floor(N / G) ranks."""
-    own, pad = -(-K // len(group_ranks(0, groups, world))), -(-K // (world // groups))
+    ceil(W / m_0) columns); the all_gather of the aggregates padded to the widest block,
+    ceil(W / m) for the smallest group of m = floor(N / G) ranks (W = K + E)."""
+    width = K + E
+    own, pad = -(-width // len(group_ranks(0, groups, world))), -(-width // (world // groups))
     hashes = (world - 1) * 33
     if path == "all_gather":
-        return hashes + (world - 1) * 4 * K
+        return hashes + (world - 1) * 4 * width
     flags = (world - 1) * (33 if path == "sharded" else 4)
-    return hashes + flags + 4 * (K - own) + (world - 1) * 4 * pad
+    return hashes + flags + 4 * (width - own) + (world - 1) * 4 * pad
 
 
 @pytest.mark.parametrize("world, groups", [(4, 2), (5, 2), (6, 2)])
@@ -127,6 +132,7 @@ def test_grouped_sharded_is_bitwise_the_grouped_all_gather_path(world, groups, t
                     assert got[field] == want[field], (key, path, step, field)
                 assert torch.equal(got["scalars"], want["scalars"]), (key, path, step)
                 assert torch.equal(got["estimate"], want["estimate"]), (key, path, step)
+                assert torch.equal(got["public"], want["public"]), (key, path, step)
                 for other in ranks[1:]:  # every rank holds the same estimate
                     assert torch.equal(other[key][path][step - 1]["estimate"], got["estimate"]), (key, path, step)
         for path in PATHS:

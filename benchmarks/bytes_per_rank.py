@@ -15,7 +15,12 @@ max over ranks and the spread). Paths and their payload formulas per rank and st
   and an all_gather of the aggregated blocks, (N-1)(33 + 4) + 2 x 4K (N-1)/N (N divides K);
   a ``ProofVerifier`` adds an all_gather of 33-byte row commitments;
 - ``allreduce``: ``aggregation_path="all_reduce"`` (mean only): the hashes and one
-  all_reduce of K scalars and a count, (N-1) 33 + 2 (N-1)/N x 4(K + 1).
+  all_reduce of K scalars and a count, (N-1) 33 + 2 (N-1)/N x 4(K + 1);
+- ``sharded_g2``: ``direction_groups=2`` on the sharded path (docs/PROTOCOL.md §4.5, §8):
+  the hashes, an all_to_all among each group's m = N/2 members (a flag to every rank) and
+  one all_gather of the aggregated blocks, (N-1)(33 + 4) + 4K (m-1)/m + (N-1) 4K/m
+  = (N-1) 37 + 4K (3 - 4/N); N >= 4 (not in the default profile:
+  ``--ranks 4,8 --paths sharded_g2``).
 
 ``--formula PATH=EXPR`` replaces a path's formula by an expression in N, K and D (numbers,
 + - * / // ** and parentheses), e.g. ``--formula "sharded=2*4*K*(N-1)/N + 32*N"``.
@@ -33,6 +38,7 @@ Outputs ``results/bytes_per_rank.{md,json}``; ``--resume``, ``--report-only``, `
 Examples:
   python -m benchmarks.bytes_per_rank                        # N = 2, 4, 8; ~5-10 min on 2 cores
   python -m benchmarks.bytes_per_rank --ranks 2,4 --paths allgather --k 1024
+  python -m benchmarks.bytes_per_rank --ranks 8 --paths sharded_g2 --out /tmp/g2.md  # grouped sharding
   python -m benchmarks.bytes_per_rank --report-only --formula "allgather=(N-1)*(32+4*K)+64*(N-1)"
 """
 
@@ -60,6 +66,11 @@ PATHS: dict[str, dict[str, Any]] = {
                 "init_args": {"aggregation_path": "sharded"}},
     "allreduce": {"formula": "(N-1)*33 + 2*(N-1)/N*4*(K+1)", "what": "hashes, all_reduce of K scalars + a count",
                   "init_args": {"aggregation_path": "all_reduce"}},
+    "sharded_g2": {"formula": "(N-1)*(33+4) + 4*K*(2+1-2*2/N)",
+                   "what": "direction_groups=2, sharded within each group: hashes, all_to_all of K/m blocks among "
+                           "a group's m = N/2 members (+a float32 flag to every rank), all_gather of the aggregated "
+                           "blocks (N >= 4: refused at N = 2, groups of one rank)",
+                   "init_args": {"aggregation_path": "sharded", "direction_groups": 2}},
 }
 GPT2_124M_DIM = 124_439_808
 MODEL_RANKS = [2 ** i for i in range(1, 11)]  # 2 .. 1024

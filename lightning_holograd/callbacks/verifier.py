@@ -249,7 +249,8 @@ class ProofVerifier(Callback):
         bounds = ctx.sharded.bounds
         block = draw_audit_block(ctx.commitment, ctx.sharded.commitments, ctx.result.scalars, self.p_verify,
                                  len(bounds))
-        if block is None or bounds[block][0] == bounds[block][1] or ctx.sharded.owners[block] in self.verifier_ranks:
+        owner = None if block is None else ctx.sharded.owners[block]  # None: a group with every rank slashed
+        if owner is None or bounds[block][0] == bounds[block][1] or owner in self.verifier_ranks:
             return
         findings = audit_block(exchange.verification, ctx, block, self.verifier_ranks,
                                exchange.sharding.aggregate_block)

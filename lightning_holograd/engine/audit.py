@@ -4,8 +4,9 @@
 At a step with an audited block beta (``protocol.sharding.draw_audit_block``, drawn after
 the aggregates are gathered), owned by rank o, checked by v = ``verifier_of(o)``:
 
-1. o sends v the block matrix it received, M (N x width of beta), as a bundle;
-2. every other rank that is not slashed sends v its N block leaves (32 bytes each);
+1. o sends v the block matrix it received, M (m x width of beta), as a bundle: the rows of
+   the m ranks of beta's direction group (all N ranks when G = 1), in rank order;
+2. every other rank of that group that is not slashed sends v its m block leaves (32 bytes each);
 3. v checks, in order: each rank's leaves hash to its row commitment (else that rank is
    slashed ``row_commitment``); each kept row of M hashes to its rank's leaf beta (else o
    and that rank are both slashed ``dispute``: without signed messages nobody can tell
@@ -55,7 +56,7 @@ def audit_block(transport: VerificationTransport, ctx: Any, block: int, verifier
     state, comm = ctx.sharded, transport.comm
     owner = state.owners[block]
     verifier = verifier_of(owner, verifier_ranks)
-    senders = [r for r in range(comm.world_size) if r != verifier and r not in ctx.result.slashed_ranks]
+    senders = [r for r in state.members(block) if r != verifier and r not in ctx.result.slashed_ranks]
     tag = (ctx.step % (1 << 26)) * 4
     sends = []
     if comm.rank in senders:
@@ -79,7 +80,8 @@ def audit_block(transport: VerificationTransport, ctx: Any, block: int, verifier
     patch = body.get("block")
     if isinstance(patch, torch.Tensor):
         start, stop = state.bounds[block]
-        ctx.result.scalars[start:stop] = patch.to(ctx.result.scalars.device)
+        scalars = ctx.result.scalars.view(state.num_groups, -1)  # (G, W): the block's group's aggregate
+        scalars[block % state.num_groups, start:stop] = patch.to(scalars.device)
     return [(int(r), Reason(reason)) for r, reason in body.get("slash", [])]
 
 
@@ -137,11 +139,12 @@ def _judge(ctx: Any, block: int, owner: int, me: int, data: dict[int, Any],
            aggregate_rows: Any) -> tuple[list[tuple[int, Reason]], torch.Tensor | None]:
     """The verifier's findings (rank, reason), in rank order, and the block to patch in (or None)."""
     state = ctx.sharded
+    members = state.members(block)
     leaves: dict[int, list[bytes]] = {me: state.leaves}
     findings: dict[int, Reason] = {}
     for rank, payload in sorted(data.items()):
         raw = payload.get("leaves") if isinstance(payload, dict) else None
-        if not isinstance(raw, torch.Tensor) or raw.numel() != 32 * len(state.bounds):
+        if not isinstance(raw, torch.Tensor) or raw.numel() != 32 * len(members):
             findings[rank] = Reason.MISSING
             continue
         flat = bytes(raw.to(torch.uint8).tolist())
@@ -151,17 +154,19 @@ def _judge(ctx: Any, block: int, owner: int, me: int, data: dict[int, Any],
     matrix = data[owner].get("block") if isinstance(data.get(owner), dict) else None
     start, stop = state.bounds[block]
     if owner not in findings and (not isinstance(matrix, torch.Tensor)
-                                  or tuple(matrix.shape) != (len(state.bounds), stop - start)):
+                                  or tuple(matrix.shape) != (len(members), stop - start)):
         findings[owner] = Reason.MISSING
     if owner in findings:
         return sorted(findings.items()), None
-    disputed = [r for r in state.kept if r in leaves and r not in findings
-                and scalars_digest(matrix[r]) != leaves[r][block]]
+    kept = state.kept_rows(block)  # positions in members
+    disputed = [members[pos] for pos in kept if members[pos] in leaves and members[pos] not in findings
+                and scalars_digest(matrix[pos]) != leaves[members[pos]][state.leaf_index(block)]]
     if disputed:
         findings.update({r: Reason.DISPUTE for r in disputed + [owner]})
         return sorted(findings.items()), None
-    expected = aggregate_rows(matrix, state.kept).cpu()
-    if not torch.equal(expected, ctx.result.scalars[start:stop].detach().cpu()):
+    expected = aggregate_rows(matrix, kept).cpu()
+    published = ctx.result.scalars.view(state.num_groups, -1)[block % state.num_groups, start:stop]
+    if not torch.equal(expected, published.detach().cpu()):
         findings[owner] = Reason.AGGREGATE
         return sorted(findings.items()), expected
     return sorted(findings.items()), None

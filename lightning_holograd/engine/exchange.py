@@ -25,7 +25,8 @@ and ``"auto"`` picks per step (``current_path``; docs/PROTOCOL.md §4.5).
 
 With G > 1 direction groups (docs/PROTOCOL.md §9.1) rank i projects onto the seeds of
 its group i mod G, step 5 aggregates within each group and g_hat is the row-weighted
-mean of the G group syntheses (``protocol.groups``); groups take the ``all_gather`` path.
+mean of the G group syntheses (``protocol.groups``); groups take the ``all_gather`` or the
+``sharded`` path (sharded within each group, bitwise the same group aggregates).
 
 With ``num_public_values`` = E > 0 (local steps, docs/PROTOCOL.md §9.2) a row holds the
 K scalars followed by E public values; all K + E columns are aggregated alike, only the
@@ -54,6 +55,7 @@ import torch
 from ..protocol import AggregationResult, Aggregator, CommitmentChain, DirectionFamily, hash_batch
 from ..protocol.groups import GroupedAggregation, aggregate_groups, group_of, synthesize_groups
 from ..protocol.quantize import DecodedRows, check_quantized_path, decode_rows, dither, encode_row
+from ..protocol.sharding import sharded_wire_bytes
 from .comm import Comm
 from .sharded import ShardedAggregation, ShardState
 from .slashing import Slashing, remap_slashed
@@ -163,7 +165,8 @@ class HoloGradExchange:
             docs/PROTOCOL.md §4.5): ``all_gather`` (every rank gets every row), ``sharded``,
             ``all_reduce`` (mean only, no verification) or ``auto``.
         num_groups: G, the direction groups (1: every rank shares the directions); G > 1
-            needs the ``all_gather`` path (or ``auto``, which then takes it).
+            takes ``all_gather`` or ``sharded`` (not ``all_reduce``; ``sharded`` needs a group
+            of more than one rank, G < N).
         scalar_bits: b, bits per direction scalar on the wire (32: float32; 8, 4, 2: quantized,
             docs/PROTOCOL.md §9.5); b < 32 needs the ``all_gather`` path (or ``auto``).
     """
@@ -191,12 +194,16 @@ class HoloGradExchange:
         self.slashing = Slashing(comm.world_size, aggregator, num_groups)
         self.verification = VerificationTransport(comm, recompute, to_cpu)
         self.aggregation_path = check_aggregation_path(aggregation_path, aggregator)
-        if num_groups > 1 and self.aggregation_path in ("sharded", "all_reduce"):
+        if num_groups > 1 and self.aggregation_path == "all_reduce":
             raise ValueError(f"aggregation_path={aggregation_path!r} with {num_groups} direction groups: each group "
-                             "has its own directions, so rows of different groups share no column to shard or sum. "
-                             "HINT: use aggregation_path='all_gather' (or 'auto', which takes it with groups).")
+                             "has its own directions, so rows of different groups share no column to sum. "
+                             "HINT: use aggregation_path='sharded', 'all_gather' or 'auto'.")
+        if num_groups > 1 and num_groups >= comm.world_size and self.aggregation_path == "sharded":
+            raise ValueError(f"aggregation_path='sharded' with {num_groups} direction groups on {comm.world_size} "
+                             "ranks: every group has one rank, so there is no row to split (sharding sends more than "
+                             "all_gather there). HINT: use aggregation_path='all_gather' or 'auto', or fewer groups.")
         self.scalar_bits = check_quantized_path(aggregation_path, scalar_bits)
-        self.sharding = ShardedAggregation(comm, aggregator, self.slashing)
+        self.sharding = ShardedAggregation(comm, aggregator, self.slashing, num_groups)
         self.block_review_hooks: list[ReviewHook] = []  # sharded path: after the aggregates are gathered
         self.claim_hooks: list[ClaimHook] = []
         self.review_hooks: list[ReviewHook] = []
@@ -291,12 +298,8 @@ class HoloGradExchange:
                 ctx.result = self._aggregate_sharded(ctx, scalars)
             estimate = self.family.reconstruct(ctx.result.scalars[:k], ctx.seeds)
             ctx.public_values = ctx.result.scalars[k:]
-        else:  # groups: the all_gather path (checked at construction, chosen by current_path)
-            ctx.matrix = self._gather_rows(ctx, scalars)
-            for review in self.review_hooks:
-                review(ctx)
-            self._check_some_finite(ctx)
-            ctx.result = aggregate_groups(self.aggregator, ctx.matrix, self.slashing.slashed, self.num_groups)
+        else:  # groups: the all_gather or the sharded path (checked at construction, chosen by current_path)
+            ctx.result = self._aggregate_grouped(ctx, scalars)
             scalars, weights = ctx.result.scalars, ctx.result.weights
             estimate = synthesize_groups(self.family, scalars[:, :k], weights, ctx.group_seeds)
             ctx.public_values = torch.tensor(weights, dtype=torch.float32, device=scalars.device) @ scalars[:, k:]
@@ -374,21 +377,43 @@ class HoloGradExchange:
         cheapest path that computes the same thing (docs/PROTOCOL.md §4.5): ``all_gather``
         on N <= 2 ranks (it sends 4K bytes there, no path sends less) and for whole-row
         defences (Krum, row clipping); else ``all_reduce`` for ``mean`` without review hooks
-        (verification); else ``sharded``. Direction groups always take ``all_gather``.
-        Quantized scalars (``scalar_bits`` < 32) too. Every rank decides alike: the inputs are the
-        settings, N and the installed hooks."""
+        (verification); else ``sharded``. With G > 1 direction groups (no ``all_reduce``):
+        ``sharded`` when ``protocol.sharding.sharded_wire_bytes`` is below the all_gather's
+        (N - 1) 4W bytes (W = K + E; e.g. groups of >= 2 ranks on N >= 4 at a large K), else
+        ``all_gather`` (always for ``"per_rank"``, whose groups of one rank have nothing to
+        split). Quantized scalars (``scalar_bits`` < 32) always take ``all_gather``. Every
+        rank decides alike: the inputs are the settings, N, W and the installed hooks."""
         if self.aggregation_path != "auto":
             return self.aggregation_path
-        if self.num_groups > 1 or self.scalar_bits < 32:
+        if self.scalar_bits < 32:
             return "all_gather"
         per_direction = self.aggregator.name in SHARDABLE_AGGREGATIONS and not self.aggregator.clip_row_norms
         if self.world_size <= 2 or not per_direction:
             return "all_gather"
+        if self.num_groups > 1:
+            width = self.family.num_directions + self.num_public_values
+            reviewed = bool(self.review_hooks or self.block_review_hooks)
+            sharded = sharded_wire_bytes(width, self.world_size, self.num_groups, reviewed)
+            return "sharded" if sharded < (self.world_size - 1) * 4 * width else "all_gather"
         if self.aggregator.name == "mean" and not self.review_hooks and not self.block_review_hooks:
             return "all_reduce"
         return "sharded"
 
-    def _aggregate_sharded(self, ctx: StepContext, row: torch.Tensor) -> AggregationResult:
+    def _aggregate_grouped(self, ctx: StepContext, row: torch.Tensor) -> GroupedAggregation:
+        """Steps 3-5 of docs/PROTOCOL.md §1.1 with direction groups (§9.1), on the
+        ``all_gather`` or the ``sharded`` path."""
+        if ctx.path == "sharded":
+            result = self._aggregate_sharded(ctx, row)
+        else:
+            ctx.matrix = self._gather_rows(ctx, row)
+            for review in self.review_hooks:
+                review(ctx)
+            self._check_some_finite(ctx)
+            result = aggregate_groups(self.aggregator, ctx.matrix, self.slashing.slashed, self.num_groups)
+        assert isinstance(result, GroupedAggregation)
+        return result
+
+    def _aggregate_sharded(self, ctx: StepContext, row: torch.Tensor) -> AggregationResult | GroupedAggregation:
         """Steps 3-5 of §1.1 on the ``sharded`` or ``all_reduce`` path (``engine/sharded.py``)."""
         if ctx.path == "all_reduce":
             if self.review_hooks or self.block_review_hooks:

@@ -244,7 +244,7 @@ class VerificationTransport:
         else:  # the row travels with the batches and must be the one committed to (§4.5)
             claimed = payload.get("row") if isinstance(payload, Mapping) else None
             committed = ctx.sharded.commitments[claimant]
-            if payload is None or not _is_committed_row(claimed, ctx.sharded.bounds, committed):
+            if payload is None or not _is_committed_row(claimed, ctx.sharded.row_bounds(claimant), committed):
                 reason = Reason.MISSING if payload is None else Reason.ROW_COMMITMENT
                 return {"accepted": False, "reason": reason.value, "claim_digest": committed.hex(),
                         "recomputed_digest": None, "max_abs_error": None, "max_rel_error": None}

@@ -39,6 +39,7 @@ __all__ = [
     "check_direction_groups",
     "group_of",
     "group_ranks",
+    "group_weights",
     "resolve_direction_groups",
     "synthesize_groups",
 ]
@@ -112,23 +113,34 @@ def aggregate_groups(aggregator: Aggregator, matrix: torch.Tensor, slashed: Iter
     kept, nonfinite, slashed_ranks = aggregator.partition_rows(matrix, slashed)
     rows, clipped = aggregator.clipped_rows(matrix, kept)
     scalars = torch.zeros(num_groups, matrix.shape[1], dtype=torch.float32, device=matrix.device)
+    weights, used, left_out = group_weights(aggregator, kept, num_groups, nonfinite, slashed_ranks)
+    for group in range(num_groups):
+        if group not in left_out:
+            members = [pos for pos, rank in enumerate(kept) if group_of(rank, num_groups) == group]
+            scalars[group] = aggregator.aggregate(rows[members])
+    return GroupedAggregation(scalars=scalars, weights=weights, kept_ranks=used, nonfinite_ranks=tuple(nonfinite),
+                              slashed_ranks=slashed_ranks, clipped_ranks=clipped, left_out_groups=left_out)
+
+
+def group_weights(aggregator: Aggregator, kept: Sequence[int], num_groups: int, nonfinite: Sequence[int] = (),
+                  slashed: Sequence[int] = ()) -> tuple[tuple[float, ...], tuple[int, ...], tuple[int, ...]]:
+    """(weights n_g / n, ranks used, groups left out) for the ``kept`` ranks (module docstring):
+    a group with fewer kept rows than ``aggregator`` needs is left out (n_g = 0).
+    ``nonfinite`` and ``slashed`` only name the ranks in the error raised when every group is."""
     counts, used, left_out = [0] * num_groups, [], []
     for group in range(num_groups):
-        members = [pos for pos, rank in enumerate(kept) if group_of(rank, num_groups) == group]
+        members = [rank for rank in kept if group_of(rank, num_groups) == group]
         if len(members) < aggregator.min_rows():
             left_out.append(group)
             continue
-        scalars[group] = aggregator.aggregate(rows[members])
         counts[group] = len(members)
-        used.extend(kept[pos] for pos in members)
+        used.extend(members)
     total = sum(counts)
     if total == 0:
         raise NotEnoughRanksError(
             f"no direction group has the {aggregator.min_rows()} usable row(s) that {aggregator.name} aggregation "
-            f"needs (slashed={list(slashed_ranks)}, non-finite={nonfinite}). HINT: train with more ranks per group.")
-    return GroupedAggregation(scalars=scalars, weights=tuple(count / total for count in counts),
-                              kept_ranks=tuple(sorted(used)), nonfinite_ranks=tuple(nonfinite),
-                              slashed_ranks=slashed_ranks, clipped_ranks=clipped, left_out_groups=tuple(left_out))
+            f"needs (slashed={list(slashed)}, non-finite={list(nonfinite)}). HINT: train with more ranks per group.")
+    return tuple(count / total for count in counts), tuple(sorted(used)), tuple(left_out)
 
 
 def synthesize_groups(family: DirectionFamily, scalars: torch.Tensor, weights: Sequence[float],

@@ -36,6 +36,7 @@ __all__ = [
     "PublicSecondMoment",
     "ResetInnerState",
     "make_inner_state",
+    "optimizer_trainable",
     "round_batch_hash",
 ]
 
@@ -120,8 +121,9 @@ class ResetInnerState(InnerState):
         optimizer.state.clear()
 
 
-def _trainable(optimizer: torch.optim.Optimizer) -> list[tuple[dict[str, Any], torch.Tensor]]:
-    """(param group, parameter) for every parameter of ``optimizer`` that requires grad, in order."""
+def optimizer_trainable(optimizer: torch.optim.Optimizer) -> list[tuple[dict[str, Any], torch.Tensor]]:
+    """(param group, parameter) for every parameter of ``optimizer`` that requires grad, in
+    order: the order of the public statistics (one per tensor)."""
     return [(group, p) for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
 
 
@@ -132,7 +134,9 @@ class PublicSecondMoment(InnerState):
     E = one value per trainable parameter tensor: the mean of this rank's v at the end of
     its inner steps (0 where the tensor has no state). The aggregated values (mean over
     ranks, or the run's robust aggregation) fill v at the next round start. Before the
-    first round's statistics exist the state is empty, as for a fresh optimizer.
+    first round's statistics exist the state is empty, as for a fresh optimizer; a NaN
+    public value (a tensor that was not trainable in the previous round) also leaves that
+    tensor's state empty.
     """
 
     name = "public_v"
@@ -148,11 +152,11 @@ class PublicSecondMoment(InnerState):
                              "private). HINT: amsgrad=False, or inner_state='reset'.")
 
     def num_statistics(self, optimizer: torch.optim.Optimizer) -> int:
-        return len(_trainable(optimizer))
+        return len(optimizer_trainable(optimizer))
 
     def statistics(self, optimizer: torch.optim.Optimizer) -> torch.Tensor:
         values = []
-        for _, p in _trainable(optimizer):
+        for _, p in optimizer_trainable(optimizer):
             sq = optimizer.state.get(p, {}).get("exp_avg_sq")
             values.append(sq.to(torch.float32).mean().cpu() if sq is not None else torch.zeros((), dtype=torch.float32))
         return torch.stack(values) if values else torch.zeros(0, dtype=torch.float32)
@@ -162,7 +166,9 @@ class PublicSecondMoment(InnerState):
         if public is None:
             return
         values = public.to(torch.float32).cpu().tolist()
-        for (group, p), value in zip(_trainable(optimizer), values, strict=True):
+        for (group, p), value in zip(optimizer_trainable(optimizer), values, strict=True):
+            if value != value:  # NaN: no public value (the tensor was not trainable last round): fresh state
+                continue
             fused, capturable = bool(group.get("fused")), bool(group.get("capturable"))
             scalar_dtype = torch.float32 if fused or torch.get_default_dtype() != torch.float64 else torch.float64
             step_device = p.device if fused or capturable else torch.device("cpu")

@@ -11,6 +11,12 @@ b = ceil(W / N) the block width, S the slashed set of the step.
 - Row commitment: leaf_r = SHA256(f32le(row[block r])) for r = 0..N-1, and
   commit(row) = SHA256("holograd/row" || leaf_0 || ... || leaf_{N-1}). A verifier that holds
   the full row recomputes it; an auditor that holds one block and the N leaves checks it.
+- With G direction groups (docs/PROTOCOL.md §9.1) group g's m_g members shard its rows among
+  themselves: block r belongs to group r mod G and is block r // G of the m_g blocks of
+  width ceil(W / m_g) of that group's rows; it is owned by rank r, or by the next member of
+  its group (cyclically) that is not slashed, or by nobody when the whole group is slashed.
+  A row commitment has m_g leaves, those of its group's blocks in member order. G = 1 is
+  the scheme above.
 - Draws: the claim draw of docs/PROTOCOL.md §6.4 with SHA256(f32le(A)) replaced by
   SHA256(commit_0 || ... || commit_{N-1}); the audit draw picks at most one block per step
   from c_t, the commitments and the aggregated row, which no rank knows before the
@@ -26,6 +32,7 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from .chain import scalars_digest
+from .groups import group_ranks
 from .verification import draw_claims_from_root
 
 __all__ = [
@@ -35,8 +42,10 @@ __all__ = [
     "commitments_digest",
     "draw_audit_block",
     "draw_sharded_claims",
+    "group_block_bounds",
     "row_commitment",
     "row_leaves",
+    "sharded_wire_bytes",
 ]
 
 _ROW_TAG = b"holograd/row"
@@ -51,17 +60,28 @@ def block_bounds(width: int, world_size: int) -> list[tuple[int, int]]:
     return [(min(r * size, width), min((r + 1) * size, width)) for r in range(world_size)]
 
 
-def block_owners(world_size: int, slashed: Iterable[int]) -> list[int]:
-    """The rank that aggregates each block: r itself, or the next rank that is not slashed."""
+def group_block_bounds(width: int, world_size: int, num_groups: int = 1) -> list[tuple[int, int]]:
+    """(start, stop) of the N blocks with ``num_groups`` groups: block r is block r // G of
+    its group's rows (module docstring); ``block_bounds`` for G = 1."""
+    if not 1 <= num_groups <= world_size:
+        raise ValueError(f"num_groups={num_groups} must lie in [1, world_size={world_size}].")
+    per_group = [block_bounds(width, len(group_ranks(g, num_groups, world_size))) for g in range(num_groups)]
+    return [per_group[r % num_groups][r // num_groups] for r in range(world_size)]
+
+
+def block_owners(world_size: int, slashed: Iterable[int], num_groups: int = 1) -> list[int | None]:
+    """The rank that aggregates each block: r itself, or the next member of r's group that is
+    not slashed; None when the whole group is slashed (never for G = 1)."""
     out = {int(r) for r in slashed}
     if len(out & set(range(world_size))) >= world_size:
         raise ValueError(f"every one of the {world_size} ranks is slashed: no rank can own a block.")
-    owners = []
+    owners: list[int | None] = []
     for block in range(world_size):
-        owner = block
-        while owner in out:
-            owner = (owner + 1) % world_size
-        owners.append(owner)
+        members = group_ranks(block % num_groups, num_groups, world_size)
+        at = block // num_groups
+        honest = [members[(at + step) % len(members)] for step in range(len(members))
+                  if members[(at + step) % len(members)] not in out]
+        owners.append(honest[0] if honest else None)
     return owners
 
 
@@ -105,3 +125,14 @@ def draw_audit_block(commitment: bytes, commitments: Sequence[bytes], aggregate:
     if not (p_audit >= 1.0 or u < p_audit) or num_blocks < 1:
         return None
     return struct.unpack("<Q", root[8:16])[0] % num_blocks
+
+
+def sharded_wire_bytes(width: int, world_size: int, num_groups: int = 1, reviewed: bool = True) -> int:
+    """An upper bound on the wire bytes any rank sends per step on the sharded path with nobody
+    slashed, the batch hashes left out (docs/PROTOCOL.md §8): (N - 1) 33 for the row commitments
+    when ``reviewed`` (else 4 (N - 1), the flags in the all_to_all), 4 (W - min_r w_r) to the
+    other owners of its group (w_r: the width rank r owns) and (N - 1) 4 max_r w_r for the
+    aggregates. Every rank computes the same number (``current_path``'s choice)."""
+    widths = [stop - start for start, stop in group_block_bounds(width, world_size, num_groups)]
+    flags = (world_size - 1) * (33 if reviewed else 4)
+    return flags + 4 * (width - min(widths)) + (world_size - 1) * 4 * max(widths)

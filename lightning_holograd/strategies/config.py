@@ -141,11 +141,16 @@ class HoloGradConfig:
         self._check_direction_groups()
         self._check_local_steps()
         check_aggregation_path(self.aggregation_path, self.build_aggregator())
-        if self.direction_groups != 1 and self.aggregation_path in ("sharded", "all_reduce"):
+        if self.direction_groups != 1 and self.aggregation_path == "all_reduce":
             raise ValueError(
-                f"aggregation_path={self.aggregation_path!r} with direction_groups={self.direction_groups!r}: each "
-                "group has its own directions, so rows of different groups share no column to shard or sum. "
-                "HINT: use aggregation_path='all_gather' (or 'auto', which takes it with groups).")
+                f"aggregation_path='all_reduce' with direction_groups={self.direction_groups!r}: each group has its "
+                "own directions, so rows of different groups share no column to sum. "
+                "HINT: use aggregation_path='sharded' (sharded within each group), 'all_gather' or 'auto'.")
+        if self.direction_groups == PER_RANK and self.aggregation_path == "sharded":
+            raise ValueError(
+                "aggregation_path='sharded' with direction_groups='per_rank': every group has one rank, so there is "
+                "no row to split (sharding would send more than all_gather). HINT: use aggregation_path='all_gather' "
+                "or 'auto' (which takes it), or groups of >= 2 ranks.")
         check_quantized_path(self.aggregation_path, self.scalar_bits)
 
     def _check_family_knobs(self) -> None:

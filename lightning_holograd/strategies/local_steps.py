@@ -38,7 +38,7 @@ from typing_extensions import override
 
 from ..engine import MalformedInputs
 from ..protocol import round_batch_hash
-from ..protocol.rounds import OuterStep, make_inner_state
+from ..protocol.rounds import OuterStep, make_inner_state, optimizer_trainable
 from .claims import logging_disabled, training_loss
 
 __all__ = ["LocalRounds", "LocalStepsMixin", "is_last_optimizer_step"]
@@ -93,6 +93,10 @@ class LocalRounds:
         self.steps: list[Step] = []  # this round's inner steps
         self.settings: list[list[dict[str, Any]]] = []  # optimizer hyperparameters of each inner step
         self._swapped: tuple[torch.Tensor, list[torch.Tensor]] | None = None
+        # positions in module.parameters() of the trainable tensors: of theta_r and the outer
+        # velocity (module order), and of the public statistics (optimizer order)
+        self.layout: list[int] | None = None
+        self.public_layout: list[int] | None = None
 
     # -- what the rounds act on --------------------------------------------------------------
     @property
@@ -116,18 +120,56 @@ class LocalRounds:
     def start_training(self) -> None:
         """At the start of fit, on every rank: check the optimizer, size the rows, start a round."""
         self.inner_state.check(self.optimizer)
-        self.strategy.exchange.num_public_values = self.inner_state.num_statistics(self.optimizer)
-        self.begin()
+        self.begin()  # sizes the rows: E = the inner state's statistics
 
     def begin(self) -> None:
-        """Start a round: the public inner state, theta_r and the buffers."""
+        """Start a round: the public inner state, theta_r and the buffers (for the trainable
+        set of now: public state over another set is carried over tensor by tensor)."""
+        self._relayout()
         self.inner_state.start_round(self.optimizer, self.public, self.steps_done)
         self.theta = _flat(self.params())
         self.buffers = [b.detach().clone() for b in self.module.buffers()]
         self.steps, self.settings = [], []
 
     def before_inner_step(self) -> None:
+        """Record the step's hyperparameters. A change of the trainable set is followed at a
+        round's first inner step (docs/PROTOCOL.md §9.2) and refused mid-round."""
+        if self._positions(p for p in self.module.parameters() if p.requires_grad) != self.layout:
+            if self.steps:
+                step = self.steps_done + len(self.steps) + 1
+                raise RuntimeError(
+                    f"step {step}: the trainable parameters changed in the middle of a local-steps round "
+                    f"({len(self.steps)} of local_steps={self.local_steps} inner steps done), so the round's "
+                    "pseudo-gradient has no single set of coordinates. HINT: freeze or unfreeze when "
+                    f"trainer.global_step is a multiple of {self.local_steps} (a round boundary), e.g. in "
+                    "on_train_epoch_start with epochs of a multiple of local_steps steps.")
+            strategy = self.strategy
+            strategy.resolved_config = strategy._trainable.follow(
+                self.module, strategy.exchange, strategy.config, strategy.root_device) or strategy.resolved_config
+            self.begin()
         self.settings.append(_settings(self.optimizer))
+
+    def _positions(self, tensors: Any) -> list[int]:
+        index = {id(p): i for i, p in enumerate(self.module.parameters())}
+        return [index[id(p)] for p in tensors]
+
+    def _relayout(self) -> None:
+        """Carry the outer velocity (module order) and the public statistics (optimizer
+        order) over to the current trainable set: a tensor that stays trainable keeps its
+        values, a newly trainable one starts at zero velocity and no public value (NaN)."""
+        layout = self._positions(self.params())
+        if self.layout is not None and layout != self.layout and self.outer.velocity is not None:
+            sizes = [p.numel() for p in self.module.parameters()]
+            old = dict(zip(self.layout, torch.split(self.outer.velocity, [sizes[i] for i in self.layout])))
+            self.outer.velocity = torch.cat([old[i] if i in old else self.outer.velocity.new_zeros(sizes[i])
+                                             for i in layout])
+        self.layout = layout
+        public_layout = self._positions(p for _, p in optimizer_trainable(self.optimizer))
+        if self.public is not None and self.public_layout is not None and public_layout != self.public_layout:
+            old_public = dict(zip(self.public_layout, self.public.tolist()))
+            self.public = torch.tensor([old_public.get(i, float("nan")) for i in public_layout], dtype=torch.float32)
+        self.public_layout = public_layout
+        self.strategy.exchange.num_public_values = self.inner_state.num_statistics(self.optimizer)
 
     def after_inner_step(self, inputs: Step) -> bool:
         """Record an inner step's micro-batches; True when the round is complete."""
@@ -274,13 +316,14 @@ class LocalRounds:
     # -- checkpoint state --------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"public": None if self.public is None else self.public.clone(), "steps_done": self.steps_done,
-                "outer": self.outer.state_dict()}
+                "outer": self.outer.state_dict(), "layout": self.layout, "public_layout": self.public_layout}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         public = state.get("public")
         self.public = None if public is None else public.to(torch.float32).cpu().clone()
         self.steps_done = int(state["steps_done"])
         self.outer.load_state_dict(state["outer"], device=self.strategy.root_device)
+        self.layout, self.public_layout = state.get("layout"), state.get("public_layout")  # None: a checkpoint from before layouts were saved
 
 
 class LocalStepsMixin:

@@ -112,7 +112,9 @@ class HoloGradStrategyMixin(LocalStepsMixin):
         estimate_scale: factor on g_hat: ``unbiased`` (1), ``min_variance`` (1/(1 + v), the
             least mean-squared error; biased toward 0) or ``norm`` (1/sqrt(1 + v)).
         direction_groups: G groups of ranks (rank i in group i mod G) with independent
-            directions, or ``"per_rank"`` (G = world size); 1 shares the directions.
+            directions, or ``"per_rank"`` (G = world size); 1 shares the directions. With
+            G > 1, ``sharded`` shards within each group (not with ``"per_rank"``) and ``auto``
+            takes it when its bytes formula is below the all_gather's; ``all_reduce`` is refused.
         local_steps: H, inner optimizer steps per round; each round exchanges the
             projected pseudo-gradient once (1: the gradient, every step).
         inner_state: the inner optimizer state at a round start, from public data

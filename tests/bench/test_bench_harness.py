@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from benchmarks import frontier, frontier_report  # the repository root is on sys.path (pyproject: pytest pythonpath)
+from benchmarks import frontier, frontier_report, race_model  # the repository root is on sys.path (pyproject: pytest pythonpath)
 from benchmarks.claims_gpt2 import random_abs_cos
 from benchmarks.netns import tbf_burst, unavailable_reason
 from benchmarks.slow_link import time_to_target
@@ -50,6 +50,23 @@ def test_time_to_target_interpolates_between_checks():
     assert time_to_target(curve, 2.25) == pytest.approx(25.0)
     assert time_to_target(curve, 3.5) == pytest.approx(10.0)  # the first check already meets it
     assert time_to_target(curve, 1.9) is None
+
+
+def test_race_model_times_steps_to_target_by_modelled_step_time(tmp_path):
+    assert race_model.rate_bps("20mbit") == 20e6 and race_model.rate_bps("1gbit") == 1e9
+    with pytest.raises(ValueError, match="rate='fast'"):
+        race_model.rate_bps("fast")
+    # 1 MB per step over 8 Mbit/s adds 1 s to a 0.1 s step.
+    assert race_model.step_time(0.1, 1e6, 8e6) == pytest.approx(1.1)
+    curve = [{"step": 64, "val_loss": 3.0}, {"step": 128, "val_loss": 2.0}]
+    run = {"status": "ok", "family": "localsgd", "spec": {"kind": "localsgd", "period": 64}, "curve": curve,
+           "step_median_s": 0.2, "bytes_per_step": 1e5, "compression": 10.0, "final_val_loss": 2.0}
+    frontier = {"reference": {"final_val_loss": 2.0, "step_median_s": 0.1}, "rows": [dict(run, run="localsgd-h64")]}
+    (row,) = race_model.race(frontier, ["8mbit"], [1.25])  # target 2.5: halfway between the checks
+    assert row["steps_to_target"] == pytest.approx(96.0)
+    assert row["time_to_target_s"] == pytest.approx(96.0 * (0.2 + 0.1))
+    (never,) = race_model.race(frontier, ["8mbit"], [0.9])
+    assert never["time_to_target_s"] is None
 
 
 def test_tbf_burst_is_ten_ms_of_rate_with_a_floor():

@@ -245,3 +245,57 @@ def test_unsupported_setups_are_refused(tmp_path, module_kwargs, callbacks, patt
     with pytest.raises(Exception, match=pattern):
         fit(ToyModule(**module_kwargs), holograd(local_steps=4), tmp_path, devices=1, max_steps=2,
             callbacks=callbacks)
+
+
+class FreezeFirstLayerInEpochZero(L.Callback):
+    """The first layer is frozen from setup (before the strategy's) and unfrozen at epoch 1
+    (8 steps per epoch: a round boundary for H = 4); ``at_step`` freezes it mid-round instead."""
+
+    def __init__(self, at_step: int | None = None) -> None:
+        self.at_step = at_step
+
+    def setup(self, trainer, pl_module, stage):
+        if self.at_step is None:
+            pl_module.net[0].requires_grad_(False)
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if self.at_step is None and trainer.current_epoch == 1:
+            pl_module.net[0].requires_grad_(True)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.at_step:
+            pl_module.net[0].requires_grad_(False)
+
+
+def test_a_trainable_set_change_at_a_round_boundary_is_followed_and_resumes_exactly(tmp_path):
+    """Adam (public_v: one statistic per trainable tensor) and outer momentum (velocity over
+    the trainable coordinates): D = 34 in epoch 0, 178 from epoch 1. The family, the rows'
+    public values and the velocity follow; replicas stay identical; epoch 0 + resume +
+    epoch 1 equals both epochs straight, bitwise."""
+    kwargs = {"local_steps": 4, "outer_lr": 0.7, "outer_momentum": 0.9}
+    epochs = {"max_steps": -1}
+    straight = fit(ToyModule(adam=True), holograd(**kwargs), tmp_path / "straight", max_epochs=2,
+                   callbacks=[FreezeFirstLayerInEpochZero()], **epochs)
+    assert_identical_replicas(straight)
+    assert straight[0]["exchange"]["family"]["dim"] == 178
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    first = fit(ToyModule(adam=True), holograd(**kwargs), tmp_path / "first", max_epochs=1,
+                enable_checkpointing=True, callbacks=[FreezeFirstLayerInEpochZero(), ckpt], **epochs)
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)[STATE_KEY]["rounds"]
+    assert saved["public"].shape == (2,) and saved["outer"]["velocity"].shape == (34,)  # the head only
+    resumed = fit(ToyModule(adam=True), holograd(**kwargs), tmp_path / "resumed", max_epochs=2,
+                  callbacks=[FreezeFirstLayerInEpochZero()], ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"), **epochs)
+    assert resumed[0]["exchange"]["chain"] == straight[0]["exchange"]["chain"]
+    assert max_param_diff(resumed[0], straight[0]) == 0.0
+    untouched = ToyModule(adam=True).state_dict()["net.0.weight"]
+    assert torch.equal(first[0]["params"]["net.0.weight"], untouched)  # frozen in epoch 0
+    assert not torch.equal(straight[0]["params"]["net.0.weight"], untouched)  # trained in epoch 1
+
+
+def test_a_trainable_set_change_mid_round_stops_naming_the_step_and_fix(tmp_path):
+    with pytest.raises(Exception) as info:
+        fit(ToyModule(adam=True), holograd(local_steps=4), tmp_path, max_steps=8,
+            callbacks=[FreezeFirstLayerInEpochZero(at_step=2)])
+    message = str(info.value)
+    assert "step 3: the trainable parameters changed in the middle of a local-steps round" in message
+    assert "HINT" in message and "multiple of 4" in message

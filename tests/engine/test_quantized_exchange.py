@@ -74,6 +74,17 @@ def test_auto_takes_all_gather_with_quantized_rows():
     assert _exchange(4, comm=_FourRanks(TrafficMeter(4, DIM))).current_path() == "all_gather"
 
 
+def test_auto_takes_all_gather_with_quantized_rows_of_direction_groups():
+    """2 groups of 2 on 4 ranks at K = 1024: auto shards float32 rows within the groups
+    (docs/PROTOCOL.md §4.5: fewer bytes than all_gather there), and gathers quantized ones."""
+    def grouped(bits: int) -> HoloGradExchange:
+        return HoloGradExchange(make_family("sketch", 4096, 1024), make_aggregator("mean"), CommitmentChain("q"),
+                                _FourRanks(TrafficMeter(4, 4096)), aggregation_path="auto", num_groups=2,
+                                scalar_bits=bits)
+    assert grouped(32).current_path() == "sharded"
+    assert grouped(4).current_path() == "all_gather"
+
+
 @pytest.mark.parametrize("path", ["sharded", "all_reduce"])
 def test_quantized_rows_on_other_paths_are_refused(path):
     with pytest.raises(ValueError, match=rf"aggregation_path='{path}' with scalar_bits=4.*HINT"):

@@ -19,15 +19,16 @@ from __future__ import annotations
 
 import hashlib
 import math
+import sys
 from dataclasses import dataclass
 
 import torch
 
 from .direction_hash import hash_words
 
-__all__ = ["SCALAR_BITS", "DecodedRows", "QuantizedClaim", "check_quantized_path", "check_scalar_bits", "decode_rows", "dequantize",
-           "dither", "dither_seed", "encode_row", "levels_of", "pack_levels", "quantize", "requantize_row", "requantize_rows",
-           "row_bytes", "unpack_levels"]
+__all__ = ["SCALAR_BITS", "DecodedRows", "QuantizedClaim", "check_quantized_path", "check_scalar_bits",
+           "decode_rows", "dequantize", "dither", "dither_seed", "encode_row", "levels_of", "pack_levels", "quantize",
+           "requantize_row", "requantize_rows", "row_bytes", "unpack_levels"]
 
 SCALAR_BITS = (32, 8, 4, 2)  # 32: float32 scalars, no quantization
 DITHER_TAG = b"holograd/dither"
@@ -112,13 +113,17 @@ def unpack_levels(packed: torch.Tensor, k: int, bits: int) -> torch.Tensor:
 
 
 def _f32_bytes(values: torch.Tensor) -> torch.Tensor:
-    return values.detach().to("cpu", torch.float32).contiguous().reshape(-1).view(torch.uint8)
+    """float32 little-endian bytes of ``values`` (uint8, 4 per value), on any host byte order."""
+    raw = values.detach().to("cpu", torch.float32).reshape(-1).clone().view(torch.uint8)
+    return raw if sys.byteorder == "little" else raw.reshape(-1, 4).flip(1).reshape(-1)
 
 
 def _f32_values(columns: torch.Tensor) -> torch.Tensor:
-    """(N, 4m) uint8 -> (N, m) float32 (a fresh copy: a view needs a 4-byte aligned offset)."""
-    flat = columns.reshape(-1).clone().view(torch.float32)
-    return flat.reshape(columns.shape[0], columns.shape[1] // 4)
+    """(N, 4m) uint8 of float32 little-endian values -> (N, m) float32 (a fresh copy)."""
+    raw = columns.reshape(-1).clone()
+    if sys.byteorder != "little":
+        raw = raw.reshape(-1, 4).flip(1).reshape(-1).clone()
+    return raw.view(torch.float32).reshape(columns.shape[0], columns.shape[1] // 4)
 
 
 def encode_row(row: torch.Tensor, k: int, bits: int, u: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 from replicas import assert_identical_replicas
 from test_byzantine import _SaveCounts
+from test_fabric import identical, launch, ranks, toy_loop
 from test_traffic import _MarkSteps, _per_step, counted_collectives  # noqa: F401 (a fixture)
 
 from lightning_holograd import (
@@ -159,3 +160,15 @@ def test_local_steps_with_per_rank_groups_and_quantized_rows(tmp_path):
     assert exchange["slashed"] == []
     verdicts = [(r.step, r.rank, r.data["verdict"]) for r in Ledger.load(tmp_path / "ledger.jsonl")]
     assert verdicts == [(step, 1, "accept") for step in range(1, rounds + 1)]
+
+
+def test_fabric_loop_with_quantized_rows(tmp_path):
+    """The Fabric loop of test_fabric (16 optimizer steps, K = 64 for D = 178) at 8 bits:
+    identical replicas, it learns, and each step sends 33 + 64 + 4 bytes."""
+    launch(HoloGradFabricStrategy(start_method="fork", scalar_bits=8), toy_loop, tmp_path)
+    states = ranks(tmp_path)
+    assert identical(states)
+    assert states[0]["exchange"]["traffic"]["total_payload"]["scalars"] == 16 * row_bytes(64, 0, 8) == 16 * 68
+    assert states[0]["metrics"]["holograd/bytes_per_step"] == 33 + 68
+    losses = states[0]["losses"]
+    assert sum(losses[-4:]) < 0.6 * sum(losses[:4]), losses

@@ -23,11 +23,12 @@ WORKER = "benchmarks.netbench_worker"  # run by torchrun as a module, from the r
 
 def holograd_spec(family: str, k: int, **extra: Any) -> dict[str, Any]:
     """A HoloGrad run: ``family`` directions, K = ``k``; ``bootstrap``/``refresh`` add
-    ADCBootstrap; ``direction_groups``/``local_steps`` name the family after them."""
+    ADCBootstrap; ``direction_groups``/``local_steps``/``scalar_bits`` name the family after them."""
     init = {"directions": family, "num_directions": k}
     bootstrap = {key: extra.pop(key) for key in ("bootstrap", "refresh") if key in extra}
-    needs = [key for key in ("direction_groups", "local_steps") if key in extra]
-    label = "-".join([f"holograd-{family}", *(("groups" if key == "direction_groups" else "local") for key in needs)])
+    needs = [key for key in ("direction_groups", "local_steps", "scalar_bits") if key in extra]
+    words = {"direction_groups": "groups", "local_steps": "local", "scalar_bits": f"q{extra.get('scalar_bits')}"}
+    label = "-".join([f"holograd-{family}", *(words[key] for key in needs)])
     spec = {"kind": "holograd", "family": label, "K": k, "init_args": {**init, **extra}, **bootstrap}
     return {**spec, "needs": needs} if needs else spec
 
@@ -78,7 +79,17 @@ SLOWLINK: dict[str, dict[str, Any]] = {
     "sketch-16384-perrank-h64": holograd_spec("sketch", 16384, direction_groups="per_rank", local_steps=64),
     "sketch-65536-perrank-h64": holograd_spec("sketch", 65536, direction_groups="per_rank", local_steps=64),
 }
-RUNS: dict[str, dict[str, Any]] = {**PEERS, **HOLOGRAD, **SLOWLINK}
+# Quantized scalars (issue 11, README "Quantized scalars"): 4-bit rows with 8x K, at the bytes of
+# the float32 run named in the comment (ceil(K / 2) + 4 + 4E bytes against 4(K + E)).
+QUANTIZED: dict[str, dict[str, Any]] = {
+    "sketch-32768-q4": holograd_spec("sketch", 32768, scalar_bits=4),  # sketch-4096
+    "sketch-32768-perrank-q4": holograd_spec("sketch", 32768, direction_groups="per_rank", scalar_bits=4),
+    "sketch-32768-perrank-h16-q4": holograd_spec("sketch", 32768, direction_groups="per_rank", local_steps=16,
+                                                 scalar_bits=4),  # sketch-4096-perrank-h16
+    "sketch-131072-perrank-h64-q4": holograd_spec("sketch", 131072, direction_groups="per_rank", local_steps=64,
+                                                  scalar_bits=4),  # sketch-16384-perrank-h64
+}
+RUNS: dict[str, dict[str, Any]] = {**PEERS, **HOLOGRAD, **SLOWLINK, **QUANTIZED}
 SHORT_RUNS = [*PEERS, *HOLOGRAD]  # the 300-step frontier of results/frontier_cpu.md
 # The long frontier: every peer, the sketch over K, the cheaper dense families, momentum, one
 # codebook, and the slowlink settings (gaussian/rademacher at K = 256 cost 5-10x DDP's step).
@@ -109,7 +120,8 @@ def _setting(spec: dict[str, Any]) -> str:
         extra = [f"boot {spec['bootstrap']}" if spec.get("bootstrap") else "",
                  f"refresh {spec['refresh']}" if spec.get("refresh") else "",
                  f"groups {init['direction_groups']}" if init.get("direction_groups") else "",
-                 f"H={init['local_steps']}" if init.get("local_steps") else ""]
+                 f"H={init['local_steps']}" if init.get("local_steps") else "",
+                 f"{init['scalar_bits']} bits" if init.get("scalar_bits") else ""]
         return ", ".join([f"K={spec['K']}", *(e for e in extra if e)])
     if spec.get("rank"):
         return f"rank {spec['rank']}"

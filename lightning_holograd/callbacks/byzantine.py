@@ -29,6 +29,7 @@ from typing_extensions import override
 from ..engine import HoloGradExchange, StepContext
 from ..protocol import ATTACK_NAMES, AttackName, attack_generator, attack_row, evasive_liars
 from ..protocol.attacks import OMNISCIENT_ATTACKS
+from ..protocol.quantize import requantize_row, requantize_rows
 
 __all__ = ["ByzantineSimulator"]
 
@@ -187,9 +188,17 @@ class ByzantineSimulator(Callback):
 
     def liars(self, ctx: StepContext, rows: torch.Tensor) -> set[int]:
         """Attackers that lie this step without being drawn, identical on every rank
-        (``protocol.evasive_liars`` on the honest rows ``rows`` (N, K))."""
-        return evasive_liars(ctx.commitment, rows, self.ranks, lambda r: self.lie_for(ctx, r, rows[r], rows),
-                             self.p_verify)
+        (``protocol.evasive_liars`` on the honest rows ``rows`` (N, K), as decoded when quantized)."""
+        exchange = self._exchange
+        bits = 32 if exchange is None else exchange.scalar_bits
+        if bits == 32:
+            return evasive_liars(ctx.commitment, rows, self.ranks, lambda r: self.lie_for(ctx, r, rows[r], rows),
+                                 self.p_verify)
+        # quantized scalars (docs/PROTOCOL.md §9.5): the draw sees the decoded rows
+        k = exchange.family.num_directions
+        submitted = requantize_rows(rows, ctx.commitment, k, bits)
+        return evasive_liars(ctx.commitment, submitted, self.ranks, lambda r: requantize_row(
+            self.lie_for(ctx, r, rows[r], rows), ctx.commitment, r, k, bits), self.p_verify)
 
     # -- checkpoint state ----------------------------------------------------------------
     @override

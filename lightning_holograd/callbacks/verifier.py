@@ -13,8 +13,9 @@ aggregated, so before the update of step t), on every rank:
 3. the engine's ``VerificationTransport`` moves each checked claimant's micro-batches to
    its verifier (a bundle, never a pickle; a claimant silent for ``transfer_timeout``
    seconds counts as ``missing``), which checks their hash against the commitment,
-   recomputes the scalars at theta_t and judges |a - a*| <= atol + rtol |a*|; verdicts
-   come back, and only verifier ranks' verdicts count;
+   recomputes the scalars at theta_t and judges |a - a*| <= atol + rtol |a*| (quantized
+   rows, ``scalar_bits`` < 32: the levels a row within that tolerance could round to,
+   docs/PROTOCOL.md §9.5); verdicts come back, and only verifier ranks' verdicts count;
 4. a rejected claim, a batch that does not match its hash, or a missing batch slashes
    the claimant (``Slashing.slash``): its row is left out of this step's aggregation on
    every rank, and of every later step. More than ``max_slashed_fraction`` of the workers
@@ -92,8 +93,10 @@ class ProofVerifier(Callback):
     Args:
         p_verify: probability that each worker claim of a step is checked; a rank cheating
             on m claims goes undetected with probability (1 - p_verify)^m.
-        rtol, atol: acceptance |a - a*| <= atol + rtol |a*|. On CPU in float32 an honest
-            recomputation is bitwise exact, so the defaults never slash an honest CPU run.
+        rtol, atol: acceptance |a - a*| <= atol + rtol |a*| (with quantized scalars, the
+            same tolerance on the float row before rounding, docs/PROTOCOL.md §9.5). On
+            CPU in float32 an honest recomputation is bitwise exact, so the defaults never
+            slash an honest CPU run.
             On GPUs, calibrate (README "Verification"): non-deterministic kernels make
             honest scalars differ slightly.
         verifier_ranks: trusted ranks that recompute claims (their own claims are not checked).

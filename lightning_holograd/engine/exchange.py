@@ -32,6 +32,11 @@ With ``num_public_values`` = E > 0 (local steps, docs/PROTOCOL.md §9.2) a row h
 K scalars followed by E public values; all K + E columns are aggregated alike, only the
 first K are synthesised, and the aggregated E values are ``StepContext.public_values``.
 
+With ``scalar_bits`` b < 32 (docs/PROTOCOL.md §9.5) step 3 gathers each rank's K scalars as
+b-bit levels with a scale and a public dither (``protocol.quantize``), the E values as
+float32; every rank decodes the same float matrix A, and ``StepContext.quantized`` keeps
+the levels and scales for the verifier. It takes the ``all_gather`` path.
+
 Call contract: every rank calls ``step`` (or ``true_gradient_step``) once per optimizer
 step, with its own gradient and batch hash; both block until all ranks arrive. A rank
 that skips a step deadlocks the job. Slashed ranks keep taking part in the collectives,
@@ -49,6 +54,7 @@ import torch
 
 from ..protocol import AggregationResult, Aggregator, CommitmentChain, DirectionFamily, hash_batch
 from ..protocol.groups import GroupedAggregation, aggregate_groups, group_of, synthesize_groups
+from ..protocol.quantize import DecodedRows, check_quantized_path, decode_rows, dither, encode_row
 from ..protocol.sharding import sharded_wire_bytes
 from .comm import Comm
 from .sharded import ShardedAggregation, ShardState
@@ -128,6 +134,7 @@ class StepContext:
     extras: dict[str, Any] = field(default_factory=dict)
     group_seeds: list[list[int]] = field(default_factory=list)  # seeds of every direction group, in group order
     public_values: torch.Tensor | None = None  # (E,) aggregated values after the K scalars (local steps)
+    quantized: DecodedRows | None = None  # levels and scales of the gathered rows (scalar_bits < 32)
 
     @property
     def num_groups(self) -> int:
@@ -160,6 +167,8 @@ class HoloGradExchange:
         num_groups: G, the direction groups (1: every rank shares the directions); G > 1
             takes ``all_gather`` or ``sharded`` (not ``all_reduce``; ``sharded`` needs a group
             of more than one rank, G < N).
+        scalar_bits: b, bits per direction scalar on the wire (32: float32; 8, 4, 2: quantized,
+            docs/PROTOCOL.md §9.5); b < 32 needs the ``all_gather`` path (or ``auto``).
     """
 
     def __init__(
@@ -172,6 +181,7 @@ class HoloGradExchange:
         to_cpu: Callable[[Any], Any] | None = None,
         aggregation_path: AggregationPath = "all_gather",
         num_groups: int = 1,
+        scalar_bits: int = 32,
     ) -> None:
         if num_groups > 1 and not family.unbiased:
             raise ValueError(f"num_groups={num_groups} needs an unbiased seed-defined family, got {family.name!r}.")
@@ -192,6 +202,7 @@ class HoloGradExchange:
             raise ValueError(f"aggregation_path='sharded' with {num_groups} direction groups on {comm.world_size} "
                              "ranks: every group has one rank, so there is no row to split (sharding sends more than "
                              "all_gather there). HINT: use aggregation_path='all_gather' or 'auto', or fewer groups.")
+        self.scalar_bits = check_quantized_path(aggregation_path, scalar_bits)
         self.sharding = ShardedAggregation(comm, aggregator, self.slashing, num_groups)
         self.block_review_hooks: list[ReviewHook] = []  # sharded path: after the aggregates are gathered
         self.claim_hooks: list[ClaimHook] = []
@@ -278,7 +289,7 @@ class HoloGradExchange:
         k = self.family.num_directions
         if self.num_groups == 1:
             if ctx.path == "all_gather":
-                ctx.matrix = self.comm.all_gather(scalars.to(torch.float32), "scalars").to(scalars.device)
+                ctx.matrix = self._gather_rows(ctx, scalars)
                 for review in self.review_hooks:
                     review(ctx)
                 self._check_some_finite(ctx)
@@ -297,6 +308,17 @@ class HoloGradExchange:
         self.chain.record_scalars(ctx.result.scalars)
         self._finish(ctx, optimizer_steps)
         return estimate
+
+    def _gather_rows(self, ctx: StepContext, scalars: torch.Tensor) -> torch.Tensor:
+        """Step 3: every rank's (K + E,) row -> A (N, K + E) float32 on ``scalars``' device;
+        quantized on the wire when ``scalar_bits`` < 32 (docs/PROTOCOL.md §9.5)."""
+        if self.scalar_bits == 32:
+            return self.comm.all_gather(scalars.to(torch.float32), "scalars").to(scalars.device)
+        k = self.family.num_directions
+        wire = encode_row(scalars, k, self.scalar_bits, dither(ctx.commitment, self.rank, k))
+        rows = self.comm.all_gather(wire, "scalars")
+        ctx.quantized = decode_rows(rows, k, self.num_public_values, self.scalar_bits)
+        return ctx.quantized.matrix.to(scalars.device)
 
     def measure_energy(self, flat_grad: torch.Tensor, ctx: StepContext) -> float:
         """gamma of the family's basis against the mean true gradient of the contributors.
@@ -359,10 +381,12 @@ class HoloGradExchange:
         ``sharded`` when ``protocol.sharding.sharded_wire_bytes`` is below the all_gather's
         (N - 1) 4W bytes (W = K + E; e.g. groups of >= 2 ranks on N >= 4 at a large K), else
         ``all_gather`` (always for ``"per_rank"``, whose groups of one rank have nothing to
-        split). Every rank decides alike: the inputs are the settings, N, W and the
-        installed hooks."""
+        split). Quantized scalars (``scalar_bits`` < 32) always take ``all_gather``. Every
+        rank decides alike: the inputs are the settings, N, W and the installed hooks."""
         if self.aggregation_path != "auto":
             return self.aggregation_path
+        if self.scalar_bits < 32:
+            return "all_gather"
         per_direction = self.aggregator.name in SHARDABLE_AGGREGATIONS and not self.aggregator.clip_row_norms
         if self.world_size <= 2 or not per_direction:
             return "all_gather"
@@ -381,7 +405,7 @@ class HoloGradExchange:
         if ctx.path == "sharded":
             result = self._aggregate_sharded(ctx, row)
         else:
-            ctx.matrix = self.comm.all_gather(row.to(torch.float32), "scalars").to(row.device)
+            ctx.matrix = self._gather_rows(ctx, row)
             for review in self.review_hooks:
                 review(ctx)
             self._check_some_finite(ctx)

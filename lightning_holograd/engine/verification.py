@@ -43,7 +43,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..protocol import Reason, claim_digest, judge_claim, step_batch_hash
+from ..protocol import Reason, claim_digest, judge_claim, judge_quantized_claim, step_batch_hash
+from ..protocol.quantize import QuantizedClaim
 from ..protocol.sharding import row_commitment
 from .bundle import HEADER_SIZE, TRAILER_SIZE, BundleError, decode_bundle, encode_bundle, frame_message, read_message
 from .comm import Comm
@@ -74,9 +75,12 @@ def verifier_of(claimant: int, verifier_ranks: Sequence[int]) -> int:
 
 
 def check_claim(claimed: torch.Tensor, batches: Any, batch_indices: Sequence[int], committed_hash: bytes,
-                seeds: list[int], recompute: Recompute, rtol: float, atol: float) -> dict[str, Any]:
+                seeds: list[int], recompute: Recompute, rtol: float, atol: float,
+                quantized: QuantizedClaim | None = None) -> dict[str, Any]:
     """The verifier's report on one claim (K,): batches present, matching the committed
-    hash, and recomputing to the claimed scalars within |a - a*| <= atol + rtol |a*|.
+    hash, and recomputing to the claimed scalars within |a - a*| <= atol + rtol |a*|
+    (``quantized``: the claim as submitted with scalar_bits < 32, judged by
+    ``judge_quantized_claim``, docs/PROTOCOL.md §9.5; ``claimed`` is then its decoded row).
 
     ``batch_indices`` are the verifier's own ``batch_idx`` values of the step (identical on
     every rank), so a claimant cannot choose them (they are not covered by the hash).
@@ -91,7 +95,10 @@ def check_claim(claimed: torch.Tensor, batches: Any, batch_indices: Sequence[int
         recomputed = recompute(list(zip(batches, batch_indices)), seeds)
     except MalformedInputs:  # committed, but not shaped as the step's batches: as a wrong count
         return {**report, "accepted": False, "reason": Reason.BATCH_HASH.value}
-    verdict = judge_claim(claimed, recomputed, rtol, atol)
+    if quantized is None:
+        verdict = judge_claim(claimed, recomputed, rtol, atol)
+    else:
+        verdict = judge_quantized_claim(quantized, recomputed, rtol, atol)
     return {**report, "accepted": verdict.accepted, "reason": verdict.reason.value,
             "recomputed_digest": claim_digest(recomputed), "max_abs_error": _finite_or_none(verdict.max_abs_error),
             "max_rel_error": _finite_or_none(verdict.max_rel_error)}
@@ -241,9 +248,11 @@ class VerificationTransport:
                 reason = Reason.MISSING if payload is None else Reason.ROW_COMMITMENT
                 return {"accepted": False, "reason": reason.value, "claim_digest": committed.hex(),
                         "recomputed_digest": None, "max_abs_error": None, "max_rel_error": None}
+        decoded = getattr(ctx, "quantized", None)  # scalar_bits < 32 (docs/PROTOCOL.md §9.5)
+        quantized = None if decoded is None else decoded.claim(claimant, ctx.commitment)
         try:
             return check_claim(claimed, batches, indices, ctx.batch_hashes[claimant], ctx.seeds_of(claimant),
-                               self.recompute, rtol, atol)
+                               self.recompute, rtol, atol, quantized)
         except Exception as error:  # the verifier's own failure: stop, never slash on it
             raise RuntimeError(
                 f"step {ctx.step}: the verifier could not recompute rank {claimant}'s claim ({type(error).__name__}: "

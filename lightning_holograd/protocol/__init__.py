@@ -31,7 +31,7 @@ from .ledger import Ledger, LedgerRecord, LedgerTamperError
 from .codebook_fit import CODEBOOK_FITS, CODEBOOK_STRUCTURES, CodebookFit, CodebookStructure
 from .rounds import INNER_STATE_NAMES, InnerState, OuterStep, make_inner_state, round_batch_hash
 from .subspace import CodebookDirections, MomentumDirections, captured_energy
-from .verification import Reason, Verdict, claim_digest, draw_claims, judge_claim
+from .verification import Reason, Verdict, claim_digest, draw_claims, judge_claim, judge_quantized_claim
 
 __all__ = [
     "AGGREGATION_NAMES",
@@ -81,6 +81,7 @@ __all__ = [
     "group_of",
     "hash_batch",
     "judge_claim",
+    "judge_quantized_claim",
     "make_aggregator",
     "make_family",
     "make_inner_state",

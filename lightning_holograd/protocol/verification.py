@@ -12,6 +12,10 @@ c_t the step commitment, p = ``p_verify``.
   A non-finite claim is an honest fault when the recomputation is non-finite too (accepted,
   reason ``nonfinite``: the row was only dropped for its step) and a lie when the
   recomputation is finite (rejected, reason ``nonfinite``).
+- Quantized claim (docs/PROTOCOL.md §9.5): levels q, scale M, with M* = max |a*_j|, Delta = M / L
+  and x*_j = a*_j / Delta + u_j: accepted iff |M - M*| <= atol + rtol M* and every q_j lies in
+  [floor(x*_j - tau_j), floor(x*_j + tau_j)] (clamped to [-L, L]), tau_j = (atol + rtol |a*_j|) / Delta;
+  the E public values are judged as float32 claims.
 """
 
 from __future__ import annotations
@@ -25,8 +29,9 @@ from dataclasses import dataclass
 import torch
 
 from .chain import scalars_digest
+from .quantize import QuantizedClaim, dequantize, levels_of
 
-__all__ = ["Reason", "Verdict", "draw_claims", "draw_claims_from_root", "judge_claim", "claim_digest"]
+__all__ = ["Reason", "Verdict", "draw_claims", "draw_claims_from_root", "judge_claim", "judge_quantized_claim", "claim_digest"]
 
 _DRAW_TAG = b"holograd/verify"
 
@@ -86,10 +91,53 @@ def judge_claim(claimed: torch.Tensor, recomputed: torch.Tensor, rtol: float, at
     if not bool(torch.isfinite(claimed).all()):  # honest iff the recomputation is non-finite too
         return Verdict(not bool(torch.isfinite(recomputed).all()), Reason.NONFINITE, float("inf"), float("inf"))
     error = (claimed - recomputed).abs()
+    accepted = bool((error <= atol + rtol * recomputed.abs()).all())
+    return Verdict(accepted, Reason.OK if accepted else Reason.MISMATCH, *_errors(claimed, recomputed))
+
+
+def _errors(claimed: torch.Tensor, recomputed: torch.Tensor) -> tuple[float, float]:
+    """(max |a - a*|, max |a - a*| / |a*|), the relative error 0 where both are 0, inf where only a* is."""
+    error = (claimed - recomputed).abs()
     scale = recomputed.abs()
     relative = torch.where(scale > 0, error / scale.clamp_min(torch.finfo(torch.float64).tiny),
                            torch.where(error > 0, torch.full_like(error, float("inf")), torch.zeros_like(error)))
-    accepted = bool((error <= atol + rtol * scale).all())
     max_abs = float(error.max()) if error.numel() else 0.0
     max_rel = float(relative.max()) if relative.numel() else 0.0
-    return Verdict(accepted, Reason.OK if accepted else Reason.MISMATCH, max_abs, max_rel)
+    return max_abs, max_rel
+
+
+def judge_quantized_claim(claim: QuantizedClaim, recomputed: torch.Tensor, rtol: float, atol: float) -> Verdict:
+    """Accept a quantized claim (K levels, scale M, E public values) against the recomputed
+    float row a* (K + E,) by the rule of the module docstring; the reported errors compare
+    the dequantized claim with a*."""
+    k = claim.levels.numel()
+    recomputed = recomputed.detach().to(torch.float64).cpu()
+    values = dequantize(claim.levels, torch.tensor(claim.scale, dtype=torch.float32), claim.bits)
+    claimed = torch.cat([values, claim.public.to("cpu", torch.float32)]).to(torch.float64)
+    if claimed.shape != recomputed.shape:
+        return Verdict(False, Reason.MISMATCH, float("inf"), float("inf"))
+    if not bool(torch.isfinite(claimed).all()):  # M = NaN: honest iff the recomputation is non-finite too
+        return Verdict(not bool(torch.isfinite(recomputed).all()), Reason.NONFINITE, float("inf"), float("inf"))
+    if not bool(torch.isfinite(recomputed).all()):
+        return Verdict(False, Reason.MISMATCH, float("inf"), float("inf"))
+    public = judge_claim(claimed[k:], recomputed[k:], rtol, atol)
+    accepted = public.accepted and _levels_hold(claim, recomputed[:k], rtol, atol)
+    return Verdict(accepted, Reason.OK if accepted else Reason.MISMATCH, *_errors(claimed, recomputed))
+
+
+def _levels_hold(claim: QuantizedClaim, target: torch.Tensor, rtol: float, atol: float) -> bool:
+    """|M - M*| within tolerance, and every level one that a float row within tolerance of
+    ``target`` (a*, (K,) float64) could round to with the claim's dither and quantum."""
+    scale_star = float(target.abs().max()) if target.numel() else 0.0
+    if not abs(claim.scale - scale_star) <= atol + rtol * scale_star:
+        return False
+    levels = claim.levels.to(torch.int64)
+    if claim.scale == 0.0:
+        return bool((levels == 0).all())
+    top = levels_of(claim.bits)
+    delta = claim.scale / top
+    x = target / delta + claim.dither.to(torch.float64)
+    tau = (atol + rtol * target.abs()) / delta
+    low = (x - tau).floor().clamp(-top, top)
+    high = (x + tau).floor().clamp(-top, top)
+    return bool(((levels >= low) & (levels <= high)).all())

@@ -84,18 +84,21 @@ def check_single_optimizer(optimizers: Sequence[Any]) -> None:
             "strategy='ddp'.")
 
 
-def compression_at(world_size: int, dim: int, num_directions: int) -> float:
+def compression_at(world_size: int, dim: int, num_directions: int, scalar_bits: int = 32) -> float:
     """Ring all-reduce wire bytes of D floats over HoloGrad's 32 + 4K bytes per step at N ranks
-    (docs/PROTOCOL.md §8): 2D / (N (K + 8)). N = 1 is counted as N = 2."""
+    (docs/PROTOCOL.md §8): 2D / (N (K + 8)); with ``scalar_bits`` b < 32 the row is
+    ceil(K b / 8) + 4 bytes instead of 4K (docs/PROTOCOL.md §9.5). N = 1 is counted as N = 2."""
     n = max(world_size, 2)
-    return 2.0 * dim / (n * (num_directions + 8))
+    if scalar_bits == 32:
+        return 2.0 * dim / (n * (num_directions + 8))
+    return 8.0 * dim / (n * (32 + math.ceil(num_directions * scalar_bits / 8) + 4))
 
 
 def advise(config: HoloGradConfig, dim: int, world_size: int, optimizers: Sequence[Any]) -> list[str]:
     """The setup warnings for a resolved ``config`` on D = ``dim`` (empty when all is well)."""
     assert config.num_directions is not None, "resolve(dim) first"
     k, messages = config.num_directions, []
-    ratio = compression_at(world_size, dim, k)
+    ratio = compression_at(world_size, dim, k, config.scalar_bits)
     if config.directions != "identity" and (k >= dim or ratio < 1.0):
         largest = max(1, math.floor(2 * dim / max(world_size, 2)) - 9)
         messages.append(

@@ -34,6 +34,7 @@ from ..protocol.defaults import (
     variance_ratio,
 )
 from ..protocol.groups import PER_RANK, check_direction_groups, resolve_direction_groups
+from ..protocol.quantize import check_quantized_path
 from ..protocol.rounds import INNER_STATE_NAMES, OuterStep
 
 __all__ = ["HoloGradConfig", "AggregationName", "ProjectionName", "check_world_size"]
@@ -94,6 +95,7 @@ class HoloGradConfig:
     inner_state: str = "public_v"  # the inner optimizer state at a round start: "public_v" or "reset"
     outer_lr: float = 1.0  # theta_{r+1} = theta_r - outer_lr * delta_hat (with outer_momentum = 0)
     outer_momentum: float = 0.0  # Nesterov momentum of the outer step (0: plain averaging)
+    scalar_bits: int = 32  # bits per direction scalar on the wire: 32 (float32), 8, 4, 2; docs/PROTOCOL.md §9.5
 
     def __post_init__(self) -> None:
         if self.num_directions is not None:
@@ -149,6 +151,7 @@ class HoloGradConfig:
                 "aggregation_path='sharded' with direction_groups='per_rank': every group has one rank, so there is "
                 "no row to split (sharding would send more than all_gather). HINT: use aggregation_path='all_gather' "
                 "or 'auto' (which takes it), or groups of >= 2 ranks.")
+        check_quantized_path(self.aggregation_path, self.scalar_bits)
 
     def _check_family_knobs(self) -> None:
         """The family constructors' range checks, without building a family (no allocation)."""

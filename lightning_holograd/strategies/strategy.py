@@ -121,6 +121,9 @@ class HoloGradStrategyMixin(LocalStepsMixin):
             (``public_v``: Adam with m = 0 and the ranks' mean v per tensor; ``reset``).
         outer_lr, outer_momentum: the outer step theta -= outer_lr * delta_hat, with
             Nesterov momentum when outer_momentum > 0.
+        scalar_bits: bits per direction scalar on the wire: 32 (float32, the default), or 8, 4,
+            2 (unbiased stochastic rounding against a per-row scale, docs/PROTOCOL.md §9.5;
+            ceil(K b / 8) + 4 bytes per row; needs ``aggregation_path`` ``all_gather`` or ``auto``).
     Args (faults; README "Failure and recovery"):
         sigterm_grace: seconds a rank may take to stop after SIGTERM before it exits hard
             (a rank blocked in a collective cannot stop cleanly).
@@ -166,6 +169,7 @@ class HoloGradStrategyMixin(LocalStepsMixin):
         inner_state: Literal["public_v", "reset"] = "public_v",
         outer_lr: float = 1.0,
         outer_momentum: float = 0.0,
+        scalar_bits: int = 32,
         sigterm_grace: float = 10.0,
         resume_rank_map: dict[int, int] | None = None,
         process_group_backend: str | None = None,
@@ -186,7 +190,7 @@ class HoloGradStrategyMixin(LocalStepsMixin):
             aggregation_path=aggregation_path,
             target_compression=target_compression, estimate_scale=estimate_scale,
             direction_groups=direction_groups, local_steps=local_steps, inner_state=inner_state, outer_lr=outer_lr,
-            outer_momentum=outer_momentum,
+            outer_momentum=outer_momentum, scalar_bits=scalar_bits,
         )
         lightning_arguments = check_strategy_arguments(kwargs)  # DDP-only arguments are refused
         super().__init__(process_group_backend=process_group_backend, timeout=timeout, start_method=start_method,

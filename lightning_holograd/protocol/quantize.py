@@ -1,0 +1,183 @@
+"""Quantized scalars: b-bit levels with a public dither (docs/PROTOCOL.md §9.5).
+
+Symbols: K direction scalars a (float32) and E public values per row, b = ``scalar_bits``
+in {8, 4, 2} (32: no quantization), L = 2^(b-1) - 1 levels on each side of zero.
+
+- Scale: M = max_j |a_j| (float32, exact). A row with a NaN or inf sends M = NaN.
+- Quantum: Delta = M / L in float64 (M = 0: every level is 0).
+- Dither: u_j = word(s, j) / 2^32 in [0, 1) (``direction_hash.hash_words``), with the seed
+  s = uint64le(SHA256(c_t || "holograd/dither" || u32le(rank))[:8]): public, the same on
+  every device, unknown before the step commitment c_t.
+- Level: q_j = clamp(floor(a_j / Delta + u_j), -L, L) in float64; value q_j * Delta in float64,
+  rounded to float32. Over u, E[q_j Delta] = a_j and Var <= Delta^2 / 4.
+- Wire row (uint8): the K offsets q_j + L packed b bits each (8 // b per byte, the first
+  in the lowest bits), M as 4 float32 little-endian bytes, then the E public values as
+  float32 little-endian bytes: ceil(K b / 8) + 4 + 4E bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from .direction_hash import hash_words
+
+__all__ = ["SCALAR_BITS", "DecodedRows", "QuantizedClaim", "check_quantized_path", "check_scalar_bits",
+           "decode_rows", "dequantize", "dither", "dither_seed", "encode_row", "levels_of", "pack_levels", "quantize",
+           "requantize_row", "requantize_rows", "row_bytes", "unpack_levels"]
+
+SCALAR_BITS = (32, 8, 4, 2)  # 32: float32 scalars, no quantization
+DITHER_TAG = b"holograd/dither"
+
+
+def check_scalar_bits(bits: object) -> int:
+    """``bits`` if it is one of ``SCALAR_BITS``; ValueError naming the fix otherwise."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in SCALAR_BITS:
+        raise ValueError(f"scalar_bits={bits!r} is not supported. HINT: choose one of "
+                         f"{', '.join(map(str, SCALAR_BITS))} (32 sends float32 scalars; 4 sends 8x fewer bytes "
+                         "per direction).")
+    return bits
+
+
+def check_quantized_path(path: object, bits: object) -> int:
+    """``bits`` if valid and ``path`` (an aggregation path) can carry rows of ``bits`` bits."""
+    check_scalar_bits(bits)
+    if bits != 32 and path in ("sharded", "all_reduce"):
+        raise ValueError(f"aggregation_path={path!r} with scalar_bits={bits}: quantized rows each carry their own "
+                         "scale, so an all_reduce cannot add them, and the sharded path does not quantize (future "
+                         "work). HINT: use aggregation_path='all_gather' (or 'auto', which takes it with "
+                         "scalar_bits < 32), or scalar_bits=32.")
+    return int(bits)  # type: ignore[call-overload]
+
+
+def levels_of(bits: int) -> int:
+    """L = 2^(b-1) - 1: levels q lie in [-L, L]."""
+    return (1 << (bits - 1)) - 1
+
+
+def row_bytes(k: int, e: int, bits: int) -> int:
+    """Bytes of one rank's wire row: 4(K + E) at 32 bits, else ceil(K b / 8) + 4 + 4E."""
+    return 4 * (k + e) if bits == 32 else math.ceil(k * bits / 8) + 4 + 4 * e
+
+
+def dither_seed(commitment: bytes, rank: int) -> int:
+    """s = uint64le(SHA256(c_t || "holograd/dither" || u32le(rank))[:8])."""
+    return int.from_bytes(hashlib.sha256(commitment + DITHER_TAG + rank.to_bytes(4, "little")).digest()[:8], "little")
+
+
+def dither(commitment: bytes, rank: int, k: int) -> torch.Tensor:
+    """u (K,) float64 in [0, 1): word(s, j) / 2^32 for j < K (exact in float64), on the CPU."""
+    return hash_words([dither_seed(commitment, rank)], 0, k)[0].to(torch.float64) / float(1 << 32)
+
+
+def quantize(a: torch.Tensor, bits: int, u: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """(levels q (K,) int64, scale M) of the float32 row ``a`` (K,) with dither ``u`` (K,)."""
+    a = a.detach().to("cpu", torch.float32)
+    zeros = torch.zeros(a.shape, dtype=torch.int64)
+    if not bool(torch.isfinite(a).all()):
+        return zeros, float("nan")
+    scale = float(a.abs().max()) if a.numel() else 0.0
+    if scale == 0.0:
+        return zeros, 0.0
+    top = levels_of(bits)
+    x = a.to(torch.float64) / (scale / top) + u.to(torch.float64)
+    return x.floor().clamp(-top, top).to(torch.int64), scale
+
+
+def dequantize(levels: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor:
+    """q Delta as float32, Delta = M / L in float64; ``levels`` (..., K), ``scales`` (...,)."""
+    delta = scales.to(torch.float64).unsqueeze(-1) / levels_of(bits)
+    return (levels.to(torch.float64) * delta).to(torch.float32)
+
+
+def pack_levels(levels: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 (ceil(K b / 8),): offsets q + L, 8 // b per byte, the first in the lowest bits."""
+    per = 8 // bits
+    offsets = levels.to(torch.int64) + levels_of(bits)
+    padded = torch.zeros(math.ceil(offsets.numel() / per) * per, dtype=torch.int64)
+    padded[: offsets.numel()] = offsets
+    shifts = torch.arange(per, dtype=torch.int64) * bits
+    return (padded.reshape(-1, per) << shifts).sum(dim=1).to(torch.uint8)
+
+
+def unpack_levels(packed: torch.Tensor, k: int, bits: int) -> torch.Tensor:
+    """Levels (..., K) int64 from packed bytes (..., ceil(K b / 8)) (inverse of ``pack_levels``)."""
+    per = 8 // bits
+    shifts = torch.arange(per, dtype=torch.int64) * bits
+    fields = (packed.to(torch.int64).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    return fields.reshape(*packed.shape[:-1], -1)[..., :k] - levels_of(bits)
+
+
+def _f32_bytes(values: torch.Tensor) -> torch.Tensor:
+    """float32 little-endian bytes of ``values`` (uint8, 4 per value), on any host byte order."""
+    raw = values.detach().to("cpu", torch.float32).reshape(-1).clone().view(torch.uint8)
+    return raw if sys.byteorder == "little" else raw.reshape(-1, 4).flip(1).reshape(-1)
+
+
+def _f32_values(columns: torch.Tensor) -> torch.Tensor:
+    """(N, 4m) uint8 of float32 little-endian values -> (N, m) float32 (a fresh copy)."""
+    raw = columns.reshape(-1).clone()
+    if sys.byteorder != "little":
+        raw = raw.reshape(-1, 4).flip(1).reshape(-1).clone()
+    return raw.view(torch.float32).reshape(columns.shape[0], columns.shape[1] // 4)
+
+
+def encode_row(row: torch.Tensor, k: int, bits: int, u: torch.Tensor) -> torch.Tensor:
+    """The uint8 wire row of ``row`` (K + E,): packed levels, M, the E public values."""
+    levels, scale = quantize(row[:k], bits, u)
+    return torch.cat([pack_levels(levels, bits), _f32_bytes(torch.tensor([scale], dtype=torch.float32)), _f32_bytes(row[k:])])
+
+
+@dataclass(frozen=True)
+class QuantizedClaim:
+    """What one rank submitted: levels (K,), scale M, its dither (K,), b, public values (E,)."""
+
+    levels: torch.Tensor
+    scale: float
+    dither: torch.Tensor
+    bits: int
+    public: torch.Tensor
+
+
+@dataclass(frozen=True)
+class DecodedRows:
+    """Every rank's decoded wire row: ``matrix`` (N, K + E) float32 (dequantized scalars, then
+    the public values), ``levels`` (N, K) int64, ``scales`` (N,) float32."""
+
+    matrix: torch.Tensor
+    levels: torch.Tensor
+    scales: torch.Tensor
+    bits: int
+
+    def claim(self, rank: int, commitment: bytes) -> QuantizedClaim:
+        k = self.levels.shape[1]
+        return QuantizedClaim(self.levels[rank], float(self.scales[rank]), dither(commitment, rank, k), self.bits,
+                              self.matrix[rank, k:])
+
+
+def decode_rows(rows: torch.Tensor, k: int, e: int, bits: int) -> DecodedRows:
+    """Decode gathered wire rows (N, ``row_bytes(k, e, bits)``) uint8, on the CPU."""
+    rows = rows.to("cpu", torch.uint8)
+    if rows.dim() != 2 or rows.shape[1] != row_bytes(k, e, bits):
+        raise ValueError(f"rows of shape {tuple(rows.shape)} are not (N, {row_bytes(k, e, bits)}) for K={k}, E={e}, "
+                         f"scalar_bits={bits}. HINT: every rank must run with the same num_directions and scalar_bits.")
+    packed = math.ceil(k * bits / 8)
+    levels = unpack_levels(rows[:, :packed], k, bits)
+    scales = _f32_values(rows[:, packed: packed + 4]).reshape(-1)
+    public = _f32_values(rows[:, packed + 4:]).reshape(rows.shape[0], e)
+    return DecodedRows(torch.cat([dequantize(levels, scales, bits), public], dim=1), levels, scales, bits)
+
+
+def requantize_row(row: torch.Tensor, commitment: bytes, rank: int, k: int, bits: int) -> torch.Tensor:
+    """The float (K + E,) row every rank decodes when ``rank`` submits ``row`` at step commitment ``commitment``."""
+    wire = encode_row(row, k, bits, dither(commitment, rank, k))
+    return decode_rows(wire.unsqueeze(0), k, row.numel() - k, bits).matrix[0]
+
+
+def requantize_rows(rows: torch.Tensor, commitment: bytes, k: int, bits: int) -> torch.Tensor:
+    """The float (N, K + E) matrix every rank decodes when rank r submits ``rows[r]``."""
+    return torch.stack([requantize_row(row, commitment, r, k, bits) for r, row in enumerate(rows)])

@@ -1,0 +1,31 @@
+"""The quantized settings of ``benchmarks.frontier_runs.QUANTIZED`` build valid strategies and
+send the bytes of the float32 run they are paired with (README "Quantized scalars")."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks import baselines, frontier_runs
+from lightning_holograd import HoloGradStrategy
+from lightning_holograd.protocol.quantize import row_bytes
+
+E_GPT2 = 28  # public_v statistics of the tiny GPT-2 with local steps (README "Local steps")
+PAIRS = {"sketch-32768-q4": "sketch-4096", "sketch-32768-perrank-q4": "sketch-4096-perrank",
+         "sketch-32768-perrank-h16-q4": "sketch-4096-perrank-h16",
+         "sketch-131072-perrank-h64-q4": "sketch-16384-perrank-h64"}
+
+
+@pytest.mark.parametrize("name", list(frontier_runs.QUANTIZED))
+def test_quantized_runs_build_and_match_their_float_pair_in_bytes(name):
+    spec = frontier_runs.QUANTIZED[name]
+    assert frontier_runs.missing_features(spec) == []
+    strategy, _ = baselines.build_strategy(spec)
+    assert isinstance(strategy, HoloGradStrategy) and strategy.config.scalar_bits == 4
+    assert spec["family"].endswith("-q4") and frontier_runs.label({"spec": spec}).endswith("4 bits")
+    pair = frontier_runs.RUNS[PAIRS[name]]["init_args"]
+    e = E_GPT2 if pair.get("local_steps") else 0
+    assert strategy.config.local_steps == pair.get("local_steps", 1)
+    assert strategy.config.direction_groups == pair.get("direction_groups", 1)
+    quantized = row_bytes(spec["K"], e, 4)
+    float32 = row_bytes(pair["num_directions"], e, 32)
+    assert quantized - float32 == 4  # the scale: the same bytes up to 4 per row

@@ -1,0 +1,182 @@
+"""Fused (``torch.compile``) kernels for the direction hash, and when to use them.
+
+The definition of every value is ``direction_hash``'s (docs/PROTOCOL.md §3.2); this module
+only evaluates the same integer expression in one compiled kernel per chunk instead of a
+dozen eager int64 passes. Integer arithmetic is exact (no product overflows int64, see
+``direction_hash``), so a compiled kernel returns bitwise the eager path's integers; the
+floating-point sums after it (``index_add_``, ``scatter_add_``) stay eager, in the eager
+path's order, so the families' outputs are bitwise the same too (docs/PROTOCOL.md §3.7).
+
+Which path a family takes is its ``kernel`` setting, or the environment variable
+``HOLOGRAD_DIRECTION_KERNEL`` when that is None:
+- ``"eager"``: plain torch ops (the reference implementation);
+- ``"compiled"``: the fused kernels, falling back to eager with one warning if
+  ``torch.compile`` fails on this machine;
+- ``"auto"`` (default): compiled where it is known to pay off, otherwise eager. Compiling
+  costs tens of seconds once per process (seconds with a warm inductor cache), so auto
+  compiles only on a CPU and only for D >= ``AUTO_MIN_DIM`` coordinates, where the
+  per-step saving repays it within a few hundred steps. Other devices stay eager under
+  auto until measured (``python -m benchmarks.bench_directions --device cuda``).
+A compiled kernel is checked bitwise against the eager one on a probe range (indices
+around 0 and 2^32) before first use; a mismatch or an error falls back to eager.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Callable
+
+import torch
+
+from .direction_hash import _MUL1_S, _MUL2_S, _MUL_HI_S, _WEYL_S, MASK32, ChunkBuffers, index_base, keyed_words
+
+__all__ = ["AUTO_MIN_DIM", "ENV_VAR", "KERNELS", "check_kernel", "compiled_kernels", "resolve_kernel"]
+
+log = logging.getLogger(__name__)
+_Keys = tuple[torch.Tensor, torch.Tensor]  # (k0, k1) from seed_keys, each (G, 1)
+
+KERNELS = ("auto", "eager", "compiled")
+ENV_VAR = "HOLOGRAD_DIRECTION_KERNEL"
+AUTO_MIN_DIM = 1 << 24  # auto compiles on a CPU from this D on (benchmarks/results/directions_cpu.md)
+_PROBES = ((0, 256), ((1 << 32) - 128, (1 << 32) + 128))  # low indices and the hi-word boundary
+_failed: set[str] = set()  # device types whose compilation failed in this process (warned once)
+
+
+def check_kernel(kernel: str | None) -> str | None:
+    """``kernel`` if it is None or one of KERNELS, else a ValueError naming the choices."""
+    if kernel is not None and kernel not in KERNELS:
+        raise ValueError(f"direction kernel={kernel!r} is unknown. HINT: choose one of {', '.join(KERNELS)} "
+                         f"(or None: the {ENV_VAR} environment variable, default auto).")
+    return kernel
+
+
+def resolve_kernel(kernel: str | None, device: torch.device, dim: int) -> str:
+    """"eager" or "compiled" for a family over ``dim`` coordinates on ``device``."""
+    if kernel is None:
+        kernel = os.environ.get(ENV_VAR) or "auto"
+        if kernel not in KERNELS:
+            raise ValueError(f"{ENV_VAR}={kernel!r} is unknown. HINT: set it to one of {', '.join(KERNELS)}, "
+                             "or unset it (auto).")
+    if kernel == "auto":
+        kernel = "compiled" if device.type == "cpu" and dim >= AUTO_MIN_DIM else "eager"
+    if kernel == "compiled" and compiled_kernels(device.type) is None:
+        return "eager"
+    return kernel
+
+
+def _scalars(device: torch.device, start: int, num_directions: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """0-d tensors, not Python ints: a new value then never triggers a recompile."""
+    return torch.tensor(start, device=device), torch.tensor(num_directions, device=device)
+
+
+# -- the fused expressions (docs/PROTOCOL.md §3.2), on int64 tensors ---------------------
+def _words(start: torch.Tensor, n: int, k0: torch.Tensor, k1: torch.Tensor) -> torch.Tensor:
+    """word(s, e) for e in [start, start + n): (rows of k0, n) int64 (k0, k1: (G, 1))."""
+    index = torch.arange(n, dtype=torch.int64, device=start.device) + start
+    base = (index & MASK32) * _WEYL_S & MASK32
+    base = base ^ (base >> 16)
+    x = (base ^ k0) * _MUL1_S & MASK32
+    x = x ^ (x >> 15) ^ k1 ^ ((index >> 32) * _MUL_HI_S & MASK32)
+    x = x * _MUL2_S & MASK32
+    return x ^ (x >> 16)
+
+
+def _sketch_slots(words: torch.Tensor, num_directions: torch.Tensor) -> torch.Tensor:
+    """Slot 2 bucket + (1 if the sign is -1): docs/PROTOCOL.md §3.5."""
+    return (((words >> 1) * num_directions) >> 31) << 1 | (words & 1)
+
+
+def _sketch_project_chunk(slots: torch.Tensor, part: torch.Tensor, grad: torch.Tensor, start: torch.Tensor,
+                          num_directions: torch.Tensor, k0: torch.Tensor, k1: torch.Tensor) -> None:
+    """Fills ``slots`` (n,) int64 and ``part`` (n,) float64 = grad, for index_add_."""
+    slots.copy_(_sketch_slots(_words(start, slots.shape[0], k0, k1)[0], num_directions))
+    part.copy_(grad)
+
+
+def _sketch_synthesize_chunk(out: torch.Tensor, signed: torch.Tensor, start: torch.Tensor,
+                             num_directions: torch.Tensor, k0: torch.Tensor, k1: torch.Tensor) -> None:
+    """out[i] = signed[slot(start + i)]: sign(d) a_bucket(d) (gather, exact)."""
+    out.copy_(signed[_sketch_slots(_words(start, out.shape[0], k0, k1)[0], num_directions)])
+
+
+def _rademacher_bytes(out: torch.Tensor, start: torch.Tensor, k0: torch.Tensor, k1: torch.Tensor) -> None:
+    """out (G, 4, n) int64: out[g, q] is byte q of word(s_g, d) for d in [start, start + n)."""
+    words = _words(start, out.shape[2], k0, k1).unsqueeze(1)  # (G, 1, n)
+    shifts = torch.arange(4, dtype=torch.int64, device=out.device).view(1, 4, 1) * 8
+    out.copy_((words >> shifts) & 0xFF)
+
+
+class CompiledKernels:
+    """The compiled functions for one device type (one dynamic-shape compile each), called
+    chunk by chunk with the families' ``ChunkBuffers`` and (k0, k1) keys."""
+
+    def __init__(self) -> None:
+        def build(fn: Callable) -> Callable:
+            return torch.compile(fn, dynamic=True, fullgraph=True)
+
+        self._sketch_project_chunk = build(_sketch_project_chunk)
+        self._sketch_synthesize_chunk = build(_sketch_synthesize_chunk)
+        self._rademacher_bytes = build(_rademacher_bytes)
+
+    def sketch_slots_part(self, keys: _Keys, start: int, grad: torch.Tensor, buf: ChunkBuffers,
+                          num_directions: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(slots of [start, start + n), the (n,) chunk ``grad`` in float64) in the buffers
+        "slots" and "part"."""
+        slots, part = buf.get("slots", grad.numel()), buf.get("part", grad.numel(), dtype=torch.float64)
+        self._sketch_project_chunk(slots, part, grad, *_scalars(buf.device, start, num_directions), *keys)
+        return slots, part
+
+    def sketch_gather(self, out: torch.Tensor, signed: torch.Tensor, keys: _Keys, start: int,
+                      num_directions: int) -> None:
+        """out[i] = signed[slot(start + i)] for the (n,) chunk ``out`` of g_hat."""
+        self._sketch_synthesize_chunk(out, signed, *_scalars(out.device, start, num_directions), *keys)
+
+    def rademacher_bytes(self, keys: _Keys, start: int, stop: int, buf: ChunkBuffers) -> torch.Tensor:
+        """(4 G, n) int64 in the buffer "bytes": row 4g + q is byte q of word(s_g, d)."""
+        out = buf.get("bytes", keys[0].shape[0], 4, stop - start)
+        self._rademacher_bytes(out, torch.tensor(start, device=buf.device), *keys)
+        return out.view(-1, stop - start)
+
+    def check(self, device: torch.device) -> None:
+        """Runs every kernel on the probe ranges against the eager path; raises on a mismatch."""
+        keys = (torch.tensor([[0x89ABCDEF], [0]], device=device), torch.tensor([[0x01234567], [0xFFFFFFFF]],
+                                                                                device=device))
+        buf, k = ChunkBuffers(device), 12345
+        signed = torch.arange(2 * k, dtype=torch.float32, device=device)
+        for lo, hi in _PROBES:
+            words = keyed_words(*index_base(lo, hi, device), *keys)  # (2, n), the eager reference
+            expected = ((words[0] >> 1) * k >> 31) * 2 + (words[0] & 1)
+            grad = torch.arange(hi - lo, dtype=torch.float32, device=device)
+            slots, part = self.sketch_slots_part((keys[0][:1], keys[1][:1]), lo, grad, buf, k)
+            same = torch.equal(slots, expected) and torch.equal(part, grad.double())
+            out = torch.empty(hi - lo, dtype=torch.float32, device=device)
+            self.sketch_gather(out, signed, (keys[0][:1], keys[1][:1]), lo, k)
+            codes = self.rademacher_bytes(keys, lo, hi, buf).view(2, 4, -1)
+            shifts = torch.tensor([0, 8, 16, 24], device=device).view(1, 4, 1)
+            if not (same and torch.equal(out, signed[expected])
+                    and torch.equal(codes, (words.unsqueeze(1) >> shifts) & 0xFF)):
+                raise RuntimeError(f"compiled direction kernels differ from the eager path on indices [{lo}, {hi})")
+
+
+@functools.cache
+def _compiled(device_type: str) -> CompiledKernels:
+    kernels = CompiledKernels()
+    kernels.check(torch.device(device_type))
+    return kernels
+
+
+def compiled_kernels(device_type: str) -> CompiledKernels | None:
+    """The checked compiled kernels for ``device_type``, or None (with one warning per
+    process and device type) if torch.compile fails there or disagrees with eager."""
+    if device_type in _failed:
+        return None
+    try:
+        return _compiled(device_type)
+    except Exception as exc:  # any compiler failure: the eager path is always correct
+        _failed.add(device_type)
+        log.warning("direction kernels: torch.compile is unavailable on %s (%s: %s); using the eager path. "
+                    "HINT: set %s=eager to skip the attempt.", device_type, type(exc).__name__,
+                    str(exc).splitlines()[0] if str(exc) else "", ENV_VAR)
+        return None

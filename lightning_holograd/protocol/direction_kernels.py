@@ -30,9 +30,18 @@ from collections.abc import Callable
 
 import torch
 
-from .direction_hash import _MUL1_S, _MUL2_S, _MUL_HI_S, _WEYL_S, MASK32, ChunkBuffers, index_base, keyed_words
+from .direction_hash import (
+    _MUL1_S,
+    _MUL2_S,
+    _MUL_HI_S,
+    _WEYL_S,
+    MASK32,
+    ChunkBuffers,
+    index_base,
+    keyed_words,
+)
 
-__all__ = ["AUTO_MIN_DIM", "ENV_VAR", "KERNELS", "check_kernel", "compiled_kernels", "resolve_kernel"]
+__all__ = ["AUTO_MIN_DIM", "ENV_VAR", "KERNELS", "KernelMismatch", "check_kernel", "compiled_kernels", "resolve_kernel"]
 
 log = logging.getLogger(__name__)
 _Keys = tuple[torch.Tensor, torch.Tensor]  # (k0, k1) from seed_keys, each (G, 1)
@@ -42,6 +51,10 @@ ENV_VAR = "HOLOGRAD_DIRECTION_KERNEL"
 AUTO_MIN_DIM = 1 << 24  # auto compiles on a CPU from this D on (benchmarks/results/directions_cpu.md)
 _PROBES = ((0, 256), ((1 << 32) - 128, (1 << 32) + 128))  # low indices and the hi-word boundary
 _failed: set[str] = set()  # device types whose compilation failed in this process (warned once)
+
+
+class KernelMismatch(RuntimeError):
+    """A compiled kernel returned other bits than the eager path (a compiler bug)."""
 
 
 def check_kernel(kernel: str | None) -> str | None:
@@ -157,7 +170,7 @@ class CompiledKernels:
             shifts = torch.tensor([0, 8, 16, 24], device=device).view(1, 4, 1)
             if not (same and torch.equal(out, signed[expected])
                     and torch.equal(codes, (words.unsqueeze(1) >> shifts) & 0xFF)):
-                raise RuntimeError(f"compiled direction kernels differ from the eager path on indices [{lo}, {hi})")
+                raise KernelMismatch(f"compiled direction kernels differ from the eager path on indices [{lo}, {hi})")
 
 
 @functools.cache

@@ -20,7 +20,8 @@ every chunk size.
   atom at the 16-bit half (low for even d, high for odd d) of word(s_j, floor(d/2)).
 ``chunk_size`` (optional) caps how many coordinates are materialised at once; it never
 changes a value. ``kernel`` ("auto", "eager", "compiled"; None: the environment's choice)
-picks plain torch ops or fused compiled kernels (``direction_kernels``): the same bits. There are no blocks (version 1's generator blocks live in
+picks plain torch ops or fused compiled kernels (``direction_kernels``): the same bits.
+There are no blocks (version 1's generator blocks live in
 ``directions_v1``, used only to resume lightning-holograd 0.1.x checkpoints).
 """
 

@@ -39,6 +39,7 @@ from .direction_hash import (
     ChunkBuffers,
     index_base,
     keyed_words,
+    seed_keys,
 )
 
 __all__ = ["AUTO_MIN_DIM", "ENV_VAR", "KERNELS", "KernelMismatch", "check_kernel", "compiled_kernels", "resolve_kernel"]
@@ -82,6 +83,12 @@ def resolve_kernel(kernel: str | None, device: torch.device, dim: int) -> str:
 def _scalars(device: torch.device, start: int, num_directions: int) -> tuple[torch.Tensor, torch.Tensor]:
     """0-d tensors, not Python ints: a new value then never triggers a recompile."""
     return torch.tensor(start, device=device), torch.tensor(num_directions, device=device)
+
+
+def _plain(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors as non-views (same storage): a chunk that is a view of a larger buffer in
+    one call and the whole buffer in the next would otherwise trigger a recompile."""
+    return tuple(t.detach() for t in tensors)
 
 
 # -- the fused expressions (docs/PROTOCOL.md §3.2), on int64 tensors ---------------------
@@ -138,38 +145,43 @@ class CompiledKernels:
         """(slots of [start, start + n), the (n,) chunk ``grad`` in float64) in the buffers
         "slots" and "part"."""
         slots, part = buf.get("slots", grad.numel()), buf.get("part", grad.numel(), dtype=torch.float64)
-        self._sketch_project_chunk(slots, part, grad, *_scalars(buf.device, start, num_directions), *keys)
+        self._sketch_project_chunk(*_plain(slots, part, grad, *_scalars(buf.device, start, num_directions), *keys))
         return slots, part
 
     def sketch_gather(self, out: torch.Tensor, signed: torch.Tensor, keys: _Keys, start: int,
                       num_directions: int) -> None:
         """out[i] = signed[slot(start + i)] for the (n,) chunk ``out`` of g_hat."""
-        self._sketch_synthesize_chunk(out, signed, *_scalars(out.device, start, num_directions), *keys)
+        self._sketch_synthesize_chunk(*_plain(out, signed, *_scalars(out.device, start, num_directions), *keys))
 
     def rademacher_bytes(self, keys: _Keys, start: int, stop: int, buf: ChunkBuffers) -> torch.Tensor:
         """(4 G, n) int64 in the buffer "bytes": row 4g + q is byte q of word(s_g, d)."""
         out = buf.get("bytes", keys[0].shape[0], 4, stop - start)
-        self._rademacher_bytes(out, torch.tensor(start, device=buf.device), *keys)
+        self._rademacher_bytes(*_plain(out, torch.tensor(start, device=buf.device), *keys))
         return out.view(-1, stop - start)
 
     def check(self, device: torch.device) -> None:
-        """Runs every kernel on the probe ranges against the eager path; raises on a mismatch."""
-        keys = (torch.tensor([[0x89ABCDEF], [0]], device=device), torch.tensor([[0x01234567], [0xFFFFFFFF]],
-                                                                                device=device))
+        """Runs every kernel on the probe ranges against the eager path; raises KernelMismatch
+        on a difference. Keys are built as the families build them (``seed_keys``), for one
+        and for two seeds, so that the kernels compiled here are the ones the families reuse
+        (sizes 1 and >= 2 are compiled separately)."""
+        one, two = seed_keys([0x0123456789ABCDEF], device), seed_keys([0xFFFFFFFF00000000, 7], device)
         buf, k = ChunkBuffers(device), 12345
         signed = torch.arange(2 * k, dtype=torch.float32, device=device)
+        shifts = torch.tensor([0, 8, 16, 24], device=device).view(1, 4, 1)
         for lo, hi in _PROBES:
-            words = keyed_words(*index_base(lo, hi, device), *keys)  # (2, n), the eager reference
-            expected = ((words[0] >> 1) * k >> 31) * 2 + (words[0] & 1)
+            words = keyed_words(*index_base(lo, hi, device), *one)[0]  # the eager reference
+            expected = ((words >> 1) * k >> 31) * 2 + (words & 1)
             grad = torch.arange(hi - lo, dtype=torch.float32, device=device)
-            slots, part = self.sketch_slots_part((keys[0][:1], keys[1][:1]), lo, grad, buf, k)
+            slots, part = self.sketch_slots_part(one, lo, grad, buf, k)
             same = torch.equal(slots, expected) and torch.equal(part, grad.double())
             out = torch.empty(hi - lo, dtype=torch.float32, device=device)
-            self.sketch_gather(out, signed, (keys[0][:1], keys[1][:1]), lo, k)
-            codes = self.rademacher_bytes(keys, lo, hi, buf).view(2, 4, -1)
-            shifts = torch.tensor([0, 8, 16, 24], device=device).view(1, 4, 1)
-            if not (same and torch.equal(out, signed[expected])
-                    and torch.equal(codes, (words.unsqueeze(1) >> shifts) & 0xFF)):
+            self.sketch_gather(out, signed, one, lo, k)
+            same = same and torch.equal(out, signed[expected])
+            for keys in (one, two):
+                codes = self.rademacher_bytes(keys, lo, hi, buf).view(len(keys[0]), 4, -1)
+                words = keyed_words(*index_base(lo, hi, device), *keys)
+                same = same and torch.equal(codes, (words.unsqueeze(1) >> shifts) & 0xFF)
+            if not same:
                 raise KernelMismatch(f"compiled direction kernels differ from the eager path on indices [{lo}, {hi})")
 
 

@@ -19,6 +19,10 @@ Which path a family takes is its ``kernel`` setting, or the environment variable
   auto until measured (``python -m benchmarks.bench_directions --device cuda``).
 A compiled kernel is checked bitwise against the eager one on a probe range (indices
 around 0 and 2^32) before first use; a mismatch or an error falls back to eager.
+Fused: the sketch (project and synthesize) and rademacher's byte codes. The gaussian
+family stays eager: its cost is the table lookup and matrix product per value, not the
+hash. Shapes are dynamic (one compile per kernel; rademacher compiles for one seed and
+for several); a chunk of a single coordinate compiles once more (dynamo specialises 1).
 """
 
 from __future__ import annotations

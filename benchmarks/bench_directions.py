@@ -114,8 +114,8 @@ def render_markdown(meta: dict[str, Any], refs: dict[str, Any], rows: list[dict[
             "- GPU: not measured here (no GPU was available to this run); on a CUDA machine run "
             "`python -m benchmarks.bench_directions --device cuda` or `python -m benchmarks.gpu_check`"]),
         *([] if "compile_s" not in meta else [
-            "- fused kernels (`*-compiled` rows): torch.compile + bitwise probe check took "
-            + ("failed" if meta["compile_s"] is None else f"{meta['compile_s']:.1f} s")
+            "- fused kernels (`*-compiled` rows): torch.compile + bitwise probe check "
+            + ("failed, so those rows ran eager" if meta["compile_s"] is None else f"took {meta['compile_s']:.1f} s")
             + f" in this process (inductor cache: {meta.get('inductor_cache', 'as found')})"]),
         "",
         *_reference_lines(refs),

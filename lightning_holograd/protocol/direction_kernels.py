@@ -53,7 +53,10 @@ _Keys = tuple[torch.Tensor, torch.Tensor]  # (k0, k1) from seed_keys, each (G, 1
 
 KERNELS = ("auto", "eager", "compiled")
 ENV_VAR = "HOLOGRAD_DIRECTION_KERNEL"
-AUTO_MIN_DIM = 1 << 24  # auto compiles on a CPU from this D on (benchmarks/results/directions_cpu.md)
+# auto compiles on a CPU from this D on: there a step's project + synthesize is ~0.25 s
+# cheaper compiled, repaying a cold ~40 s compile in ~160 steps (`python -m
+# benchmarks.bench_directions --families sketch,sketch-compiled --ks 4096 --dims ...`).
+AUTO_MIN_DIM = 1 << 24
 _PROBES = ((0, 256), ((1 << 32) - 128, (1 << 32) + 128))  # low indices and the hi-word boundary
 _failed: set[str] = set()  # device types whose compilation failed in this process (warned once)
 
@@ -63,20 +66,28 @@ class KernelMismatch(RuntimeError):
 
 
 def check_kernel(kernel: str | None) -> str | None:
-    """``kernel`` if it is None or one of KERNELS, else a ValueError naming the choices."""
+    """``kernel`` if it is one of KERNELS, or None with a valid (or unset) environment
+    variable; else a ValueError naming the choices. Families call it at construction, so a
+    typo fails before the first step."""
     if kernel is not None and kernel not in KERNELS:
         raise ValueError(f"direction kernel={kernel!r} is unknown. HINT: choose one of {', '.join(KERNELS)} "
                          f"(or None: the {ENV_VAR} environment variable, default auto).")
+    if kernel is None:
+        _env_kernel()
+    return kernel
+
+
+def _env_kernel() -> str:
+    kernel = os.environ.get(ENV_VAR) or "auto"
+    if kernel not in KERNELS:
+        raise ValueError(f"{ENV_VAR}={kernel!r} is unknown. HINT: set it to one of {', '.join(KERNELS)}, "
+                         "or unset it (auto).")
     return kernel
 
 
 def resolve_kernel(kernel: str | None, device: torch.device, dim: int) -> str:
     """"eager" or "compiled" for a family over ``dim`` coordinates on ``device``."""
-    if kernel is None:
-        kernel = os.environ.get(ENV_VAR) or "auto"
-        if kernel not in KERNELS:
-            raise ValueError(f"{ENV_VAR}={kernel!r} is unknown. HINT: set it to one of {', '.join(KERNELS)}, "
-                             "or unset it (auto).")
+    kernel = _env_kernel() if kernel is None else kernel
     if kernel == "auto":
         kernel = "compiled" if device.type == "cpu" and dim >= AUTO_MIN_DIM else "eager"
     if kernel == "compiled" and compiled_kernels(device.type) is None:

@@ -119,6 +119,9 @@ def test_environment_variable_chooses_when_the_setting_is_none(fake_compiled, mo
     monkeypatch.setenv(ENV_VAR, "fast")
     with pytest.raises(ValueError, match=f"{ENV_VAR}='fast'.*HINT"):
         resolve_kernel(None, CPU, 10)
+    with pytest.raises(ValueError, match=f"{ENV_VAR}='fast'.*HINT"):  # at construction, not at the first step
+        make_family("sketch", 100, 4)
+    make_family("sketch", 100, 4, direction_kernel="eager")  # an explicit setting does not read it
 
 
 def test_unknown_kernel_setting_is_refused():

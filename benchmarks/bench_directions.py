@@ -23,6 +23,9 @@ Families (rows):
   momentum               1 momentum direction + K - 1 Gaussian exploration directions
   sketch-compiled        the sketch on the fused torch.compile kernels (bitwise the same values)
   rademacher-compiled    rademacher on the fused kernels (the hash and byte split fused)
+  sketch-cached          the eager sketch with its slot cache (on by default for D <= 2^24):
+                         synthesize gathers from the slots project stored for the same seed,
+                         what a step pays; the sketch and sketch-compiled rows run without it
 The plain gaussian / rademacher / sketch rows use the eager kernels (direction_kernel="eager");
 the compile time of the fused kernels (once per process) is reported in the header, and the
 fused kernels are compiled before the references are measured.

@@ -14,8 +14,10 @@ import torch
 from lightning_holograd.protocol import direction_seeds, make_family
 from lightning_holograd.protocol.direction_hash import hash_words
 
-FAMILIES = ("gaussian", "rademacher", "sketch", "codebook", "momentum", "sketch-compiled", "rademacher-compiled")
+FAMILIES = ("gaussian", "rademacher", "sketch", "codebook", "momentum", "sketch-compiled", "rademacher-compiled",
+            "sketch-cached")
 COMPILED_SUFFIX = "-compiled"  # the same family on the fused torch.compile kernels (direction_kernel="compiled")
+CACHED_SUFFIX = "-cached"  # the sketch with its slot cache: synthesize after project, as in a step
 STATEFUL = ("codebook", "codebook-halfexp", "momentum")
 # Assumed single-thread CPU QR rate (flop/s) for the first codebook setup estimate only;
 # later estimates are rescaled by what was measured.
@@ -72,7 +74,7 @@ def measure_references(device: torch.device, dims: list[int], ks: list[int], rep
 
 def base_family(variant: str) -> str:
     """The family a row measures: "sketch-compiled" -> "sketch"."""
-    return variant.removesuffix(COMPILED_SUFFIX)
+    return variant.removesuffix(COMPILED_SUFFIX).removesuffix(CACHED_SUFFIX)
 
 
 def compile_seconds(device: torch.device) -> float | None:
@@ -128,6 +130,8 @@ def build_family(variant: str, dim: int, k: int, device: torch.device):
     else:  # explicit kernels: auto would switch the plain rows to the fused kernels at large D
         kernel = "compiled" if variant.endswith(COMPILED_SUFFIX) else "eager"
         fam = make_family(base_family(variant), dim, k, direction_kernel=kernel)
+        if hasattr(fam, "slot_cache"):  # only the -cached row reuses project's slots in synthesize
+            fam.slot_cache.enabled = variant.endswith(CACHED_SUFFIX)
     if hasattr(fam, "to"):
         fam.to(device)
     return fam

@@ -12,8 +12,8 @@ How a direction is defined (DIRECTION_VERSION 2; docs/PROTOCOL.md §3 has every
 constant): each value is a pure integer function of a 64-bit seed and an index,
 ``word(s, e)`` in ``direction_hash``, so the bits are the same on every device and for
 every chunk size.
-- sketch (one seed s): coordinate d has bucket ((word(s, d) >> 1) * K) >> 31 and sign
-  +1 if bit 0 of word(s, d) is 0, else -1.
+- sketch (one seed s; ``sketch.py``): coordinate d has bucket ((word(s, d) >> 1) * K) >> 31
+  and sign +1 if bit 0 of word(s, d) is 0, else -1.
 - rademacher (one seed per 32 directions): direction j is +1 at coordinate d if bit
   (j mod 32) of word(s_{floor(j/32)}, d) is 0, else -1.
 - gaussian (one seed per direction): coordinate d of direction j is the Gaussian table's
@@ -42,7 +42,6 @@ __all__ = [
     "DirectionFamily",
     "GaussianDirections",
     "RademacherDirections",
-    "SketchDirections",
     "IdentityDirections",
 ]
 
@@ -347,72 +346,6 @@ class RademacherDirections(_HashedFamily):
             words = buf.words(keys, start, stop)[0]
             out[start:stop] = 1 - 2 * ((words >> bit) & 1)
         return out
-
-
-class SketchDirections(_HashedFamily):
-    """Count sketch: coordinate d goes to bucket h(d) in [0, K) with sign s(d).
-
-    Direction j is the signed indicator of bucket j; a_j = sum_{h(d)=j} s(d) g_d and
-    g_hat_d = s(d) a_{h(d)}. Unbiased (the sign bit is independent of the bucket bits),
-    E||g_hat - g||^2 = ~(D - 1)/K ||g||^2, at O(D) cost for any K.
-    One seed per step (the first direction seed) defines h and s.
-    """
-
-    name = "sketch"
-    unbiased = True
-
-    def __init__(
-        self,
-        dim: int,
-        num_directions: int,
-        chunk_size: int | None = DEFAULT_CHUNK_SIZE,
-        kernel: str | None = None,
-    ) -> None:
-        super().__init__(dim, num_directions, chunk_size, kernel)
-        if num_directions > 1 << 32:
-            raise ValueError(f"num_directions={num_directions} must be <= 2^32 for the sketch.")
-
-    @property
-    def num_seeds(self) -> int:
-        return 1
-
-    def _slots(self, keys: _Keys, start: int, stop: int, buf: ChunkBuffers) -> torch.Tensor:
-        """(n,) int64 slot 2 h(d) + (1 if s(d) = -1 else 0) for d in [start, stop)."""
-        words = buf.words(keys, start, stop)[0]
-        # (word >> 1) < 2^31 and K <= 2^32: the product stays below 2^63.
-        slots = torch.bitwise_right_shift(words, 1, out=buf.get("slots", stop - start))
-        slots.mul_(self.num_directions).bitwise_right_shift_(31).bitwise_left_shift_(1)
-        return slots.bitwise_or_(words.bitwise_and_(1))
-
-    def project(self, flat_grad: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
-        grad = self._check_grad(flat_grad)
-        keys = seed_keys(self._check_seeds(seeds), grad.device)
-        buf, fused = self._buffers(grad.device), self._fused(grad.device)
-        sums = torch.zeros(2 * self.num_directions, dtype=torch.float64, device=grad.device)  # (2K,)
-        for start, stop in self._chunks(1, grad.device, fused):
-            if fused is None:
-                slots = self._slots(keys, start, stop, buf)
-                part = buf.get("part", stop - start, dtype=torch.float64).copy_(grad[start:stop])
-            else:  # slots and part in one pass (docs/PROTOCOL.md §3.7)
-                slots, part = fused.sketch_slots_part(keys, start, grad[start:stop], buf, self.num_directions)
-            sums.index_add_(0, slots, part)
-        return (sums[0::2] - sums[1::2]).to(torch.float32)
-
-    def synthesize(self, scalars: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
-        scalars = self._check_scalars(scalars)
-        keys = seed_keys(self._check_seeds(seeds), scalars.device)
-        buf, fused = self._buffers(scalars.device), self._fused(scalars.device)
-        signed = torch.stack((scalars, -scalars), dim=1).reshape(-1)  # (2K,): slot -> s(d) a_h(d)
-        out = torch.empty(self.dim, dtype=torch.float32, device=scalars.device)
-        for start, stop in self._chunks(1, scalars.device, fused):
-            if fused is None:
-                torch.index_select(signed, 0, self._slots(keys, start, stop, buf), out=out[start:stop])
-            else:
-                fused.sketch_gather(out[start:stop], signed, keys, start, self.num_directions)
-        return out
-
-    def direction(self, seeds: Sequence[int], index: int, device: torch.device | str = "cpu") -> torch.Tensor:
-        return synthesized_direction(self, seeds, index, device)
 
 
 class IdentityDirections(DirectionFamily):

@@ -13,9 +13,9 @@ from .directions import (
     GaussianDirections,
     IdentityDirections,
     RademacherDirections,
-    SketchDirections,
 )
 from .directions_v1 import make_family_v1
+from .sketch import SketchDirections
 from .subspace import CodebookDirections, MomentumDirections
 
 __all__ = ["FamilyName", "FAMILY_NAMES", "make_family", "resume_settings"]

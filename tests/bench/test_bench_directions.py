@@ -17,6 +17,11 @@ def test_plain_rows_pin_eager_and_compiled_rows_pin_compiled():
     assert build_family("sketch-compiled", 100, 4, CPU).kernel == "compiled"
     assert build_family("rademacher-compiled", 100, 40, CPU).kernel == "compiled"
     assert base_family("sketch-compiled") == "sketch" and base_family("codebook") == "codebook"
+    assert base_family("sketch-cached") == "sketch"
+    assert not build_family("sketch", 100, 4, CPU).slot_cache.enabled  # rows time the kernels
+    assert not build_family("sketch-compiled", 100, 4, CPU).slot_cache.enabled
+    cached = build_family("sketch-cached", 100, 4, CPU)
+    assert cached.slot_cache.enabled and cached.kernel == "eager"
 
 
 def test_compiled_rows_use_their_family_reference():

@@ -45,8 +45,13 @@ def _seeds(tag: str, count: int) -> list[int]:
 
 
 def _pair(name: str, dim: int, k: int, chunk_size: int | None = None):
-    return (make_family(name, dim, k, chunk_size=chunk_size, direction_kernel="eager"),
+    """(eager, compiled) families; the sketch's slot cache off, so that synthesize runs the kernels."""
+    pair = (make_family(name, dim, k, chunk_size=chunk_size, direction_kernel="eager"),
             make_family(name, dim, k, chunk_size=chunk_size, direction_kernel="compiled"))
+    for family in pair:
+        if hasattr(family, "slot_cache"):
+            family.slot_cache.enabled = False
+    return pair
 
 
 # (D, K, chunk_size): one chunk; several fused chunks with a short last one; K not a power
@@ -64,6 +69,10 @@ def test_sketch_compiled_is_bitwise_eager(kernels, dim, k, chunk_size):
     assert torch.equal(compiled.project(grad, seeds), scalars)
     assert torch.equal(compiled.synthesize(scalars, seeds), eager.synthesize(scalars, seeds))
     assert torch.equal(compiled.direction(seeds, k - 1), eager.direction(seeds, k - 1))
+    compiled.slot_cache.enabled = True  # slots the compiled project stored: the same integers
+    assert torch.equal(compiled.project(grad, seeds), scalars)
+    assert compiled.slot_cache.get(seeds[0], CPU) is not None
+    assert torch.equal(compiled.synthesize(scalars, seeds), eager.synthesize(scalars, seeds))
 
 
 @pytest.mark.parametrize("dim,k,chunk_size", [(1000, 40, None), (3001, 64, 128)])

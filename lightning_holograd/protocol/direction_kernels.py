@@ -216,7 +216,7 @@ def compiled_kernels(device_type: str) -> CompiledKernels | None:
         return _compiled(device_type)
     except Exception as exc:  # any compiler failure: the eager path is always correct
         _failed.add(device_type)
-        log.warning("direction kernels: torch.compile is unavailable on %s (%s: %s); using the eager path. "
+        log.warning("direction kernels: the compiled kernels are unusable on %s (%s: %s); using the eager path. "
                     "HINT: set %s=eager to skip the attempt.", device_type, type(exc).__name__,
                     str(exc).splitlines()[0] if str(exc) else "", ENV_VAR)
         return None

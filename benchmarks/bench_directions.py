@@ -21,6 +21,14 @@ Families (rows):
   codebook-halfexp       codebook_rank = K/2 plus K - K/2 Gaussian exploration directions
                          (``--families codebook`` runs both codebook rows)
   momentum               1 momentum direction + K - 1 Gaussian exploration directions
+  sketch-compiled        the sketch on the fused torch.compile kernels (bitwise the same values)
+  rademacher-compiled    rademacher on the fused kernels (the hash and byte split fused)
+  sketch-cached          the eager sketch with its slot cache (on by default for D <= 2^24):
+                         synthesize gathers from the slots project stored for the same seed,
+                         what a step pays; the sketch and sketch-compiled rows run without it
+The plain gaussian / rademacher / sketch rows use the eager kernels (direction_kernel="eager");
+the compile time of the fused kernels (once per process) is reported in the header, and the
+fused kernels are compiled before the references are measured.
 
 For the subspace families (codebook*, momentum) ``full_estimate`` (U a_U + P x, which
 ``reconstruct`` / ``update`` pay on every step) is timed too; with the default
@@ -46,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import platform
 import time
 from pathlib import Path
@@ -53,7 +62,8 @@ from typing import Any
 
 import torch
 
-from benchmarks.directions_timing import FAMILIES, prior_estimates, measure_references, run_config
+from benchmarks.directions_timing import (COMPILED_SUFFIX, FAMILIES, compile_seconds, measure_references,
+                                         prior_estimates, run_config)
 from benchmarks.harness import (RESULTS, csv_ints, finish_metadata, loadavg, make_parser, read_report,
                                 run_metadata, write_report)
 from lightning_holograd.protocol import DIRECTION_VERSION
@@ -106,6 +116,10 @@ def render_markdown(meta: dict[str, Any], refs: dict[str, Any], rows: list[dict[
         *([] if meta["device"] != "cpu" else [
             "- GPU: not measured here (no GPU was available to this run); on a CUDA machine run "
             "`python -m benchmarks.bench_directions --device cuda` or `python -m benchmarks.gpu_check`"]),
+        *([] if "compile_s" not in meta else [
+            "- fused kernels (`*-compiled` rows): torch.compile + bitwise probe check "
+            + ("failed, so those rows ran eager" if meta["compile_s"] is None else f"took {meta['compile_s']:.1f} s")
+            + f" in this process (inductor cache: {meta.get('inductor_cache', 'as found')})"]),
         "",
         *_reference_lines(refs),
         "",
@@ -114,7 +128,7 @@ def render_markdown(meta: dict[str, Any], refs: dict[str, Any], rows: list[dict[
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---|",
     ]
     for r in rows:
-        label = r["family"] + (" (O(D))" if r["family"] == "sketch" else "")
+        label = r["family"] + (" (O(D))" if r["family"].startswith("sketch") else "")
         if r["status"] != "ok":
             est = r.get("estimated_s")
             note = r["status"] + (f", est. {est:.1f} s" if est is not None else "")
@@ -244,6 +258,10 @@ def main(argv: list[str] | None = None) -> int:
     meta["loadavg_start"] = (loadavg() or [None])[0]
     wall0 = time.perf_counter()
     print(f"[bench] device={device} ({device_name}) torch={torch.__version__} threads={meta['threads']}", flush=True)
+    if any(v.endswith(COMPILED_SUFFIX) for v in variants):
+        meta["compile_s"] = compile_seconds(device)
+        meta["inductor_cache"] = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or "default directory"
+        print(f"[bench] fused kernels compiled in {meta['compile_s']} s", flush=True)
     refs = measure_references(device, sorted(args.dims), sorted(args.ks), args.repeats)
     for dim in sorted(args.dims):
         print(f"[bench] D={dim:,}: copy_ {refs['copy_s'][dim] * 1e3:.2f} ms, "

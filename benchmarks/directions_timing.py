@@ -14,7 +14,10 @@ import torch
 from lightning_holograd.protocol import direction_seeds, make_family
 from lightning_holograd.protocol.direction_hash import hash_words
 
-FAMILIES = ("gaussian", "rademacher", "sketch", "codebook", "momentum")
+FAMILIES = ("gaussian", "rademacher", "sketch", "codebook", "momentum", "sketch-compiled", "rademacher-compiled",
+            "sketch-cached")
+COMPILED_SUFFIX = "-compiled"  # the same family on the fused torch.compile kernels (direction_kernel="compiled")
+CACHED_SUFFIX = "-cached"  # the sketch with its slot cache: synthesize after project, as in a step
 STATEFUL = ("codebook", "codebook-halfexp", "momentum")
 # Assumed single-thread CPU QR rate (flop/s) for the first codebook setup estimate only;
 # later estimates are rescaled by what was measured.
@@ -69,8 +72,23 @@ def measure_references(device: torch.device, dims: list[int], ks: list[int], rep
     return refs
 
 
+def base_family(variant: str) -> str:
+    """The family a row measures: "sketch-compiled" -> "sketch"."""
+    return variant.removesuffix(COMPILED_SUFFIX).removesuffix(CACHED_SUFFIX)
+
+
+def compile_seconds(device: torch.device) -> float | None:
+    """Wall seconds to compile and check the fused kernels in this process (None: failed)."""
+    from lightning_holograd.protocol.direction_kernels import compiled_kernels
+
+    start = time.perf_counter()
+    ok = compiled_kernels(device.type) is not None
+    return time.perf_counter() - start if ok else None
+
+
 def _reference(variant: str, dim: int, k: int, refs: dict[str, Any]) -> tuple[str, float]:
     """The reference a family's time is divided by (besides the copy): name, seconds."""
+    variant = base_family(variant)
     if variant == "sketch":
         return "index_add", refs["index_add_s"][f"{dim},{k}"]
     directions = k - _rank(variant, k) if variant in STATEFUL else k
@@ -85,6 +103,7 @@ def _rank(variant: str, k: int) -> int:
 
 def prior_estimates(variant: str, dim: int, k: int, refs: dict[str, Any]) -> dict[str, float]:
     """Rough seconds per call (project / synthesize / full_estimate) and for setup."""
+    variant = base_family(variant)
     rank = _rank(variant, k)
     _, ref_s = _reference(variant, dim, k, refs)
     matvec = 2 * dim * max(rank, 1) / 2e9 + dim * 4 / 5e9  # small matrix-vector work + one pass
@@ -108,8 +127,11 @@ def build_family(variant: str, dim: int, k: int, device: torch.device):
         fam = make_family("codebook", dim, k, codebook_rank=k)
     elif variant == "codebook-halfexp":
         fam = make_family("codebook", dim, k, codebook_rank=max(1, k // 2))
-    else:
-        fam = make_family(variant, dim, k)
+    else:  # explicit kernels: auto would switch the plain rows to the fused kernels at large D
+        kernel = "compiled" if variant.endswith(COMPILED_SUFFIX) else "eager"
+        fam = make_family(base_family(variant), dim, k, direction_kernel=kernel)
+        if hasattr(fam, "slot_cache"):  # only the -cached row reuses project's slots in synthesize
+            fam.slot_cache.enabled = variant.endswith(CACHED_SUFFIX)
     if hasattr(fam, "to"):
         fam.to(device)
     return fam

@@ -23,13 +23,13 @@ from .directions import (
     GaussianDirections,
     IdentityDirections,
     RademacherDirections,
-    SketchDirections,
 )
 from .factory import FAMILY_NAMES, FamilyName, make_family, resume_settings
 from .groups import DirectionGroups, GroupedAggregation, aggregate_groups, group_of, synthesize_groups
 from .ledger import Ledger, LedgerRecord, LedgerTamperError
 from .codebook_fit import CODEBOOK_FITS, CODEBOOK_STRUCTURES, CodebookFit, CodebookStructure
 from .rounds import INNER_STATE_NAMES, InnerState, OuterStep, make_inner_state, round_batch_hash
+from .sketch import SketchDirections
 from .subspace import CodebookDirections, MomentumDirections, captured_energy
 from .verification import Reason, Verdict, claim_digest, draw_claims, judge_claim, judge_quantized_claim
 

@@ -12,14 +12,16 @@ How a direction is defined (DIRECTION_VERSION 2; docs/PROTOCOL.md §3 has every
 constant): each value is a pure integer function of a 64-bit seed and an index,
 ``word(s, e)`` in ``direction_hash``, so the bits are the same on every device and for
 every chunk size.
-- sketch (one seed s): coordinate d has bucket ((word(s, d) >> 1) * K) >> 31 and sign
-  +1 if bit 0 of word(s, d) is 0, else -1.
+- sketch (one seed s; ``sketch.py``): coordinate d has bucket ((word(s, d) >> 1) * K) >> 31
+  and sign +1 if bit 0 of word(s, d) is 0, else -1.
 - rademacher (one seed per 32 directions): direction j is +1 at coordinate d if bit
   (j mod 32) of word(s_{floor(j/32)}, d) is 0, else -1.
 - gaussian (one seed per direction): coordinate d of direction j is the Gaussian table's
   atom at the 16-bit half (low for even d, high for odd d) of word(s_j, floor(d/2)).
 ``chunk_size`` (optional) caps how many coordinates are materialised at once; it never
-changes a value. There are no blocks (version 1's generator blocks live in
+changes a value. ``kernel`` ("auto", "eager", "compiled"; None: the environment's choice)
+picks plain torch ops or fused compiled kernels (``direction_kernels``): the same bits.
+There are no blocks (version 1's generator blocks live in
 ``directions_v1``, used only to resume lightning-holograd 0.1.x checkpoints).
 """
 
@@ -32,6 +34,7 @@ from typing import Any, ClassVar
 import torch
 
 from .direction_hash import DIRECTION_VERSION, ChunkBuffers, gaussian_table, seed_keys, sign_table
+from .direction_kernels import CompiledKernels, check_kernel, compiled_kernels, resolve_kernel
 from .direction_versions import stored_direction_version, version_mismatch
 
 __all__ = [
@@ -39,7 +42,6 @@ __all__ = [
     "DirectionFamily",
     "GaussianDirections",
     "RademacherDirections",
-    "SketchDirections",
     "IdentityDirections",
 ]
 
@@ -50,6 +52,7 @@ _GRANULE = 64  # chunk boundaries are multiples of this (even: Gaussian pairs ne
 # (2^23 int64 elements = 64 MiB per temporary, a few alive at once).
 _WORK_ELEMENTS = {"cpu": 1 << 18}
 _WORK_ELEMENTS_ACCELERATOR = 1 << 23
+_WORK_ELEMENTS_FUSED = 1 << 20  # fused kernels keep no temporaries but their outputs (measured faster on a CPU)
 _Keys = tuple[torch.Tensor, torch.Tensor]  # (k0, k1) from seed_keys
 
 
@@ -167,19 +170,24 @@ class _HashedFamily(DirectionFamily):
         dim: int,
         num_directions: int,
         chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+        kernel: str | None = None,
     ) -> None:
         super().__init__(dim, num_directions)
         if chunk_size is not None:
             _check_positive("chunk_size", chunk_size)
         self.chunk_size = chunk_size
+        self.kernel = check_kernel(kernel)
+        self._compiled_on: dict[str, bool] = {}  # device type -> kernel resolved to "compiled"
         self._tables: dict[tuple[str, str], torch.Tensor] = {}
         self._cpu_buffers: ChunkBuffers | None = None
 
-    def _chunks(self, per_coordinate: int, device: torch.device) -> Iterator[tuple[int, int]]:
+    def _chunks(self, per_coordinate: int, device: torch.device, fused: object = None) -> Iterator[tuple[int, int]]:
         """[start, stop) ranges covering [0, D): as many coordinates as keep ``per_coordinate``
-        temporaries per coordinate within the device's working set, at most ``chunk_size``
-        (None: no cap), rounded up to a multiple of 64."""
+        temporaries per coordinate within the device's working set (the larger fused one when
+        ``fused`` kernels are given), at most ``chunk_size`` (None: no cap), rounded up to a
+        multiple of 64."""
         work = _WORK_ELEMENTS.get(device.type, _WORK_ELEMENTS_ACCELERATOR)
+        work = max(work, _WORK_ELEMENTS_FUSED) if fused is not None else work
         size = max(_GRANULE, work // max(1, per_coordinate))
         if self.chunk_size is not None:
             size = min(size, self.chunk_size)
@@ -196,6 +204,13 @@ class _HashedFamily(DirectionFamily):
         if self._cpu_buffers is None:
             self._cpu_buffers = ChunkBuffers(device)
         return self._cpu_buffers
+
+    def _fused(self, device: torch.device) -> CompiledKernels | None:
+        """The compiled kernels if ``kernel`` resolves to "compiled" on ``device`` (decided
+        once per device type), else None: the eager path."""
+        if device.type not in self._compiled_on:
+            self._compiled_on[device.type] = resolve_kernel(self.kernel, device, self.dim) == "compiled"
+        return compiled_kernels(device.type) if self._compiled_on[device.type] else None
 
     def _table(self, kind: str, device: torch.device) -> torch.Tensor:
         """A constant table on ``device``, moved there once."""
@@ -281,6 +296,9 @@ class RademacherDirections(_HashedFamily):
 
     def _bytes(self, keys: _Keys, start: int, stop: int, buf: ChunkBuffers) -> torch.Tensor:
         """(4 G, n) int64: row 4g + q holds byte q of word(s_g, d) for d in [start, stop)."""
+        fused = self._fused(buf.device)
+        if fused is not None:
+            return fused.rademacher_bytes(keys, start, stop, buf)
         words = buf.words(keys, start, stop)  # (G, n)
         out = buf.get("bytes", words.shape[0], 4, words.shape[1])
         for q in range(4):
@@ -328,64 +346,6 @@ class RademacherDirections(_HashedFamily):
             words = buf.words(keys, start, stop)[0]
             out[start:stop] = 1 - 2 * ((words >> bit) & 1)
         return out
-
-
-class SketchDirections(_HashedFamily):
-    """Count sketch: coordinate d goes to bucket h(d) in [0, K) with sign s(d).
-
-    Direction j is the signed indicator of bucket j; a_j = sum_{h(d)=j} s(d) g_d and
-    g_hat_d = s(d) a_{h(d)}. Unbiased (the sign bit is independent of the bucket bits),
-    E||g_hat - g||^2 = ~(D - 1)/K ||g||^2, at O(D) cost for any K.
-    One seed per step (the first direction seed) defines h and s.
-    """
-
-    name = "sketch"
-    unbiased = True
-
-    def __init__(
-        self,
-        dim: int,
-        num_directions: int,
-        chunk_size: int | None = DEFAULT_CHUNK_SIZE,
-    ) -> None:
-        super().__init__(dim, num_directions, chunk_size)
-        if num_directions > 1 << 32:
-            raise ValueError(f"num_directions={num_directions} must be <= 2^32 for the sketch.")
-
-    @property
-    def num_seeds(self) -> int:
-        return 1
-
-    def _slots(self, keys: _Keys, start: int, stop: int, buf: ChunkBuffers) -> torch.Tensor:
-        """(n,) int64 slot 2 h(d) + (1 if s(d) = -1 else 0) for d in [start, stop)."""
-        words = buf.words(keys, start, stop)[0]
-        # (word >> 1) < 2^31 and K <= 2^32: the product stays below 2^63.
-        slots = torch.bitwise_right_shift(words, 1, out=buf.get("slots", stop - start))
-        slots.mul_(self.num_directions).bitwise_right_shift_(31).bitwise_left_shift_(1)
-        return slots.bitwise_or_(words.bitwise_and_(1))
-
-    def project(self, flat_grad: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
-        grad = self._check_grad(flat_grad)
-        keys = seed_keys(self._check_seeds(seeds), grad.device)
-        buf = self._buffers(grad.device)
-        sums = torch.zeros(2 * self.num_directions, dtype=torch.float64, device=grad.device)  # (2K,)
-        for start, stop in self._chunks(1, grad.device):
-            part = buf.get("part", stop - start, dtype=torch.float64).copy_(grad[start:stop])
-            sums.index_add_(0, self._slots(keys, start, stop, buf), part)
-        return (sums[0::2] - sums[1::2]).to(torch.float32)
-
-    def synthesize(self, scalars: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
-        scalars = self._check_scalars(scalars)
-        keys = seed_keys(self._check_seeds(seeds), scalars.device)
-        buf = self._buffers(scalars.device)
-        signed = torch.stack((scalars, -scalars), dim=1).reshape(-1)  # (2K,): slot -> s(d) a_h(d)
-        out = torch.empty(self.dim, dtype=torch.float32, device=scalars.device)
-        for start, stop in self._chunks(1, scalars.device):
-            torch.index_select(signed, 0, self._slots(keys, start, stop, buf), out=out[start:stop])
-        return out
-
-    def direction(self, seeds: Sequence[int], index: int, device: torch.device | str = "cpu") -> torch.Tensor:
-        return synthesized_direction(self, seeds, index, device)
 
 
 class IdentityDirections(DirectionFamily):

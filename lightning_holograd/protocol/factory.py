@@ -13,9 +13,9 @@ from .directions import (
     GaussianDirections,
     IdentityDirections,
     RademacherDirections,
-    SketchDirections,
 )
 from .directions_v1 import make_family_v1
+from .sketch import SketchDirections
 from .subspace import CodebookDirections, MomentumDirections
 
 __all__ = ["FamilyName", "FAMILY_NAMES", "make_family", "resume_settings"]
@@ -44,6 +44,7 @@ def make_family(
     tracking_lr: float = 0.0,
     direction_version: int = DIRECTION_VERSION,
     block_size: int | None = None,
+    direction_kernel: str | None = None,
 ) -> DirectionFamily:
     """Family ``name`` over ``dim`` coordinates using ``num_directions`` scalars per step.
 
@@ -56,16 +57,20 @@ def make_family(
     param_shapes. ``chunk_size`` caps the coordinates materialised at once (None: sized to
     the device); it never changes a direction. ``direction_version`` and ``block_size`` are
     for resuming checkpoints only (``resume_settings``; docs/PROTOCOL.md §3.8).
+    ``direction_kernel`` ("auto", "eager", "compiled"; None: the HOLOGRAD_DIRECTION_KERNEL
+    environment variable, default auto) picks how gaussian, rademacher and sketch values
+    are computed (``direction_kernels``); it never changes a value (docs/PROTOCOL.md §3.7).
     """
     if direction_version != DIRECTION_VERSION or block_size is not None:
         return _other_version(name, dim, num_directions, direction_version, block_size, chunk_size)
     chunks = {"chunk_size": chunk_size}
+    hashed = {"chunk_size": chunk_size, "kernel": direction_kernel}
     if name == "gaussian":
-        return GaussianDirections(dim, num_directions, **chunks)
+        return GaussianDirections(dim, num_directions, **hashed)
     if name == "rademacher":
-        return RademacherDirections(dim, num_directions, **chunks)
+        return RademacherDirections(dim, num_directions, **hashed)
     if name == "sketch":
-        return SketchDirections(dim, num_directions, **chunks)
+        return SketchDirections(dim, num_directions, **hashed)
     if name == "identity":
         return IdentityDirections(dim, num_directions)
     if name == "codebook":

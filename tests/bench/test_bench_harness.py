@@ -62,9 +62,11 @@ def test_race_model_times_steps_to_target_by_modelled_step_time(tmp_path):
     run = {"status": "ok", "family": "localsgd", "spec": {"kind": "localsgd", "period": 64}, "curve": curve,
            "step_median_s": 0.2, "bytes_per_step": 1e5, "compression": 10.0, "final_val_loss": 2.0}
     frontier = {"reference": {"final_val_loss": 2.0, "step_median_s": 0.1}, "rows": [dict(run, run="localsgd-h64")]}
-    (row,) = race_model.race(frontier, ["8mbit"], [1.25])  # target 2.5: halfway between the checks
+    (row,) = race_model.race(frontier, ["8mbit"], [1.25], "measured")  # target 2.5: halfway between the checks
     assert row["steps_to_target"] == pytest.approx(96.0)
     assert row["time_to_target_s"] == pytest.approx(96.0 * (0.2 + 0.1))
+    (common,) = race_model.race(frontier, ["8mbit"], [1.25])  # DDP's 0.1 s of compute for every run
+    assert common["time_to_target_s"] == pytest.approx(96.0 * (0.1 + 0.1))
     (never,) = race_model.race(frontier, ["8mbit"], [0.9])
     assert never["time_to_target_s"] is None
 

@@ -14,14 +14,11 @@ values (each row carries E public values after its K scalars, as with local step
 
 from __future__ import annotations
 
-import os
-import traceback
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-from test_sharded import _launch
+from test_sharded import _launch, gloo_rank
 
 from lightning_holograd.engine import Comm, HoloGradExchange, TrafficMeter
 from lightning_holograd.protocol import CommitmentChain, Reason, make_aggregator, make_family
@@ -90,18 +87,10 @@ def _run_paths(rank: int, world: int, groups: int, aggregation: str, a2a: str) -
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str, groups: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_rank(rank, world, port, out_dir):
         results = {(agg, a2a): _run_paths(rank, world, groups, agg, a2a)
                    for agg in AGGREGATIONS for a2a in ("collective", "p2p")}
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-    except BaseException:
-        (Path(out_dir) / f"rank{rank}.err").write_text(traceback.format_exc())
-        raise
-    finally:
-        dist.destroy_process_group()
 
 
 def _wire_formula(world: int, groups: int, path: str) -> int:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import os
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -76,14 +78,15 @@ def _run_paths(rank: int, world: int, aggregation: str, a2a: str) -> dict:
     return out
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+@contextmanager
+def gloo_rank(rank: int, world: int, port: int, out_dir: str) -> Iterator[None]:
+    """One rank's gloo group on loopback for the body; a failure's traceback is written to
+    ``rank<r>.err`` (``_launch`` shows it) and re-raised; the group is destroyed on exit."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        results = {(agg, a2a): _run_paths(rank, world, agg, a2a)
-                   for agg in AGGREGATIONS for a2a in ("collective", "p2p")}
-        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+        yield
     except BaseException:
         (Path(out_dir) / f"rank{rank}.err").write_text(traceback.format_exc())
         raise
@@ -91,12 +94,16 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    with gloo_rank(rank, world, port, out_dir):
+        results = {(agg, a2a): _run_paths(rank, world, agg, a2a)
+                   for agg in AGGREGATIONS for a2a in ("collective", "p2p")}
+        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+
+
 def _all_nan_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     """Every rank's row is NaN at step 1 on each sharded variant: each must raise NonFiniteError."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with gloo_rank(rank, world, port, out_dir):
         outcome = {}
         for path in ("sharded", "sharded_bare"):
             ex = _exchange("median", path, world, "auto")
@@ -106,11 +113,6 @@ def _all_nan_worker(rank: int, world: int, port: int, out_dir: str) -> None:
             except NonFiniteError as error:
                 outcome[path] = str(error)
         torch.save(outcome, Path(out_dir) / f"rank{rank}.pt")
-    except BaseException:
-        (Path(out_dir) / f"rank{rank}.err").write_text(traceback.format_exc())
-        raise
-    finally:
-        dist.destroy_process_group()
 
 
 def _launch(world: int, tmp_path: Path, worker=_worker) -> list[dict]:

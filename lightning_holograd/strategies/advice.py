@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from ..protocol.quantize import row_bytes
 from .config import HoloGradConfig
 
 __all__ = ["HoloGradSetupWarning", "INFLATION_WARNING", "SCALE_INVARIANT_OPTIMIZERS", "advise", "check_single_optimizer",
@@ -89,9 +90,7 @@ def compression_at(world_size: int, dim: int, num_directions: int, scalar_bits: 
     (docs/PROTOCOL.md §8): 2D / (N (K + 8)); with ``scalar_bits`` b < 32 the row is
     ceil(K b / 8) + 4 bytes instead of 4K (docs/PROTOCOL.md §9.5). N = 1 is counted as N = 2."""
     n = max(world_size, 2)
-    if scalar_bits == 32:
-        return 2.0 * dim / (n * (num_directions + 8))
-    return 8.0 * dim / (n * (32 + math.ceil(num_directions * scalar_bits / 8) + 4))
+    return 8.0 * dim / (n * (32 + row_bytes(num_directions, 0, scalar_bits)))
 
 
 def advise(config: HoloGradConfig, dim: int, world_size: int, optimizers: Sequence[Any]) -> list[str]:

@@ -134,7 +134,7 @@ class LocalRounds:
     def before_inner_step(self) -> None:
         """Record the step's hyperparameters. A change of the trainable set is followed at a
         round's first inner step (docs/PROTOCOL.md §9.2) and refused mid-round."""
-        if self._positions(p for p in self.module.parameters() if p.requires_grad) != self.layout:
+        if self._positions(self.params()) != self.layout:
             if self.steps:
                 step = self.steps_done + len(self.steps) + 1
                 raise RuntimeError(

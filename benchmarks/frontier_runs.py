@@ -176,9 +176,14 @@ def run_one(name: str, spec: dict[str, Any], args: argparse.Namespace, out_dir: 
 
 
 def summary(row: dict[str, Any]) -> str:
-    """One line about a finished run (the error and rank 0's output tail when it failed)."""
+    """One line about a finished run; when it failed, the error and the output tail of each
+    node that did not exit with 0 (rank 0's when none did)."""
     if row["status"] != "ok":
-        return f"{row['run']}: {row['status']}\n{row.get('output_tails', [''])[0][-2000:]}"
+        tails, codes = row.get("output_tails", [""]), row.get("returncodes", [])
+        bad = [i for i, c in enumerate(codes) if c != 0] or [0]
+        shown = "\n".join(f"--- node {i} (rc={codes[i] if i < len(codes) else '?'}):\n{tails[i][-2000:]}"
+                          for i in bad if i < len(tails))
+        return f"{row['run']}: {row['status']}\n{shown}"
     val = "" if row["final_val_loss"] is None else f"val {row['final_val_loss']:.4f} (best {row['best_val_loss']:.4f})  "
     return (f"{row['run']:30s} {val}{row['bytes_per_step']:>12,.0f} B/step  step {row['step_median_s'] * 1e3:6.1f} ms  "
             f"RSS {row['peak_rss_mb']:.0f} MB  ({row['wall_s']:.0f} s)")

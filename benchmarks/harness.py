@@ -24,6 +24,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -257,32 +258,56 @@ def start_process(cmd: list[str], env: dict[str, str] | None = None) -> subproce
                             text=True, start_new_session=True)
 
 
-def wait_all(procs: list[subprocess.Popen], deadline: float) -> tuple[list[str], list[Any]]:
-    """Outputs and return codes (``"timeout"`` for a process killed at ``deadline``, a
-    ``time.perf_counter`` value). Every process group is killed at the deadline and on
-    Ctrl-C / SIGTERM, so no rank outlives its benchmark."""
+def wait_all(procs: list[subprocess.Popen], deadline: float,
+             grace_after_failure: float = 30.0) -> tuple[list[str], list[Any]]:
+    """Outputs and return codes of ``procs`` (started by ``start_process``).
 
-    def kill_all() -> None:
-        for p in procs:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    A process still running at ``deadline`` (a ``time.perf_counter`` value) is killed and
+    gets the code ``"timeout"``. Once one process has exited with a nonzero code, the others
+    get ``grace_after_failure`` seconds more, then are killed with the code
+    ``"killed after a failure"``: a torchrun agent whose peer's worker died otherwise sits
+    in torchelastic's exit barrier for 300 s. Every process group is killed on Ctrl-C /
+    SIGTERM too, so no rank outlives its benchmark."""
 
-    outputs, codes = [], []
+    def kill(p: subprocess.Popen) -> None:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    outputs: list[str] = [""] * len(procs)
+    readers = []
+    for i, proc in enumerate(procs):  # drain every pipe as it fills, so no process blocks on it
+        def read(i: int = i, proc: subprocess.Popen = proc) -> None:
+            outputs[i] = proc.stdout.read() if proc.stdout is not None else ""
+        t = threading.Thread(target=read, daemon=True)
+        t.start()
+        readers.append(t)
+    codes: list[Any] = [None] * len(procs)
     try:
-        for proc in procs:
-            try:
-                out, _ = proc.communicate(timeout=max(deadline - time.perf_counter(), 1.0))
-                codes.append(proc.returncode)
-            except subprocess.TimeoutExpired:
-                kill_all()
-                out, _ = proc.communicate()
-                codes.append("timeout")
-            outputs.append(out)
+        end = deadline
+        while any(c is None for c in codes):
+            now = time.perf_counter()
+            for i, proc in enumerate(procs):
+                if codes[i] is None and proc.poll() is not None:
+                    codes[i] = proc.returncode
+                    if proc.returncode != 0:
+                        end = min(end, now + grace_after_failure)
+            if now >= end:
+                failed = end < deadline
+                for i, proc in enumerate(procs):
+                    if codes[i] is None:
+                        kill(proc)
+                        proc.wait()
+                        codes[i] = "killed after a failure" if failed else "timeout"
+                break
+            time.sleep(0.2)
     except BaseException:
-        kill_all()
+        for proc in procs:
+            kill(proc)
         raise
+    for t in readers:
+        t.join(timeout=10.0)
     return outputs, codes
 
 

@@ -119,6 +119,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     data = GPT2DataModule(**{**DATA_KW, "batch_size": args.batch_size, "max_bytes": args.max_bytes})
     trainer.fit(make_module(spec, args.schedule_steps or None), datamodule=data)
+    if torch.distributed.is_initialized():
+        # A clean end: every rank is past its last collective before any rank closes its
+        # sockets, so a fast rank's exit cannot reset a peer still in a collective.
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -6,12 +6,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
+import time
 
 import pytest
 import torch
 
 from benchmarks import frontier, frontier_report, race_model  # the repository root is on sys.path (pyproject: pytest pythonpath)
 from benchmarks.claims_gpt2 import random_abs_cos
+from benchmarks.harness import start_process, wait_all
 from benchmarks.netns import tbf_burst, unavailable_reason
 from benchmarks.slow_link import time_to_target
 
@@ -69,6 +72,24 @@ def test_race_model_times_steps_to_target_by_modelled_step_time(tmp_path):
     assert common["time_to_target_s"] == pytest.approx(96.0 * (0.1 + 0.1))
     (never,) = race_model.race(frontier, ["8mbit"], [0.9])
     assert never["time_to_target_s"] is None
+
+
+def test_wait_all_ends_the_job_soon_after_one_process_fails():
+    """A node whose worker failed must not leave its peers waiting (torchelastic's exit
+    barrier waits 300 s): with a 1 s grace the sleeper is killed, so it cannot report the 0
+    it would return after 60 s, and the failed one keeps its own code and output."""
+    procs = [start_process([sys.executable, "-c", "print('bye'); raise SystemExit(3)"]),
+             start_process([sys.executable, "-c", "import time; time.sleep(60)"])]
+    outputs, codes = wait_all(procs, time.perf_counter() + 600, grace_after_failure=1.0)
+    assert codes == [3, "killed after a failure"]
+    assert outputs[0].strip() == "bye"
+
+
+def test_wait_all_reports_timeout_at_the_deadline():
+    procs = [start_process([sys.executable, "-c", "print('done')"]),
+             start_process([sys.executable, "-c", "import time; time.sleep(60)"])]
+    outputs, codes = wait_all(procs, time.perf_counter() + 3.0)
+    assert codes == [0, "timeout"] and outputs[0].strip() == "done"
 
 
 def test_tbf_burst_is_ten_ms_of_rate_with_a_floor():

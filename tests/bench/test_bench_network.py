@@ -190,6 +190,18 @@ def test_floor_is_the_smallest_overhead_of_a_path():
     assert rows[1]["ratio_to_model"] == pytest.approx(1.0) and rows[0]["ratio_to_model"] == pytest.approx(172 / 156)
 
 
+def test_per_message_floor_scales_with_the_peers():
+    """Overheads of 100 B at N = 2 and 240 B at N = 4 are 100 and 80 B per peer: the per-peer
+    floor is 80, so the model adds 80 x (N-1): 80 at N = 2 and 240 at N = 4."""
+    rows = [{"status": "ok", "path": "allgather", "world_size": n, "D": 100, "spec": {"K": 10},
+             "bytes_per_step_after_warmup": measured} for n, measured in ((2, 172.0), (4, 456.0))]
+    bytes_per_rank.add_formulas(rows, {"allgather": "(N-1)*(32+4*K)"}, {})
+    assert all(r["floor_per_peer"] == 80.0 for r in rows)
+    assert rows[1]["ratio_to_model_per_message"] == pytest.approx(1.0)
+    assert rows[0]["ratio_to_model_per_message"] == pytest.approx(172 / (72 + 80))
+    assert rows[1]["ratio_to_model"] == pytest.approx(456 / (216 + 100))  # the constant floor: N = 2's 100 B
+
+
 # ----------------------------------------------------------------------------- the worker's schedule
 def test_fixed_schedule_ends_at_its_steps_and_then_holds_min_lr():
     from benchmarks.netbench_worker import make_module

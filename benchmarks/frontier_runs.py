@@ -88,6 +88,11 @@ QUANTIZED: dict[str, dict[str, Any]] = {
                                                  scalar_bits=4),  # sketch-4096-perrank-h16
     "sketch-131072-perrank-h64-q4": holograd_spec("sketch", 131072, direction_groups="per_rank", local_steps=64,
                                                   scalar_bits=4),  # sketch-16384-perrank-h64
+    # the same bytes per step as sketch-32768-perrank-h16-q4, spent on H = 32 or on 2-bit levels
+    "sketch-65536-perrank-h32-q4": holograd_spec("sketch", 65536, direction_groups="per_rank", local_steps=32,
+                                                 scalar_bits=4),
+    "sketch-65536-perrank-h16-q2": holograd_spec("sketch", 65536, direction_groups="per_rank", local_steps=16,
+                                                 scalar_bits=2),
 }
 RUNS: dict[str, dict[str, Any]] = {**PEERS, **HOLOGRAD, **SLOWLINK, **QUANTIZED}
 SHORT_RUNS = [*PEERS, *HOLOGRAD]  # the 300-step frontier of results/frontier_cpu.md

@@ -30,6 +30,7 @@ from ..engine import HoloGradExchange, StepContext
 from ..protocol import ATTACK_NAMES, AttackName, attack_generator, attack_row, evasive_liars
 from ..protocol.attacks import OMNISCIENT_ATTACKS
 from ..protocol.quantize import requantize_row, requantize_rows
+from ..protocol.sharding import draw_sharded_claims, row_commitments
 
 __all__ = ["ByzantineSimulator"]
 
@@ -188,12 +189,19 @@ class ByzantineSimulator(Callback):
 
     def liars(self, ctx: StepContext, rows: torch.Tensor) -> set[int]:
         """Attackers that lie this step without being drawn, identical on every rank
-        (``protocol.evasive_liars`` on the honest rows ``rows`` (N, K), as decoded when quantized)."""
+        (``protocol.evasive_liars`` on the honest rows ``rows`` (N, K), as decoded when
+        quantized), under the draw of the path the step takes: on the ``sharded`` path the
+        draw hashes the rows' commitments instead of the matrix (docs/PROTOCOL.md §4.5)."""
         exchange = self._exchange
         bits = 32 if exchange is None else exchange.scalar_bits
         if bits == 32:
+            draw = None
+            if exchange is not None and exchange.current_path() == "sharded":
+                def draw(matrix: torch.Tensor, candidates: set[int]) -> list[int]:
+                    return draw_sharded_claims(ctx.commitment, row_commitments(matrix, exchange.num_groups),
+                                               self.p_verify, candidates)
             return evasive_liars(ctx.commitment, rows, self.ranks, lambda r: self.lie_for(ctx, r, rows[r], rows),
-                                 self.p_verify)
+                                 self.p_verify, draw)
         # quantized scalars (docs/PROTOCOL.md §9.5): the draw sees the decoded rows
         k = exchange.family.num_directions
         submitted = requantize_rows(rows, ctx.commitment, k, bits)

@@ -47,7 +47,7 @@ import torch
 
 from ..protocol import AggregationResult, Aggregator, NotEnoughRanksError
 from ..protocol.groups import GroupedAggregation, group_ranks, group_weights
-from ..protocol.sharding import block_owners, commit_leaves, group_block_bounds, row_leaves
+from ..protocol.sharding import block_owners, commit_leaves, group_block_bounds, member_block_bounds, row_leaves
 from .comm import Comm
 from .slashing import Slashing
 
@@ -85,7 +85,7 @@ class ShardState:
 
     def row_bounds(self, rank: int) -> list[tuple[int, int]]:
         """The blocks of ``rank``'s row (its group's), in member order: its row commitment's leaves."""
-        return [self.bounds[b] for b in self.members(rank)]
+        return member_block_bounds(self.bounds, rank, self.num_groups)
 
     def leaf_index(self, block: int) -> int:
         """Which leaf of a member's row commitment covers ``block``."""

@@ -18,7 +18,7 @@ plan of ``evasive_liars`` (lie only where the verification draw would not look).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable
 from typing import Literal, get_args
 
 import torch
@@ -83,22 +83,29 @@ def evasive_liars(
     attackers: Collection[int],
     lie_of: Callable[[int], torch.Tensor],
     p_verify: float,
+    draw: Callable[[torch.Tensor, set[int]], Iterable[int]] | None = None,
 ) -> set[int]:
     """Attackers that lie this step without being drawn for verification.
 
     ``rows`` (N, K) are the honest rows, ``lie_of(rank)`` the (K,) lie of an attacker.
-    Start from every attacker lying; drop those that ``draw_claims`` picks on the
-    resulting matrix and redraw, until no liar is drawn (at most len(attackers) rounds).
-    The last matrix is exactly the one submitted, so no liar in it is drawn. A pure
-    function of its arguments: every rank computes the same set.
+    Start from every attacker lying; drop those that the draw picks on the resulting
+    matrix and redraw, until no liar is drawn (at most len(attackers) rounds). The last
+    matrix is exactly the one submitted, so no liar in it is drawn. ``draw(matrix,
+    candidates)`` is the path's claim draw: ``draw_claims`` on the matrix (the default, the
+    all_gather path) or the sharded path's draw on the rows' commitments. A pure function
+    of its arguments: every rank computes the same set.
     """
+    if draw is None:
+        def draw(matrix: torch.Tensor, candidates: set[int]) -> Iterable[int]:
+            return draw_claims(commitment, matrix, p_verify, candidates)
+
     liars = set(attackers)
     lies = {rank: lie_of(rank) for rank in liars}
     while liars:
         matrix = rows.clone()
         for rank in liars:
             matrix[rank] = lies[rank]
-        drawn = set(draw_claims(commitment, matrix, p_verify, candidates=liars))
+        drawn = set(draw(matrix, set(liars)))
         if not drawn:
             break
         liars -= drawn

@@ -43,7 +43,9 @@ __all__ = [
     "draw_audit_block",
     "draw_sharded_claims",
     "group_block_bounds",
+    "member_block_bounds",
     "row_commitment",
+    "row_commitments",
     "row_leaves",
     "sharded_wire_bytes",
 ]
@@ -67,6 +69,12 @@ def group_block_bounds(width: int, world_size: int, num_groups: int = 1) -> list
         raise ValueError(f"num_groups={num_groups} must lie in [1, world_size={world_size}].")
     per_group = [block_bounds(width, len(group_ranks(g, num_groups, world_size))) for g in range(num_groups)]
     return [per_group[r % num_groups][r // num_groups] for r in range(world_size)]
+
+
+def member_block_bounds(bounds: Sequence[tuple[int, int]], rank: int, num_groups: int = 1) -> list[tuple[int, int]]:
+    """The blocks of ``rank``'s row, its group's in member order: the leaves of its row
+    commitment (``bounds`` from ``group_block_bounds``)."""
+    return [bounds[b] for b in group_ranks(rank % num_groups, num_groups, len(bounds))]
 
 
 def block_owners(world_size: int, slashed: Iterable[int], num_groups: int = 1) -> list[int | None]:
@@ -98,6 +106,15 @@ def commit_leaves(leaves: Sequence[bytes]) -> bytes:
 def row_commitment(row: torch.Tensor, bounds: Sequence[tuple[int, int]]) -> bytes:
     """commit(row) (module docstring): 32 bytes."""
     return commit_leaves(row_leaves(row, bounds))
+
+
+def row_commitments(matrix: torch.Tensor, num_groups: int = 1) -> list[bytes]:
+    """The row commitment of every row of ``matrix`` (N, W) float32, as each rank commits
+    its own on the sharded path: what a party that knows every row (a simulator, a test)
+    needs to evaluate the sharded claim draw."""
+    world_size, width = matrix.shape
+    bounds = group_block_bounds(width, world_size, num_groups)
+    return [row_commitment(matrix[r], member_block_bounds(bounds, r, num_groups)) for r in range(world_size)]
 
 
 def commitments_digest(commitments: Sequence[bytes]) -> bytes:

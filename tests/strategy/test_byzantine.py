@@ -25,6 +25,7 @@ from lightning_holograd import ByzantineSimulator, HoloGradConfig, HoloGradStrat
 from lightning_holograd.demos import ToyModule, fit, make_dataset
 from lightning_holograd.protocol import attack_generator, attack_row, draw_claims
 from lightning_holograd.protocol.aggregators import KrumAggregator, MedianAggregator, TrimmedMeanAggregator
+from lightning_holograd.protocol.sharding import draw_sharded_claims
 
 ATTACKER, WORLD_SIZE, STEPS = 3, 4, 48
 
@@ -288,9 +289,13 @@ class _CheckEvasion(L.Callback):
 
     def review(self, ctx):
         if self.rank == ATTACKER:
-            lied = not torch.equal(ctx.matrix[ATTACKER], ctx.extras["honest"])
-            drawn = draw_claims(ctx.commitment, ctx.matrix, self.p_verify, [ATTACKER]) == [ATTACKER]
-            self.entries.append((ctx.step, lied, drawn))
+            lied = not torch.equal(ctx.local_scalars, ctx.extras["honest"])
+            if ctx.path == "sharded":  # the engine's own row commitments, as a verifier draws on them
+                drawn = draw_sharded_claims(ctx.commitment, ctx.sharded.commitments, self.p_verify, [ATTACKER])
+            else:
+                assert torch.equal(ctx.matrix[ATTACKER], ctx.local_scalars)
+                drawn = draw_claims(ctx.commitment, ctx.matrix, self.p_verify, [ATTACKER])
+            self.entries.append((ctx.step, lied, drawn == [ATTACKER], ctx.path))
 
     def on_train_end(self, trainer, pl_module):
         if self.rank == ATTACKER:
@@ -299,23 +304,25 @@ class _CheckEvasion(L.Callback):
 
 @pytest.mark.multiprocess
 @pytest.mark.timeout(120)
-def test_evasive_attacker_lies_only_where_it_is_not_drawn(tmp_path):
+@pytest.mark.parametrize("path", ["all_gather", "sharded"])
+def test_evasive_attacker_lies_only_where_it_is_not_drawn(tmp_path, path):
     """only_unverified with p_verify = 0.5 and start_step = 2, 16 steps, 4 ranks: the first
-    two steps are honest; afterwards the attacker never submits a lie that the draw on the
-    submitted matrix would check, and it does lie on some steps and hold back on others.
-    The evasion plan and the check draw on the matrix A: the all_gather path's draw (auto
-    would take the sharded path here, whose draw hashes row commitments, docs/PROTOCOL.md §6.12)."""
+    two steps are honest; afterwards the attacker never submits a lie that the path's draw
+    on what was submitted would check, and it does lie on some steps and hold back on others.
+    all_gather draws on the matrix A; sharded on the row commitments the engine gathered
+    (docs/PROTOCOL.md §4.5), which the plan must predict from the rows it sees."""
     p_verify = 0.5
     simulator = ByzantineSimulator([ATTACKER], "sign_flip", start_step=2, only_unverified=True, p_verify=p_verify)
     check = _CheckEvasion(tmp_path, p_verify)
-    states = fit(ToyModule(), holograd(aggregation_path="all_gather"), tmp_path, devices=WORLD_SIZE, max_steps=16,
+    states = fit(ToyModule(), holograd(aggregation_path=path), tmp_path, devices=WORLD_SIZE, max_steps=16,
                  callbacks=[check, simulator, _SaveCounts(simulator, tmp_path)])
     assert_identical_replicas(states)
     log = json.loads((tmp_path / "evasion.json").read_text())
-    assert [step for step, _, _ in log] == list(range(1, 17))
-    assert not any(lied for step, lied, _ in log if step <= 2)
-    assert not any(lied and drawn for _, lied, drawn in log)
-    lies = sum(lied for _, lied, _ in log)
+    assert [step for step, _, _, _ in log] == list(range(1, 17))
+    assert {taken for _, _, _, taken in log} == {path}
+    assert not any(lied for step, lied, _, _ in log if step <= 2)
+    assert not any(lied and drawn for _, lied, drawn, _ in log)
+    lies = sum(lied for _, lied, _, _ in log)
     counts = json.loads((tmp_path / f"counts{ATTACKER}.json").read_text())
     assert counts == {"lies": lies, "held_back": 14 - lies}
     assert 0 < lies < 14

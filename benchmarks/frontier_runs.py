@@ -93,13 +93,19 @@ QUANTIZED: dict[str, dict[str, Any]] = {
                                                  scalar_bits=4),
     "sketch-65536-perrank-h16-q2": holograd_spec("sketch", 65536, direction_groups="per_rank", local_steps=16,
                                                  scalar_bits=2),
+    "sketch-262144-perrank-h128-q4": holograd_spec("sketch", 262144, direction_groups="per_rank", local_steps=128,
+                                                   scalar_bits=4),
     # sketch-32768-perrank-h16-q4 with Nesterov outer momentum 0.8 at outer lr 0.2 (the same
     # step, eta / (1 - mu) = 1, on a steady pseudo-gradient): the sketch noise of a round is
     # averaged over ~5 rounds, to 17.5 % of its variance, for a lag of ~4 rounds
     "sketch-32768-perrank-h16-q4-m8": holograd_spec("sketch", 32768, direction_groups="per_rank", local_steps=16,
                                                     scalar_bits=4, outer_lr=0.2, outer_momentum=0.8),
 }
-RUNS: dict[str, dict[str, Any]] = {**PEERS, **HOLOGRAD, **SLOWLINK, **QUANTIZED}
+# Peers at a longer period, the counterpart of the H = 128 HoloGrad setting (not in the profiles).
+LONG_PERIOD_PEERS: dict[str, dict[str, Any]] = {
+    "localsgd-h128": {"kind": "localsgd", "period": 128, "family": "localsgd"},
+}
+RUNS: dict[str, dict[str, Any]] = {**PEERS, **HOLOGRAD, **SLOWLINK, **QUANTIZED, **LONG_PERIOD_PEERS}
 SHORT_RUNS = [*PEERS, *HOLOGRAD]  # the 300-step frontier of results/frontier_cpu.md
 # The long frontier: every peer, the sketch over K, the cheaper dense families, momentum, one
 # codebook, and the slowlink settings (gaussian/rademacher at K = 256 cost 5-10x DDP's step).

@@ -27,9 +27,18 @@ engine, the claim helpers); only the places where Fabric hands over control diff
   and a watchdog exits a rank still blocked ``sigterm_grace`` seconds later; a handler
   the script installed before ``fabric.setup`` is still called. ``teardown()`` removes it.
 
+- Local steps (``local_steps`` = H > 1, docs/PROTOCOL.md §9.2): ``fabric.backward`` is
+  the rank's own backward and ``optimizer.step()`` an inner step; the H-th one exchanges
+  the round's pseudo-gradient (committed to the round's batches) and makes the outer
+  step, through the Trainer's round code (``local_steps.LocalRounds``).
+  ``fabric.strategy.finish_round()`` exchanges a round cut short (the end of training);
+  ``fabric.strategy.shared_parameters()`` puts the shared round-start parameters into the
+  model for an evaluation mid-round; mid-round, ``fabric.save`` writes those and the
+  public round-start optimizer state.
+
 Not available with Fabric: ``projection="jvp"`` (it re-runs a ``training_step``) and the
 Trainer callbacks (``ProofVerifier``, ``ADCBootstrap``, ``ByzantineSimulator``);
-``request_true_gradient()`` is.
+``request_true_gradient()`` is, without local steps.
 """
 
 from __future__ import annotations
@@ -72,6 +81,7 @@ from .lightning_private import (
     process_group_timeout,
     set_backward_sync_control,
 )
+from .local_steps import LocalRounds
 from .registry import register_names
 from .runtime import (
     TrainableSet,
@@ -146,10 +156,6 @@ class HoloGradFabricStrategy(DDPStrategy):
         if self.config.projection == "jvp":
             raise ValueError("projection='jvp' re-runs a training_step, which Fabric does not have. "
                              "HINT: use projection='backward' (the default) with Fabric.")
-        if self.config.local_steps != 1:
-            raise ValueError(f"local_steps={self.config.local_steps} is not supported with Fabric yet: a round "
-                             "needs the Trainer's optimizer-step hooks to run, replay and verify its inner steps. "
-                             "HINT: use local_steps=1 with Fabric, or HoloGradStrategy with the Trainer.")
         lightning = check_strategy_arguments({k: v for k, v in settings.items() if k not in fields})
         super().__init__(process_group_backend=process_group_backend, timeout=timeout, start_method=start_method,
                          **lightning)
@@ -164,6 +170,8 @@ class HoloGradFabricStrategy(DDPStrategy):
         self._true_gradient_requested = False
         self._step_metrics: dict[str, float] = {}
         self._pending: tuple[dict[str, Any], dict[str, Any] | None] | None = None
+        self._rounds: LocalRounds | None = None  # with local_steps > 1, built by setup_module
+        self._pending_rounds: dict[str, Any] | None = None  # a checkpoint's round state, loaded at setup
 
     @classmethod
     @override
@@ -187,6 +195,8 @@ class HoloGradFabricStrategy(DDPStrategy):
                                                              process_group_backend(self), resumed=resumed,
                                                              timeout=process_group_timeout(self))
         self._trainable = TrainableSet(module)
+        if self.config.local_steps > 1:
+            self._rounds = LocalRounds(self, module=lambda: self._module, optimizer=self._round_optimizer)
         self.exchange.comm.broadcast(module_state(module), kind="setup")
         if self._pending is not None:
             self._load_protocol_state(*self._pending)
@@ -215,6 +225,10 @@ class HoloGradFabricStrategy(DDPStrategy):
 
     @override
     def teardown(self) -> None:
+        if self._rounds is not None and self._rounds.in_round:
+            log.warning("%d inner steps of the last local-steps round were never exchanged, so the model holds this "
+                        "rank's own parameters. HINT: call fabric.strategy.finish_round() on every rank after the "
+                        "training loop.", len(self._rounds.steps))
         if self._stop_on_signal is not None:
             self._stop_on_signal.uninstall()
             signal.signal(signal.SIGTERM, self._previous_sigterm or signal.SIG_DFL)
@@ -230,7 +244,19 @@ class HoloGradFabricStrategy(DDPStrategy):
             assert self.resolved_config is not None
             for message in advise(self.resolved_config, self.exchange.family.dim, self.world_size, [optimizer]):
                 warnings.warn(message, HoloGradSetupWarning, stacklevel=2)
-        return super().setup_optimizer(optimizer)
+        output = super().setup_optimizer(optimizer)
+        if self._rounds is not None:
+            if self._pending_rounds is not None:
+                self._rounds.load_state_dict(self._pending_rounds)
+                self._pending_rounds = None
+            self._rounds.start_training()  # checks the optimizer against inner_state, starts round 1
+        return output
+
+    def _round_optimizer(self) -> torch.optim.Optimizer:
+        if not self._optimizers_set_up:
+            raise RuntimeError("local_steps > 1 needs the optimizer. HINT: fabric.setup(model, optimizer), or "
+                               "fabric.setup_optimizers(optimizer) before the first step.")
+        return self._optimizers_set_up[0]
 
     @override
     def process_dataloader(self, dataloader: Any) -> Any:
@@ -259,11 +285,14 @@ class HoloGradFabricStrategy(DDPStrategy):
     def backward(self, tensor: torch.Tensor, module: nn.Module | None, *args: Any, **kwargs: Any) -> None:
         """Fabric's backward, then (outside ``no_backward_sync``) the exchange."""
         super().backward(tensor, module, *args, **kwargs)
-        if self.exchange is not None and not self._blocked:
+        if self.exchange is not None and not self._blocked and self._rounds is None:
             self.exchange_gradients()
 
     def request_true_gradient(self) -> None:
         """Make the next exchange a true-gradient step (the all-reduced mean gradient)."""
+        if self._rounds is not None:
+            raise ValueError(f"true-gradient steps need local_steps=1, got local_steps={self.config.local_steps}. "
+                             "HINT: set local_steps=1 to request true-gradient steps.")
         self._true_gradient_requested = True
 
     @torch.no_grad()
@@ -287,11 +316,50 @@ class HoloGradFabricStrategy(DDPStrategy):
 
     @override
     def optimizer_step(self, optimizer: Any, **kwargs: Any) -> Any:
+        if self._rounds is not None and self.exchange is not None:
+            return self._inner_step(optimizer, **kwargs)
         output = super().optimizer_step(optimizer, **kwargs)
         if self.exchange is not None and self._module is not None:
             metrics = after_step(self.exchange, self.config, self._module)
             self._step_metrics = metrics or self._step_metrics
         return output
+
+    def _inner_step(self, optimizer: Any, **kwargs: Any) -> Any:
+        """Local steps: the rank's own optimizer step; the round's last one ends the round."""
+        assert self._rounds is not None
+        if not self._batches:
+            raise RuntimeError("HoloGrad found no batch for this inner step. HINT: iterate a dataloader set up "
+                               "with fabric.setup_dataloaders while the model is in train mode, or call "
+                               "fabric.strategy.commit_batch(batch) before fabric.backward(loss).")
+        self._rounds.before_inner_step()
+        output = super().optimizer_step(optimizer, **kwargs)
+        batches, self._batches = self._batches, []
+        if self._rounds.after_inner_step([(batch, i) for i, batch in enumerate(batches)]):
+            self._end_round()
+        return output
+
+    def _end_round(self) -> None:
+        """Exchange the round's pseudo-gradients and make the outer step (every rank), then
+        buffers, audit and metrics, then a new round."""
+        assert self._rounds is not None and self.exchange is not None and self._module is not None
+        self._rounds.finish()
+        self._step_metrics = after_step(self.exchange, self.config, self._module) or self._step_metrics
+        self._rounds.begin()
+
+    def finish_round(self) -> bool:
+        """With local steps: exchange the inner steps of a round cut short (after the training
+        loop, before evaluating or saving the final model). Call contract: every rank, at the
+        same point. Returns whether there was a round to finish (False without local steps)."""
+        if self._rounds is None or not self._rounds.in_round:
+            return False
+        self._end_round()
+        return True
+
+    def shared_parameters(self) -> AbstractContextManager:
+        """A context in which the model holds the shared parameters of the current round's
+        start (the same on every rank); this rank's own are put back on exit. Without local
+        steps, or at a round boundary, it changes nothing."""
+        return self._rounds.shared() if self._rounds is not None else _nothing()
 
     def pop_step_metrics(self) -> dict[str, float]:
         """The ``holograd/...`` metrics of the last optimizer step, once (for ``fabric.log_dict``)."""
@@ -304,8 +372,11 @@ class HoloGradFabricStrategy(DDPStrategy):
                         filter: dict[str, Any] | None = None) -> None:
         if self.exchange is not None:
             assert self.resolved_config is not None and self._trainable is not None
-            state = {**state, STATE_KEY: protocol_state(self.resolved_config.as_dict(), self.exchange.state_dict(),
-                                                        self._trainable.state_dict())}
+            ours = protocol_state(self.resolved_config.as_dict(), self.exchange.state_dict(),
+                                  self._trainable.state_dict())
+            if self._rounds is not None:
+                ours["rounds"] = self._rounds.state_dict()
+            state = {**state, STATE_KEY: ours}
         if storage_options is None and writes_atomically(self.checkpoint_io, path):
             self.checkpoint_io = AtomicCheckpointIO()  # Fabric's default writer, with atomic local writes
         super().save_checkpoint(path, state, storage_options=storage_options, filter=filter)
@@ -322,7 +393,29 @@ class HoloGradFabricStrategy(DDPStrategy):
                 self._pending = pending  # applied by setup_module
             else:
                 self._load_protocol_state(*pending)
+            rounds = ours[STATE_KEY].get("rounds")
+            if rounds is not None and self._rounds is not None and self._optimizers_set_up:
+                self._rounds.load_state_dict(rounds)
+                self._rounds.begin()  # the loaded theta_r and public inner state start the round
+            else:
+                self._pending_rounds = rounds  # applied by setup_optimizer
         return remainder
+
+    @override
+    def get_module_state_dict(self, module: nn.Module) -> dict[str, Any]:
+        """Mid-round (local steps), the shared round-start parameters and buffers."""
+        unwrapped = getattr(module, "_original_module", module)  # fabric.save passes it unwrapped; a user may not
+        if self._rounds is None or not self._rounds.in_round or unwrapped is not self._module:
+            return super().get_module_state_dict(module)
+        with self._rounds.shared():
+            return {name: value.clone() for name, value in super().get_module_state_dict(module).items()}
+
+    @override
+    def get_optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """Mid-round (local steps), the public round-start inner state."""
+        if self._rounds is None or not self._rounds.in_round:
+            return super().get_optimizer_state(optimizer)
+        return self._rounds.shared_optimizer_state(getattr(optimizer, "optimizer", optimizer))
 
     def _load_protocol_state(self, state: dict[str, Any], trainable: dict[str, Any] | None) -> None:
         assert self.exchange is not None and self._trainable is not None

@@ -27,7 +27,7 @@ round-start buffers in (validation, checkpoints).
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -78,11 +78,19 @@ def _apply_settings(optimizer: torch.optim.Optimizer, settings: list[dict[str, A
 
 
 class LocalRounds:
-    """One rank's round bookkeeping; the strategy owns one when ``local_steps > 1``."""
+    """One rank's round bookkeeping; the strategy owns one when ``local_steps > 1``.
 
-    def __init__(self, strategy: Any) -> None:
+    ``module`` and ``optimizer`` return the model and the (unwrapped) optimizer the rounds
+    act on; by default the Trainer strategy's ``lightning_module`` and single optimizer
+    (the Fabric strategy passes its own). ``replay`` (verification) needs the Trainer.
+    """
+
+    def __init__(self, strategy: Any, module: Callable[[], nn.Module] | None = None,
+                 optimizer: Callable[[], torch.optim.Optimizer] | None = None) -> None:
         config = strategy.config
-        self.strategy = strategy  # a HoloGradStrategy: its module, optimizer, exchange, precision
+        self.strategy = strategy  # a HoloGradStrategy (or the Fabric one): config, exchange, trainable set
+        self._get_module = module
+        self._get_optimizer = optimizer
         self.local_steps = config.local_steps
         self.inner_state = make_inner_state(config.inner_state)
         self.outer = OuterStep(config.outer_lr, config.outer_momentum)
@@ -101,13 +109,15 @@ class LocalRounds:
     # -- what the rounds act on --------------------------------------------------------------
     @property
     def module(self) -> Any:
-        return self.strategy.lightning_module
+        return self._get_module() if self._get_module is not None else self.strategy.lightning_module
 
     def params(self) -> list[nn.Parameter]:
         return [p for p in self.module.parameters() if p.requires_grad]
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
+        if self._get_optimizer is not None:
+            return self._get_optimizer()
         (optimizer,) = self.strategy.optimizers
         return getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer wraps it
 

@@ -18,7 +18,12 @@ that were measured:
   compute is assumed, so the model is pessimistic for runs that send many bytes per step
   (DDP overlaps its bucket all-reduces with the backward pass); the validation table gives
   the size of that error;
-- time to target = steps to target x step time (validation excluded, as in the measured race).
+- time to target = steps to target x step time (validation excluded, as in the measured race);
+- ``--continuations RACE_JSON``: the measured race (``slow_link``) trains past the long
+  run's schedule, at ``min_lr``, up to twice its steps. A run of the frontier that raced
+  there takes the race's longer validation curve (the same training up to the schedule's
+  end, then the continuation), so a run that gets to a target only after the schedule ends
+  is timed instead of marked "never". Bytes per step stay the frontier's unshaped ones.
 
 Validation: ``results/slow_link_cpu.json`` measured DDP and the K = 4096 sketch at 300 steps
 on unshaped, 1 Gbit/s, 100 Mbit/s and 20 Mbit/s links (tbf on both ends); the model's step
@@ -30,6 +35,7 @@ Examples:
   python -m benchmarks.race_model                      # from results/frontier_long_2r.json
   python -m benchmarks.race_model --rates 100mbit,20mbit,5mbit --targets 1.01,1.05,1.1,1.25
   python -m benchmarks.race_model --t0 measured --out /tmp/race_measured_t0.md
+  python -m benchmarks.race_model --continuations benchmarks/results/race_20mbit_2r.json --targets 1.01,1.02,1.05,1.1
 """
 
 from __future__ import annotations
@@ -78,25 +84,39 @@ def validate(slow: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def race(frontier: dict[str, Any], rates: list[str], multipliers: list[float],
-         t0_mode: str = "common") -> list[dict[str, Any]]:
+def continuation_curves(races: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Run name -> the longest validation curve of its successful rows in the races."""
+    curves: dict[str, list[dict[str, Any]]] = {}
+    for payload in races:
+        for r in payload["rows"]:
+            if r.get("status") == "ok" and r.get("curve") and len(r["curve"]) > len(curves.get(r["peer"], [])):
+                curves[r["peer"]] = r["curve"]
+    return curves
+
+
+def race(frontier: dict[str, Any], rates: list[str], multipliers: list[float], t0_mode: str = "common",
+         continuations: dict[str, list[dict[str, Any]]] | None = None) -> list[dict[str, Any]]:
     """One row per (run, link, target) of the long frontier; ``t0_mode``: "common" (DDP's
-    step time for every run) or "measured" (each run's own)."""
+    step time for every run) or "measured" (each run's own); ``continuations``: run name ->
+    a longer curve of the same run (``continuation_curves``)."""
     ref = frontier["reference"]
     rows = [r for r in frontier["rows"] if r.get("status") == "ok" and r["run"] != LAST_REFERENCE]
     out = []
     for r in rows:
         t0 = ref["step_median_s"] if t0_mode == "common" or r["family"] == "ddp" else r["step_median_s"]
+        longer = (continuations or {}).get(r["run"])
+        curve = longer if longer and longer[-1]["step"] > r["curve"][-1]["step"] else r["curve"]
         for m in multipliers:
             target = ref["final_val_loss"] * m
-            steps = time_to_target(r["curve"], target, key="step")
+            steps = time_to_target(curve, target, key="step")
             for rate in rates:
                 t_step = step_time(t0, r["bytes_per_step"], rate_bps(rate))
                 out.append({"run": r["run"], "label": label(r), "family": r["family"], "rate": rate,
                             "multiplier": m, "target": target, "steps_to_target": steps, "t0_s": t0,
                             "bytes_per_step": r["bytes_per_step"], "compression": r.get("compression"),
                             "step_s": t_step, "time_to_target_s": None if steps is None else steps * t_step,
-                            "measured_step_s": r["step_median_s"], "final_val_loss": r["final_val_loss"]})
+                            "measured_step_s": r["step_median_s"], "final_val_loss": r["final_val_loss"],
+                            "curve_steps": curve[-1]["step"], "best_val_loss": min(p["val_loss"] for p in curve)})
     return out
 
 
@@ -114,9 +134,13 @@ def _first(rows: list[dict[str, Any]]) -> str:
 
 def render(meta: dict[str, Any], checks: list[dict[str, Any]], rows: list[dict[str, Any]]) -> str:
     ddp = meta["ddp_final_val_loss"]
+    continued = meta.get("continuations") or []
     lines = [f"# Slow-link race, MODELLED from the long frontier ({meta['num_nodes']} ranks, cpu)", "",
-             "**A model, not a measurement.** The measured race (`python -m benchmarks.slow_link`, ~5 h on this "
-             "machine) has not been run. Steps to target come from the long frontier's validation curves "
+             "**A model, not a measurement.** The full measured race (`python -m benchmarks.slow_link`, every peer "
+             "on both links, ~5 h on this machine) has not been run" +
+             (f"; the runs marked + were raced past the schedule's end at min_lr (`{', '.join(continued)}`), and "
+              "their longer curves are used here" if continued else "") +
+             ". Steps to target come from the long frontier's validation curves "
              f"(`{meta['frontier']}`, {meta['steps']} steps, the best swept learning rate per run); a step on a link "
              "of rate R is modelled as t0 + 8 B / R (t0 = the run's median step time unshaped, B = its measured "
              "bytes per rank and step). The model assumes no overlap of communication and compute: pessimistic "
@@ -135,15 +159,19 @@ def render(meta: dict[str, Any], checks: list[dict[str, Any]], rows: list[dict[s
             sel = [r for r in rows if r["rate"] == rate and r["multiplier"] == m]
             lines.append(f"- **{rate}, target x{m:g} ({ddp * m:.4f})**: {_first(sel)}")
     lines += ["", "## Steps to target (link-independent)", "",
-              "| run | setting | bytes/step/rank | compression | measured step ms | final val loss | " +
+              "| run | setting | bytes/step/rank | compression | measured step ms | final val loss | "
+              "steps in the curve | best val loss in it | " +
               " | ".join(f"steps to x{m:g}" for m in meta["multipliers"]) + " |",
-              "|---|---|---:|---:|---:|---:|" + "---:|" * len(meta["multipliers"])]
+              "|---|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(meta["multipliers"])]
     runs = list(dict.fromkeys(r["run"] for r in rows))
     for run in runs:
         sel = {r["multiplier"]: r for r in rows if r["run"] == run and r["rate"] == meta["rates"][0]}
         r0 = next(iter(sel.values()))
-        lines.append(f"| {run} | {r0['label']} | {r0['bytes_per_step']:,.0f} | {fmt(r0['compression'], 1)} | "
-                     f"{r0['measured_step_s'] * 1e3:.0f} | {r0['final_val_loss']:.4f} | " + " | ".join(
+        plus = " +" if r0.get("curve_steps", meta["steps"]) > meta["steps"] else ""
+        lines.append(f"| {run}{plus} | {r0['label']} | {r0['bytes_per_step']:,.0f} | {fmt(r0['compression'], 1)} | "
+                     f"{r0['measured_step_s'] * 1e3:.0f} | {r0['final_val_loss']:.4f} | "
+                     f"{r0.get('curve_steps', meta['steps'])} | {r0.get('best_val_loss', float('nan')):.4f} | "
+                     + " | ".join(
                          "never" if sel[m]["steps_to_target"] is None else f"{sel[m]['steps_to_target']:.0f}"
                          for m in meta["multipliers"]) + " |")
     for rate in meta["rates"]:
@@ -176,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="target = DDP's final val loss x each of these (default 1.01,1.05,1.1,1.25)")
     p.add_argument("--t0", choices=("common", "measured"), default="common",
                    help="compute time per step: DDP's for every run (default) or each run's own measured one")
+    p.add_argument("--continuations", default="", help="measured race JSONs (comma-separated) whose longer curves "
+                   "replace their runs' frontier curves")
     p.add_argument("--out", default=None, help="Markdown output (default results/race_model_<N>r.md)")
     args = p.parse_args(argv)
     start = time.perf_counter()
@@ -185,13 +215,20 @@ def main(argv: list[str] | None = None) -> int:
     rates = csv_items(args.rates)
     for rate in rates:
         rate_bps(rate)  # fail early on a bad rate
+    race_paths = [Path(item) for item in csv_items(args.continuations)] if args.continuations else []
+    for path in race_paths:
+        if not path.is_file():
+            p.error(f"--continuations: {path} does not exist. HINT: run `python -m benchmarks.slow_link` first, "
+                    "or leave --continuations out.")
+    continuations = continuation_curves([json.loads(path.read_text()) for path in race_paths])
     meta = run_metadata("race_model", argv, num_nodes=frontier["meta"]["num_nodes"],
                         frontier=frontier_path.name, validation=Path(args.validation).name,
                         validation_date=slow["meta"]["date"], steps=frontier["meta"]["steps"], rates=rates,
                         multipliers=args.targets, ddp_final_val_loss=frontier["reference"]["final_val_loss"],
                         ddp_step_noise_pct=frontier["reference"].get("step_noise_pct", float("nan")),
-                        ddp_step_s=frontier["reference"]["step_median_s"], t0=args.t0)
-    checks, rows = validate(slow), race(frontier, rates, args.targets, args.t0)
+                        ddp_step_s=frontier["reference"]["step_median_s"], t0=args.t0,
+                        continuations=[path.name for path in race_paths])
+    checks, rows = validate(slow), race(frontier, rates, args.targets, args.t0, continuations)
     out = Path(args.out or RESULTS / f"race_model_{args.ranks}r.md")
     write_report(out, render(finish_metadata(meta, start), checks, rows), {"meta": meta, "validation": checks,
                                                                             "rows": rows})

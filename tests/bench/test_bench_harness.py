@@ -72,6 +72,13 @@ def test_race_model_times_steps_to_target_by_modelled_step_time(tmp_path):
     assert common["time_to_target_s"] == pytest.approx(96.0 * (0.1 + 0.1))
     (never,) = race_model.race(frontier, ["8mbit"], [0.9])
     assert never["time_to_target_s"] is None
+    # a measured race that continued the run past its schedule: its longer curve is used
+    longer = [*curve, {"step": 192, "val_loss": 1.9}, {"step": 256, "val_loss": 1.7}]
+    races = [{"rows": [{"peer": "localsgd-h64", "status": "ok", "curve": longer},
+                       {"peer": "localsgd-h64", "status": "error", "curve": []}]}]
+    (continued,) = race_model.race(frontier, ["8mbit"], [0.9], continuations=race_model.continuation_curves(races))
+    assert continued["steps_to_target"] == pytest.approx(224.0)  # 1.8: halfway between steps 192 and 256
+    assert continued["curve_steps"] == 256 and continued["best_val_loss"] == 1.7
 
 
 def test_wait_all_ends_the_job_soon_after_one_process_fails():

@@ -10,6 +10,7 @@ from typing import Any
 from benchmarks.frontier_plots import plot_all
 from benchmarks.frontier_runs import LAST_REFERENCE, REFERENCE, RUNS, label
 from benchmarks.harness import DATA_KW, provenance, ring_allreduce_bytes, write_csv, write_report
+from lightning_holograd.protocol.quantize import row_bytes
 
 WITHIN = 0.02  # "within 2 % of DDP"
 TARGET_COMPRESSION = 1000.0
@@ -126,12 +127,15 @@ def _floor_lines(ok: list[dict[str, Any]], ref: dict[str, Any], num_nodes: int) 
         return []
     floor = min(hg, key=lambda r: r["bytes_per_step_after_warmup"])
     local_steps = floor["spec"].get("init_args", {}).get("local_steps", 1)  # one exchange per H steps
-    payload_bytes = round((num_nodes - 1) * (33 + 4 * floor["spec"]["K"]) / local_steps)
+    bits = floor["spec"].get("init_args", {}).get("scalar_bits", 32)
+    payload_bytes = round((num_nodes - 1) * (33 + row_bytes(floor["spec"]["K"], 0, bits)) / local_steps)
     return [
         "",
         f"Per-step floor: the smallest HoloGrad run ({floor['run']}) sends "
         f"{floor['bytes_per_step_after_warmup']:,.0f} B per rank and step, of which {payload_bytes:,} B are "
-        "protocol payload (33 commit bytes + 4K scalar bytes per exchange" + (
+        "protocol payload (33 commit bytes + " + ("4K scalar bytes" if bits == 32 else
+                                                  f"ceil(K x {bits} / 8) + 4 bytes of {bits}-bit scalars")
+        + " per exchange" + (
             f", one exchange per H = {local_steps} steps, plus 4 bytes per public value" if local_steps > 1 else "")
         + (f", to each of N - 1 = {num_nodes - 1} ranks" if num_nodes > 2 else "")
         + "); the rest is per-message cost (TCP/IP headers, ACKs, gloo framing, Lightning's metric syncs). "

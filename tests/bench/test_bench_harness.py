@@ -99,6 +99,17 @@ def test_wait_all_reports_timeout_at_the_deadline():
     assert codes == [0, "timeout"] and outputs[0].strip() == "done"
 
 
+def test_floor_payload_counts_quantized_rows_at_their_bits():
+    """The report's per-step payload of the cheapest HoloGrad run: (33 + row bytes) / H, with a
+    4-bit row of K = 262144 taking 131,076 bytes (not 4K = 1,048,576)."""
+    run = {"run": "q4", "spec": {"kind": "holograd", "K": 262144,
+                                 "init_args": {"local_steps": 128, "scalar_bits": 4}},
+           "bytes_per_step_after_warmup": 1115.0, "steps": 3072}
+    (_, line) = frontier_report._floor_lines([run], {"bytes_train_per_rank": 1.8e6 * 3072}, 2)
+    assert f"of which {round((33 + 131_076) / 128):,} B are protocol payload" in line
+    assert "4-bit scalars" in line
+
+
 def test_tbf_burst_is_ten_ms_of_rate_with_a_floor():
     assert tbf_burst("100mbit") == "125000b"
     assert tbf_burst("1gbit") == "1250000b"

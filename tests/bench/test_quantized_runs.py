@@ -15,7 +15,30 @@ PAIRS = {"sketch-32768-q4": "sketch-4096", "sketch-32768-perrank-q4": "sketch-40
          "sketch-131072-perrank-h64-q4": "sketch-16384-perrank-h64"}
 
 
-@pytest.mark.parametrize("name", list(frontier_runs.QUANTIZED))
+SAME_BYTES = [name for name in frontier_runs.QUANTIZED if name not in PAIRS]  # variants of sketch-32768-perrank-h16-q4
+
+
+def per_step_payload(init_args: dict) -> float:
+    """Row bytes per optimizer step of a per-rank local-steps run (E_GPT2 public values)."""
+    return row_bytes(init_args["num_directions"], E_GPT2, init_args["scalar_bits"]) / init_args["local_steps"]
+
+
+@pytest.mark.parametrize("name", SAME_BYTES)
+def test_quantized_variants_build_and_send_the_bytes_of_the_h16_setting(name):
+    """H = 32 or 128 at 2x or 8x K, 2 bits at 2x K, or outer momentum: each builds, and its
+    row bytes per optimizer step are those of sketch-32768-perrank-h16-q4 within 1 %."""
+    spec = frontier_runs.QUANTIZED[name]
+    assert frontier_runs.missing_features(spec) == []
+    strategy, _ = baselines.build_strategy(spec)
+    init = spec["init_args"]
+    assert isinstance(strategy, HoloGradStrategy) and strategy.config.scalar_bits == init["scalar_bits"]
+    assert strategy.config.local_steps == init["local_steps"] and strategy.config.direction_groups == "per_rank"
+    assert spec["family"].endswith(f"-q{init['scalar_bits']}")
+    reference = per_step_payload(frontier_runs.QUANTIZED["sketch-32768-perrank-h16-q4"]["init_args"])
+    assert per_step_payload(init) == pytest.approx(reference, rel=0.01)
+
+
+@pytest.mark.parametrize("name", list(PAIRS))
 def test_quantized_runs_build_and_match_their_float_pair_in_bytes(name):
     spec = frontier_runs.QUANTIZED[name]
     assert frontier_runs.missing_features(spec) == []

@@ -85,7 +85,8 @@ def test_evasive_liars_are_never_drawn_on_the_decoded_matrix():
     caught = {4: 0, 32: 0}
     for bits in (4, 32):
         simulator = ByzantineSimulator([3], "sign_flip", only_unverified=True, p_verify=p_verify)
-        simulator._exchange = SimpleNamespace(scalar_bits=bits, family=SimpleNamespace(num_directions=k))
+        simulator._exchange = SimpleNamespace(scalar_bits=bits, family=SimpleNamespace(num_directions=k),
+                                              current_path=lambda: "all_gather")
         for step in range(100):
             ctx = StepContext(step + 1, hashlib.sha256(str(step).encode()).digest(), [], [])
             liars = simulator.liars(ctx, rows)

@@ -30,6 +30,7 @@ from .ledger import Ledger, LedgerRecord, LedgerTamperError
 from .codebook_fit import CODEBOOK_FITS, CODEBOOK_STRUCTURES, CodebookFit, CodebookStructure
 from .rounds import INNER_STATE_NAMES, InnerState, OuterStep, make_inner_state, round_batch_hash
 from .sketch import SketchDirections
+from .subsample import SubsampleDirections
 from .subspace import CodebookDirections, MomentumDirections, captured_energy
 from .verification import Reason, Verdict, claim_digest, draw_claims, judge_claim, judge_quantized_claim
 
@@ -67,6 +68,7 @@ __all__ = [
     "RademacherDirections",
     "Reason",
     "SketchDirections",
+    "SubsampleDirections",
     "TrimmedMeanAggregator",
     "Verdict",
     "aggregate_groups",

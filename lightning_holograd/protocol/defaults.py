@@ -10,7 +10,10 @@ allocated, so the strategy can resolve and check its settings before training.
 - Variance ratio v: for the unbiased families E||g_hat - g||^2 = v ||g||^2, so
   E||g_hat||^2 = (1 + v) ||g||^2: the estimate is about sqrt(1 + v) times longer than
   the gradient. v = (D - 1)/K for sketch and rademacher, (D + 1)/K for gaussian (its
-  table's fourth moment is 3 to 4 digits), 0 for identity; the codebook and momentum
+  table's fourth moment is 3 to 4 digits), 0 for identity, sum_j n_j (n_j - 1) / D for
+  subsample with strata of n_j coordinates (D/K - 1 when K divides D; its v depends on g,
+  sum_j (n_j - 1) ||g_{S_j}||^2 / ||g||^2, and this is its value when every coordinate has
+  the same mean square, docs/PROTOCOL.md §3.10); the codebook and momentum
   families are biased and have no such v (None).
 - ``estimate_scale``: c g_hat is written instead of g_hat.
   ``unbiased``: c = 1. ``min_variance``: c = 1/(1 + v), the c minimising
@@ -31,6 +34,7 @@ __all__ = [
     "MIN_DEFAULT_DIRECTIONS",
     "default_num_directions",
     "estimate_scale_factor",
+    "subsample_variance_ratio",
     "variance_ratio",
 ]
 
@@ -38,7 +42,7 @@ DEFAULT_TARGET_COMPRESSION = 100.0
 MIN_DEFAULT_DIRECTIONS = 64  # floor of the default K (never above D / 2)
 EstimateScale = Literal["unbiased", "min_variance", "norm"]
 ESTIMATE_SCALES: tuple[str, ...] = get_args(EstimateScale)
-_UNBIASED_RANDOM = ("sketch", "rademacher", "gaussian")
+_UNBIASED_RANDOM = ("sketch", "subsample", "rademacher", "gaussian")
 
 
 def default_num_directions(dim: int, target_compression: float = DEFAULT_TARGET_COMPRESSION) -> int:
@@ -57,7 +61,17 @@ def variance_ratio(family: str, dim: int, num_directions: int) -> float | None:
         return (dim - 1) / num_directions
     if family == "gaussian":
         return (dim + 1) / num_directions
+    if family == "subsample":
+        return subsample_variance_ratio(dim, num_directions)
     return None
+
+
+def subsample_variance_ratio(dim: int, num_directions: int) -> float:
+    """sum_j n_j (n_j - 1) / D over the subsample family's K strata: q = floor(D/K) coordinates
+    in K - r of them and q + 1 in r = D - q K. A stratum of n coordinates, each of mean square
+    sigma^2, adds (n - 1) n sigma^2 to E||g_hat - g||^2 (docs/PROTOCOL.md §3.10)."""
+    q, r = divmod(dim, num_directions)
+    return (r * (q + 1) * q + (num_directions - r) * q * (q - 1)) / dim
 
 
 def estimate_scale_factor(scale: str, family: str, dim: int, num_directions: int) -> float:

@@ -16,11 +16,12 @@ from .directions import (
 )
 from .directions_v1 import make_family_v1
 from .sketch import SketchDirections
+from .subsample import SubsampleDirections
 from .subspace import CodebookDirections, MomentumDirections
 
 __all__ = ["FamilyName", "FAMILY_NAMES", "make_family", "resume_settings"]
 
-FamilyName = Literal["gaussian", "rademacher", "sketch", "codebook", "momentum", "identity"]
+FamilyName = Literal["gaussian", "rademacher", "sketch", "subsample", "codebook", "momentum", "identity"]
 FAMILY_NAMES: tuple[str, ...] = get_args(FamilyName)
 
 
@@ -51,7 +52,7 @@ def make_family(
     codebook: ``codebook_rank`` basis columns (default: all of num_directions) and
     num_directions - codebook_rank exploration directions. momentum: one momentum
     direction and num_directions - 1 exploration directions. identity: num_directions
-    must equal dim (debug family). The codebook's ``codebook_structure``, ``codebook_fit``,
+    must equal dim (debug family). subsample: num_directions <= dim. The codebook's ``codebook_structure``, ``codebook_fit``,
     ``sketch_size``, ``sketch_decay``, ``tracking_lr`` and ``param_shapes`` are
     ``CodebookDirections``' structure, fit, sketch_size, sketch_decay, tracking_lr and
     param_shapes. ``chunk_size`` caps the coordinates materialised at once (None: sized to
@@ -71,6 +72,8 @@ def make_family(
         return RademacherDirections(dim, num_directions, **hashed)
     if name == "sketch":
         return SketchDirections(dim, num_directions, **hashed)
+    if name == "subsample":
+        return SubsampleDirections(dim, num_directions)
     if name == "identity":
         return IdentityDirections(dim, num_directions)
     if name == "codebook":

@@ -43,7 +43,7 @@ AggregationName = Literal["mean", "median", "trimmed_mean", "krum"]
 ProjectionName = Literal["backward", "jvp"]
 # Families whose directions are a pure function of the seeds and unbiased: the ones that
 # direction groups give independent directions (docs/PROTOCOL.md §9.1).
-GROUPABLE_FAMILIES = ("sketch", "gaussian", "rademacher")
+GROUPABLE_FAMILIES = ("sketch", "subsample", "gaussian", "rademacher")
 # Families that can carry a pseudo-gradient (docs/PROTOCOL.md §9.2): the stateless ones.
 LOCAL_STEP_FAMILIES = GROUPABLE_FAMILIES + ("identity",)
 _ROUND_DEFAULTS = {"inner_state": "public_v", "outer_lr": 1.0, "outer_momentum": 0.0}
@@ -216,7 +216,7 @@ class HoloGradConfig:
             raise ValueError(
                 f"local_steps={self.local_steps} with directions={self.directions!r}: the codebook and momentum bases "
                 "track gradients, and a round exchanges a pseudo-gradient. HINT: use directions='sketch' (or "
-                "'gaussian', 'rademacher'; 'identity' gives exact local SGD).")
+                "'subsample', 'gaussian', 'rademacher'; 'identity' gives exact local SGD).")
         if self.projection == "jvp":
             raise ValueError(f"local_steps={self.local_steps} with projection='jvp': a pseudo-gradient is not the "
                              "derivative of a loss. HINT: use projection='backward'.")

@@ -82,8 +82,9 @@ class HoloGradStrategyMixin(LocalStepsMixin):
     Args (protocol; see README "Strategy settings"):
         num_directions: K, scalars each rank sends per optimizer step (None: about
             D / ``target_compression``, resolved at setup from the model's D).
-        directions: direction family (``sketch`` is O(D) for any K; ``gaussian`` and
-            ``rademacher`` are paper-faithful dense families; ``codebook`` is ADC;
+        directions: direction family (``sketch`` is O(D) for any K; ``subsample`` sends one
+            coordinate per stratum of D/K, less noise than the sketch when K/D > ~1/2; ``gaussian``
+            and ``rademacher`` are paper-faithful dense families; ``codebook`` is ADC;
             ``momentum`` is HoloGrad's momentum-centric mode; ``identity`` is an exact
             K = D debug family that reproduces DDP).
         aggregation / trim_ratio: robust aggregation across ranks (per direction; ``krum``

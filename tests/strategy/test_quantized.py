@@ -145,14 +145,16 @@ def test_verifier_slashes_a_quantized_liar_and_never_an_honest_rank(tmp_path):
     assert json.loads((tmp_path / "counts2.json").read_text())["lies"] >= 1
 
 
-def test_local_steps_with_per_rank_groups_and_quantized_rows(tmp_path):
+@pytest.mark.parametrize("directions", ["sketch", "subsample"])
+def test_local_steps_with_per_rank_groups_and_quantized_rows(tmp_path, directions):
     """2 ranks, rounds of H = 2 Adam steps, per-rank directions, 4-bit scalars, every worker
     round replayed by the verifier (p_verify = 1, default tolerance): replicas identical, no
-    slash, and each round sends ceil(16 * 4 / 8) + 4 + 4E bytes of scalars (E = 4 public values)."""
+    slash, and each round sends ceil(16 * 4 / 8) + 4 + 4E bytes of scalars (E = 4 public values).
+    The two families are the ones the long frontier runs in this setting."""
     k, e, rounds = 16, 4, 4
     verifier = ProofVerifier(p_verify=1.0, ledger_path=str(tmp_path / "ledger.jsonl"))
-    states = fit(ToyModule(adam=True), holograd(num_directions=k, scalar_bits=4, local_steps=2,
-                                                 direction_groups="per_rank"),
+    states = fit(ToyModule(adam=True), holograd(directions=directions, num_directions=k, scalar_bits=4,
+                                                 local_steps=2, direction_groups="per_rank"),
                  tmp_path / "ranks", callbacks=[verifier], max_steps=2 * rounds)
     assert_identical_replicas(states)
     exchange = states[0]["exchange"]

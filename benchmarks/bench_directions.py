@@ -26,6 +26,8 @@ Families (rows):
   sketch-cached          the eager sketch with its slot cache (on by default for D <= 2^24):
                          synthesize gathers from the slots project stored for the same seed,
                          what a step pays; the sketch and sketch-compiled rows run without it
+  subsample              stratified coordinate sampling: K hash words and a gather (project),
+                         a scatter into D zeros (synthesize); every call draws its picks
 The plain gaussian / rademacher / sketch rows use the eager kernels (direction_kernel="eager");
 the compile time of the fused kernels (once per process) is reported in the header, and the
 fused kernels are compiled before the references are measured.
@@ -128,7 +130,8 @@ def render_markdown(meta: dict[str, Any], refs: dict[str, Any], rows: list[dict[
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---|",
     ]
     for r in rows:
-        label = r["family"] + (" (O(D))" if r["family"].startswith("sketch") else "")
+        label = r["family"] + (" (O(D))" if r["family"].startswith("sketch") else
+                               " (O(K) + one pass)" if r["family"] == "subsample" else "")
         if r["status"] != "ok":
             est = r.get("estimated_s")
             note = r["status"] + (f", est. {est:.1f} s" if est is not None else "")
@@ -147,7 +150,8 @@ def render_markdown(meta: dict[str, Any], refs: dict[str, Any], rows: list[dict[
         "- *reference*, *x ref*: time / the family's own floor. sketch: one random-index "
         "`index_add_` of D floats into K bins. gaussian, rademacher: K `torch.randn(D)` draws, one "
         "generator value per (direction, coordinate); subspace families: K' randn(D) for their K' "
-        "exploration directions (copy when there are none). Below 1 for rademacher means cheaper "
+        "exploration directions (copy when there are none); subsample: one copy (synthesize writes D "
+        "values). Below 1 for rademacher means cheaper "
         "than drawing each sign; the gaussian pays a hash per 2 values and a table lookup per value.",
         "- *synth* ratios use full_est for the subspace families (what reconstruct/update pay).",
         "- codebook: codebook_rank = K, no exploration. codebook-halfexp: rank K/2 plus K/2 Gaussian "

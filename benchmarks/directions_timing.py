@@ -15,7 +15,7 @@ from lightning_holograd.protocol import direction_seeds, make_family
 from lightning_holograd.protocol.direction_hash import hash_words
 
 FAMILIES = ("gaussian", "rademacher", "sketch", "codebook", "momentum", "sketch-compiled", "rademacher-compiled",
-            "sketch-cached")
+            "sketch-cached", "subsample")
 COMPILED_SUFFIX = "-compiled"  # the same family on the fused torch.compile kernels (direction_kernel="compiled")
 CACHED_SUFFIX = "-cached"  # the sketch with its slot cache: synthesize after project, as in a step
 STATEFUL = ("codebook", "codebook-halfexp", "momentum")
@@ -26,6 +26,7 @@ _QR_FLOPS_PRIOR = 5e9
 # gaussian about one randn per value, rademacher about an eighth, the sketch a few index_adds.
 _PRIOR_X_RANDN = {"gaussian": 1.0, "rademacher": 0.15}
 _PRIOR_SKETCH_X_INDEX_ADD = 3.0
+_PRIOR_SUBSAMPLE_X_COPY = 3.0  # K hash words and a gather, or a scatter into D zeros
 
 
 def _sync(device: torch.device) -> None:
@@ -91,6 +92,8 @@ def _reference(variant: str, dim: int, k: int, refs: dict[str, Any]) -> tuple[st
     variant = base_family(variant)
     if variant == "sketch":
         return "index_add", refs["index_add_s"][f"{dim},{k}"]
+    if variant == "subsample":  # one pass over D (synthesize fills D zeros) is its floor
+        return "copy", refs["copy_s"][dim]
     directions = k - _rank(variant, k) if variant in STATEFUL else k
     if directions == 0:
         return "copy", refs["copy_s"][dim]
@@ -109,6 +112,8 @@ def prior_estimates(variant: str, dim: int, k: int, refs: dict[str, Any]) -> dic
     matvec = 2 * dim * max(rank, 1) / 2e9 + dim * 4 / 5e9  # small matrix-vector work + one pass
     if variant == "sketch":
         gen = _PRIOR_SKETCH_X_INDEX_ADD * ref_s
+    elif variant == "subsample":
+        gen = _PRIOR_SUBSAMPLE_X_COPY * ref_s
     else:
         gen = _PRIOR_X_RANDN.get(variant, _PRIOR_X_RANDN["gaussian"]) * ref_s
     est = {"project": gen + matvec, "synthesize": gen + matvec, "full_estimate": 0.0, "setup": 0.0}
@@ -156,6 +161,8 @@ def run_config(variant: str, dim: int, k: int, device: torch.device, args, refs:
         "project": lambda: fam.project(grad, seeds),
         "synthesize": lambda: fam.synthesize(scalars, seeds),
     }
+    if hasattr(fam, "clear_picks"):  # subsample: every call draws its picks, as a new step's seed would
+        ops = {name: (lambda fn=fn: (fam.clear_picks(), fn())) for name, fn in ops.items()}
     if variant in STATEFUL:
         ops["full_estimate"] = lambda: fam.full_estimate(scalars, seeds)
     for name, fn in ops.items():

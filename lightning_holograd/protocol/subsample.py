@@ -102,6 +102,10 @@ class SubsampleDirections(DirectionFamily):
         self._picked = (seed, device, picked, size)
         return picked, size
 
+    def clear_picks(self) -> None:
+        """Forget the kept picks (the next call hashes its seed's K indices again)."""
+        self._picked = None
+
     def project(self, flat_grad: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
         grad = self._check_grad(flat_grad)
         (seed,) = self._check_seeds(seeds)

@@ -40,3 +40,22 @@ def test_report_states_the_compile_time_and_the_failure():
     assert "check failed, so those rows ran eager" in bench_directions.render_markdown(meta, refs, [])
     del meta["compile_s"]  # no compiled rows requested: no line
     assert "fused kernels" not in bench_directions.render_markdown(meta, refs, [])
+
+
+def test_subsample_rows_time_fresh_picks_against_one_pass(monkeypatch):
+    """The subsample row's reference is one copy of D floats, and every timed call hashes its
+    picks again (a step's seed is new), so the cache never makes it look cheaper."""
+    from types import SimpleNamespace
+
+    import benchmarks.directions_timing as timing
+
+    refs = {"copy_s": {1000: 1e-6}, "randn_s": {1000: 1e-5}, "index_add_s": {"1000,300": 2e-6}}
+    fam = build_family("subsample", 1000, 300, CPU)
+    fresh = []
+    original = fam.picks
+    monkeypatch.setattr(fam, "picks", lambda seed, device="cpu": (fresh.append(fam._picked is None),
+                                                                   original(seed, device))[1])
+    monkeypatch.setattr(timing, "build_family", lambda *args: fam)
+    row = timing.run_config("subsample", 1000, 300, CPU, SimpleNamespace(warmup=1, repeats=3), refs)
+    assert row["reference"] == "copy" and row["reference_s"] == 1e-6
+    assert len(fresh) == 1 + 2 * 4 and all(fresh[1:])  # the untimed project, then 2 ops x (1 + 3) calls

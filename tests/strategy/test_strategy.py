@@ -116,6 +116,7 @@ def test_on_after_backward_sees_the_exchanged_gradient(tmp_path):
         {"directions": "gaussian", "num_directions": 64},
         {"directions": "rademacher", "num_directions": 64},
         {"directions": "sketch", "num_directions": 64},
+        {"directions": "subsample", "num_directions": 64},
         {"directions": "codebook", "num_directions": 24, "codebook_rank": 16, "exploration_weight": 0.5},
         {"directions": "momentum", "num_directions": 32, "exploration_weight": 1.0},
         {"directions": "gaussian", "num_directions": 64, "aggregation": "median"},

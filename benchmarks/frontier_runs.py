@@ -112,6 +112,13 @@ LARGE_K: dict[str, dict[str, Any]] = {
     "subsample-393216-perrank-h128-q4": holograd_spec("subsample", 393216, direction_groups="per_rank",
                                                       local_steps=128, scalar_bits=4),
     "identity-h160-q4": holograd_spec("identity", GPT2_TINY_DIM, local_steps=160, scalar_bits=4),
+    # half the K of sketch-262144-perrank-h128-q4 at the same H (~3,200x): twice its sketch noise
+    "sketch-131072-perrank-h128-q4": holograd_spec("sketch", 131072, direction_groups="per_rank", local_steps=128,
+                                                   scalar_bits=4),
+    # sketch-262144-perrank-h128-q4 again with another genesis seed (other directions and
+    # dither, same data): how far the final loss moves with the draw of the directions
+    "sketch-262144-perrank-h128-q4-s2": holograd_spec("sketch", 262144, direction_groups="per_rank", local_steps=128,
+                                                      scalar_bits=4, seed="holograd-2"),
 }
 # Peers at a longer period, the counterpart of the H = 128 HoloGrad setting (not in the profiles).
 LONG_PERIOD_PEERS: dict[str, dict[str, Any]] = {

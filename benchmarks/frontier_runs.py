@@ -115,6 +115,9 @@ LARGE_K: dict[str, dict[str, Any]] = {
     # half the K of sketch-262144-perrank-h128-q4 at the same H (~3,200x): twice its sketch noise
     "sketch-131072-perrank-h128-q4": holograd_spec("sketch", 131072, direction_groups="per_rank", local_steps=128,
                                                    scalar_bits=4),
+    # and a quarter of it (~5,800x): where the trade of K against loss starts to cost
+    "sketch-65536-perrank-h128-q4": holograd_spec("sketch", 65536, direction_groups="per_rank", local_steps=128,
+                                                  scalar_bits=4),
     # sketch-262144-perrank-h128-q4 again with another genesis seed (other directions and
     # dither, same data): how far the final loss moves with the draw of the directions
     "sketch-262144-perrank-h128-q4-s2": holograd_spec("sketch", 262144, direction_groups="per_rank", local_steps=128,

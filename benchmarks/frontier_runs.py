@@ -101,11 +101,33 @@ QUANTIZED: dict[str, dict[str, Any]] = {
     "sketch-32768-perrank-h16-q4-m8": holograd_spec("sketch", 32768, direction_groups="per_rank", local_steps=16,
                                                     scalar_bits=4, outer_lr=0.2, outer_momentum=0.8),
 }
+# K of the order of D at H = 128-160 and 4 bits, where the count sketch's collisions cost most:
+# stratified coordinate sampling (docs/PROTOCOL.md §3.10) at the bytes of
+# sketch-262144-perrank-h128-q4 (K/D = 0.59) and at K/D = 0.88 (~1.5x the bytes), and no
+# projection at all (identity: every coordinate as a 4-bit scalar, once per 160 steps).
+GPT2_TINY_DIM = 445_952  # D of configs/gpt2-tiny-cpu.yaml
+LARGE_K: dict[str, dict[str, Any]] = {
+    "subsample-262144-perrank-h128-q4": holograd_spec("subsample", 262144, direction_groups="per_rank",
+                                                      local_steps=128, scalar_bits=4),
+    "subsample-393216-perrank-h128-q4": holograd_spec("subsample", 393216, direction_groups="per_rank",
+                                                      local_steps=128, scalar_bits=4),
+    "identity-h160-q4": holograd_spec("identity", GPT2_TINY_DIM, local_steps=160, scalar_bits=4),
+    # half the K of sketch-262144-perrank-h128-q4 at the same H (~3,200x): twice its sketch noise
+    "sketch-131072-perrank-h128-q4": holograd_spec("sketch", 131072, direction_groups="per_rank", local_steps=128,
+                                                   scalar_bits=4),
+    # and a quarter of it (~5,800x): where the trade of K against loss starts to cost
+    "sketch-65536-perrank-h128-q4": holograd_spec("sketch", 65536, direction_groups="per_rank", local_steps=128,
+                                                  scalar_bits=4),
+    # sketch-262144-perrank-h128-q4 again with another genesis seed (other directions and
+    # dither, same data): how far the final loss moves with the draw of the directions
+    "sketch-262144-perrank-h128-q4-s2": holograd_spec("sketch", 262144, direction_groups="per_rank", local_steps=128,
+                                                      scalar_bits=4, seed="holograd-2"),
+}
 # Peers at a longer period, the counterpart of the H = 128 HoloGrad setting (not in the profiles).
 LONG_PERIOD_PEERS: dict[str, dict[str, Any]] = {
     "localsgd-h128": {"kind": "localsgd", "period": 128, "family": "localsgd"},
 }
-RUNS: dict[str, dict[str, Any]] = {**PEERS, **HOLOGRAD, **SLOWLINK, **QUANTIZED, **LONG_PERIOD_PEERS}
+RUNS: dict[str, dict[str, Any]] = {**PEERS, **HOLOGRAD, **SLOWLINK, **QUANTIZED, **LARGE_K, **LONG_PERIOD_PEERS}
 SHORT_RUNS = [*PEERS, *HOLOGRAD]  # the 300-step frontier of results/frontier_cpu.md
 # The long frontier: every peer, the sketch over K, the cheaper dense families, momentum, one
 # codebook, and the slowlink settings (gaussian/rademacher at K = 256 cost 5-10x DDP's step).

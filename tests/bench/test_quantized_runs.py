@@ -52,3 +52,18 @@ def test_quantized_runs_build_and_match_their_float_pair_in_bytes(name):
     quantized = row_bytes(spec["K"], e, 4)
     float32 = row_bytes(pair["num_directions"], e, 32)
     assert quantized - float32 == 4  # the scale: the same bytes up to 4 per row
+
+
+@pytest.mark.parametrize("name", list(frontier_runs.LARGE_K))
+def test_large_k_runs_build_and_stay_above_1000x_in_payload(name):
+    """K of the order of D at 4 bits: each builds for the tiny GPT-2's D, and its row bytes per
+    optimizer step (K/2 + 4 + 4E per round of H) keep the payload's compression against the
+    ring all-reduce (4D bytes per step at 2 ranks) above 1,000x."""
+    spec = frontier_runs.LARGE_K[name]
+    assert frontier_runs.missing_features(spec) == []
+    strategy, _ = baselines.build_strategy(spec)
+    init = spec["init_args"]
+    assert strategy.config.scalar_bits == 4 and strategy.config.local_steps == init["local_steps"]
+    resolved = strategy.config.resolve(frontier_runs.GPT2_TINY_DIM)
+    assert resolved.num_directions == init["num_directions"] <= frontier_runs.GPT2_TINY_DIM
+    assert 4 * frontier_runs.GPT2_TINY_DIM / per_step_payload(init) > 1000

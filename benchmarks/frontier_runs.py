@@ -112,10 +112,10 @@ LARGE_K: dict[str, dict[str, Any]] = {
     "subsample-393216-perrank-h128-q4": holograd_spec("subsample", 393216, direction_groups="per_rank",
                                                       local_steps=128, scalar_bits=4),
     "identity-h160-q4": holograd_spec("identity", GPT2_TINY_DIM, local_steps=160, scalar_bits=4),
-    # half the K of sketch-262144-perrank-h128-q4 at the same H (~3,200x): twice its sketch noise
+    # half the K of sketch-262144-perrank-h128-q4 at the same H (2,995x measured): twice its sketch noise
     "sketch-131072-perrank-h128-q4": holograd_spec("sketch", 131072, direction_groups="per_rank", local_steps=128,
                                                    scalar_bits=4),
-    # and a quarter of it (~5,800x): where the trade of K against loss starts to cost
+    # and a quarter of it (5,250x measured): where the trade of K against loss starts to cost
     "sketch-65536-perrank-h128-q4": holograd_spec("sketch", 65536, direction_groups="per_rank", local_steps=128,
                                                   scalar_bits=4),
     # sketch-262144-perrank-h128-q4 again with another genesis seed (other directions and

@@ -123,11 +123,21 @@ LARGE_K: dict[str, dict[str, Any]] = {
     "sketch-262144-perrank-h128-q4-s2": holograd_spec("sketch", 262144, direction_groups="per_rank", local_steps=128,
                                                       scalar_bits=4, seed="holograd-2"),
 }
+# The race's short-period settings: K/D = 0.59 (as sketch-262144-perrank-h128-q4) synced every 16
+# or 32 steps, ~220x and ~440x in payload: on a link where a round's 131 KB cost little, fewer
+# local steps should need fewer steps to DDP's loss (the counterparts of localsgd-h16, diloco-h16).
+SHORT_PERIOD: dict[str, dict[str, Any]] = {
+    "sketch-262144-perrank-h16-q4": holograd_spec("sketch", 262144, direction_groups="per_rank", local_steps=16,
+                                                  scalar_bits=4),
+    "sketch-262144-perrank-h32-q4": holograd_spec("sketch", 262144, direction_groups="per_rank", local_steps=32,
+                                                  scalar_bits=4),
+}
 # Peers at a longer period, the counterpart of the H = 128 HoloGrad setting (not in the profiles).
 LONG_PERIOD_PEERS: dict[str, dict[str, Any]] = {
     "localsgd-h128": {"kind": "localsgd", "period": 128, "family": "localsgd"},
 }
-RUNS: dict[str, dict[str, Any]] = {**PEERS, **HOLOGRAD, **SLOWLINK, **QUANTIZED, **LARGE_K, **LONG_PERIOD_PEERS}
+RUNS: dict[str, dict[str, Any]] = {**PEERS, **HOLOGRAD, **SLOWLINK, **QUANTIZED, **LARGE_K, **SHORT_PERIOD,
+                                   **LONG_PERIOD_PEERS}
 SHORT_RUNS = [*PEERS, *HOLOGRAD]  # the 300-step frontier of results/frontier_cpu.md
 # The long frontier: every peer, the sketch over K, the cheaper dense families, momentum, one
 # codebook, and the slowlink settings (gaussian/rademacher at K = 256 cost 5-10x DDP's step).

@@ -10,7 +10,9 @@ default ``results/frontier_long_<N>r.json``): DDP, the bf16 hook, for PowerSGD, 
 DiLoCo the run with the lowest final val loss (its best rank or H), and for every HoloGrad
 family the run with the lowest final val loss and the highest-compression run within the
 race's tolerance of DDP. Each runs with the learning-rate multiplier it had there. A list
-of run names (``frontier_runs.RUNS``) races those instead.
+of run names (``frontier_runs.RUNS``) races those instead: a run of the long frontier with
+its multiplier there, any other with its best of the sweep ``--lr-from`` (default
+``results/lr_sweep_<N>r.json``; 1x, marked "not swept", when the sweep lacks it).
 
 Target: DDP's final val loss of the long frontier (the mean of its two DDP runs) x
 (1 + ``--tolerance``), or ``--target``. The lr schedule ends where the long run's did
@@ -43,16 +45,17 @@ from typing import Any
 
 from benchmarks.frontier_runs import REFERENCE, RUNS, network_metadata, run_one
 from benchmarks.harness import RESULTS, SMOKE_DIR, Results, csv_items, make_parser, parse_with_profile, report_only
+from benchmarks.lr_sweep import load_best_scales
 from benchmarks.netns import tbf_burst
 from benchmarks.race_report import report, select_peers, time_to_target
 
 PROFILES: dict[str, dict[str, Any]] = {
     "race": {"rates": "100mbit,20mbit", "peers": "auto", "frontier": str(RESULTS / "frontier_long_{ranks}r.json"),
              "val_every": 32, "val_batches": 8, "warmup": 10, "max_bytes": 32_000_000, "cap_factor": 2.0,
-             "out": str(RESULTS / "race_{ranks}r.md")},
+             "lr_from": str(RESULTS / "lr_sweep_{ranks}r.json"), "out": str(RESULTS / "race_{ranks}r.md")},
     "smoke": {"rates": "100mbit", "peers": "ddp,sketch-256", "frontier": "", "target": 5.45, "schedule_steps": 12,
               "steps": 12, "val_every": 4, "val_batches": 1, "warmup": 2, "max_bytes": 1_000_000, "cap_factor": 2.0,
-              "time_cap": 120.0, "out": str(SMOKE_DIR / "race_{ranks}r.md")},
+              "time_cap": 120.0, "lr_from": "none", "out": str(SMOKE_DIR / "race_{ranks}r.md")},
 }
 SETTINGS = ("val_every", "val_batches", "warmup", "num_nodes", "max_bytes", "target", "schedule_steps", "steps")
 
@@ -63,6 +66,8 @@ def _add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frontier", help="the long frontier's JSON (peers, their lrs, the target, the schedule)")
     p.add_argument("--target", type=float, help="validation loss to reach (default: from --frontier)")
     p.add_argument("--tolerance", type=float, default=0.01, help="target = DDP's final val loss x (1 + this)")
+    p.add_argument("--lr-from", help="an lr sweep's JSON: the multiplier of a named peer that is not in --frontier "
+                   "('none': 1x)")
     p.add_argument("--schedule-steps", type=int, help="lr schedule length (default: the long run's steps)")
     p.add_argument("--steps", type=int, help="most steps a peer may run (default: 2 x --schedule-steps)")
     p.add_argument("--time-cap", type=float, help="race-clock seconds after which a peer stops")
@@ -109,7 +114,21 @@ def _peer_specs(p: argparse.ArgumentParser, args: argparse.Namespace, frontier: 
     if unknown or not names:
         p.error(f"--peers: unknown {unknown or args.peers!r}. HINT: 'auto' or names from {', '.join(RUNS)}")
     rows = frontier.get("rows", {})
-    return {n: {"spec": rows[n]["spec"] if n in rows else RUNS[n], "why": "named on the command line"} for n in names}
+    scales = {}
+    if args.lr_from not in (None, "", "none"):
+        if not Path(args.lr_from).exists():
+            p.error(f"--lr-from={args.lr_from}: no such file. HINT: run `python -m benchmarks.lr_sweep --ranks "
+                    f"{args.ranks} --runs {','.join(names)}` first, or pass --lr-from none (1x).")
+        scales = load_best_scales(Path(args.lr_from))
+    return {n: {"spec": rows[n]["spec"] if n in rows else _swept_spec(n, scales), "why": "named on the command line"}
+            for n in names}
+
+
+def _swept_spec(name: str, scales: dict[str, float]) -> dict[str, Any]:
+    """A named peer that the long frontier did not run: its best multiplier of the sweep."""
+    if name in scales:
+        return {**RUNS[name], "lr_scale": scales[name]}
+    return {**RUNS[name], "lr_swept": False} if scales else dict(RUNS[name])
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -29,6 +29,8 @@ def holograd_spec(family: str, k: int, **extra: Any) -> dict[str, Any]:
     needs = [key for key in ("direction_groups", "local_steps", "scalar_bits") if key in extra]
     words = {"direction_groups": "groups", "local_steps": "local", "scalar_bits": f"q{extra.get('scalar_bits')}"}
     label = "-".join([f"holograd-{family}", *(words[key] for key in needs)])
+    if extra.get("inner_state") == "private":  # each rank's own inner state: not verifiable (README "Local steps")
+        label += "-private"
     spec = {"kind": "holograd", "family": label, "K": k, "init_args": {**init, **extra}, **bootstrap}
     return {**spec, "needs": needs} if needs else spec
 
@@ -131,6 +133,18 @@ SHORT_PERIOD: dict[str, dict[str, Any]] = {
                                                   scalar_bits=4),
     "sketch-262144-perrank-h32-q4": holograd_spec("sketch", 262144, direction_groups="per_rank", local_steps=32,
                                                   scalar_bits=4),
+    # no projection noise at all: every coordinate as an 8-bit scalar every 16 steps (1 byte of
+    # the 4 local SGD averages per coordinate, so ~4x fewer bytes than localsgd-h16)
+    "identity-h16-q8": holograd_spec("identity", GPT2_TINY_DIM, local_steps=16, scalar_bits=8),
+    # the same two with each rank's own AdamW state kept from round to round, as local SGD keeps
+    # it (inner_state="private": no public statistics, and no verifier can replay a round)
+    "identity-h16-q8-private": holograd_spec("identity", GPT2_TINY_DIM, local_steps=16, scalar_bits=8,
+                                             inner_state="private"),
+    "sketch-262144-perrank-h16-q4-private": holograd_spec("sketch", 262144, direction_groups="per_rank",
+                                                          local_steps=16, scalar_bits=4, inner_state="private"),
+    # no local steps and no projection: every gradient coordinate as an 8-bit scalar every step
+    # (4x fewer bytes than DDP, 2x fewer than the bf16 hook, DDP's steps up to the rounding)
+    "identity-q8": holograd_spec("identity", GPT2_TINY_DIM, scalar_bits=8),
 }
 # Peers at a longer period, the counterpart of the H = 128 HoloGrad setting (not in the profiles).
 LONG_PERIOD_PEERS: dict[str, dict[str, Any]] = {
@@ -169,7 +183,8 @@ def _setting(spec: dict[str, Any]) -> str:
                  f"refresh {spec['refresh']}" if spec.get("refresh") else "",
                  f"groups {init['direction_groups']}" if init.get("direction_groups") else "",
                  f"H={init['local_steps']}" if init.get("local_steps") else "",
-                 f"{init['scalar_bits']} bits" if init.get("scalar_bits") else ""]
+                 f"{init['scalar_bits']} bits" if init.get("scalar_bits") else "",
+                 f"inner state {init['inner_state']}" if init.get("inner_state") else ""]
         return ", ".join([f"K={spec['K']}", *(e for e in extra if e)])
     if spec.get("rank"):
         return f"rank {spec['rank']}"

@@ -171,6 +171,12 @@ class ProofVerifier(Callback):
         if bad:
             raise ValueError(f"verifier_ranks={list(self.verifier_ranks)} names ranks {bad} outside world_size={world}.")
         self._check_deterministic(pl_module)
+        rounds = getattr(trainer.strategy, "_rounds", None)
+        if rounds is not None and not rounds.inner_state.public:
+            raise ValueError("ProofVerifier with inner_state='private': each rank's optimizer state is its own, so a "
+                             "verifier cannot replay a claimant's round and every honest claim would fail. HINT: "
+                             "inner_state='public_v' (Adam/AdamW) or 'reset' for verified training; 'private' is "
+                             "for workers you trust.")
         if exchange.aggregation_path == "all_reduce":
             raise ValueError("ProofVerifier with aggregation_path='all_reduce': no rank sees a row it could check. "
                              "HINT: use aggregation_path='sharded' or 'auto' (sharded from 3 ranks on).")

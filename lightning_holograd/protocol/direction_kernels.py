@@ -125,7 +125,7 @@ def _sketch_slots(words: torch.Tensor, num_directions: torch.Tensor) -> torch.Te
 
 def _sketch_project_chunk(slots: torch.Tensor, part: torch.Tensor, grad: torch.Tensor, start: torch.Tensor,
                           num_directions: torch.Tensor, k0: torch.Tensor, k1: torch.Tensor) -> None:
-    """Fills ``slots`` (n,) int64 and ``part`` (n,) float64 = grad, for index_add_."""
+    """Fills ``slots`` (n,) int32 or int64 and ``part`` (n,) float64 = grad, for index_add_."""
     slots.copy_(_sketch_slots(_words(start, slots.shape[0], k0, k1)[0], num_directions))
     part.copy_(grad)
 
@@ -156,10 +156,12 @@ class CompiledKernels:
         self._rademacher_bytes = build(_rademacher_bytes)
 
     def sketch_slots_part(self, keys: _Keys, start: int, grad: torch.Tensor, buf: ChunkBuffers,
-                          num_directions: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(slots of [start, start + n), the (n,) chunk ``grad`` in float64) in the buffers
-        "slots" and "part"."""
-        slots, part = buf.get("slots", grad.numel()), buf.get("part", grad.numel(), dtype=torch.float64)
+                          num_directions: int, slots: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(slots of [start, start + n), the (n,) chunk ``grad`` in float64): the slots in
+        ``slots`` when given ((n,) int32 or int64, e.g. the slot cache's slice: written once,
+        no copy after), else in the int64 buffer "slots"; the float64 copy in "part"."""
+        slots = buf.get("slots", grad.numel()) if slots is None else slots
+        part = buf.get("part", grad.numel(), dtype=torch.float64)
         self._sketch_project_chunk(*_plain(slots, part, grad, *_scalars(buf.device, start, num_directions), *keys))
         return slots, part
 
@@ -189,6 +191,8 @@ class CompiledKernels:
             grad = torch.arange(hi - lo, dtype=torch.float32, device=device)
             slots, part = self.sketch_slots_part(one, lo, grad, buf, k)
             same = torch.equal(slots, expected) and torch.equal(part, grad.double())
+            narrow = torch.empty(hi - lo, dtype=torch.int32, device=device)  # the int32 path the sketch takes
+            same = same and torch.equal(self.sketch_slots_part(one, lo, grad, buf, k, narrow)[0], expected.int())
             out = torch.empty(hi - lo, dtype=torch.float32, device=device)
             self.sketch_gather(out, signed, one, lo, k)
             same = same and torch.equal(out, signed[expected])

@@ -15,7 +15,9 @@ inner optimizer state that each rank appends to its K scalars.
   Nesterov momentum u <- mu u + delta_hat, theta_{r+1} = theta_r - eta (delta_hat + mu u).
   u is public: every rank computes it from delta_hat.
 - Inner state: a round starts from a state that is a function of public data only, so a
-  verifier can replay any rank's round (``InnerState``).
+  verifier can replay any rank's round (``InnerState``); or, with ``private``, from the
+  rank's own state at the end of its previous round (as local SGD keeps it), which no
+  verifier can rebuild.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ __all__ = [
     "InnerState",
     "InnerStateName",
     "OuterStep",
+    "KeptInnerState",
     "PublicSecondMoment",
     "ResetInnerState",
     "make_inner_state",
@@ -40,7 +43,7 @@ __all__ = [
     "round_batch_hash",
 ]
 
-InnerStateName = Literal["public_v", "reset"]
+InnerStateName = Literal["public_v", "reset", "private"]
 INNER_STATE_NAMES: tuple[str, ...] = get_args(InnerStateName)
 
 
@@ -94,6 +97,7 @@ class InnerState(abc.ABC):
     """
 
     name: ClassVar[str]
+    public: ClassVar[bool] = True  # a round's start state is a function of public data (replayable)
 
     def check(self, optimizer: torch.optim.Optimizer) -> None:
         """Raise ValueError when ``optimizer`` cannot be used with this policy."""
@@ -119,6 +123,18 @@ class ResetInnerState(InnerState):
 
     def start_round(self, optimizer: torch.optim.Optimizer, public: torch.Tensor | None, steps_done: int) -> None:
         optimizer.state.clear()
+
+
+class KeptInnerState(InnerState):
+    """Every rank keeps its own optimizer state from round to round: any optimizer, nothing
+    to transfer or claim, and the inner steps of local SGD. Not public: a verifier cannot
+    rebuild a round's start state, so ``ProofVerifier`` refuses it."""
+
+    name = "private"
+    public = False
+
+    def start_round(self, optimizer: torch.optim.Optimizer, public: torch.Tensor | None, steps_done: int) -> None:
+        """Nothing: the state the rank's last inner step left stays."""
 
 
 def optimizer_trainable(optimizer: torch.optim.Optimizer) -> list[tuple[dict[str, Any], torch.Tensor]]:
@@ -184,4 +200,6 @@ def make_inner_state(name: str) -> InnerState:
         return PublicSecondMoment()
     if name == "reset":
         return ResetInnerState()
+    if name == "private":
+        return KeptInnerState()
     raise ValueError(f"inner_state={name!r} is unknown. HINT: choose one of {', '.join(map(repr, INNER_STATE_NAMES))}.")

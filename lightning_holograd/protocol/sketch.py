@@ -97,16 +97,19 @@ class SketchDirections(_HashedFamily):
         keys = seed_keys([seed], grad.device)
         buf, fused = self._buffers(grad.device), self._fused(grad.device)
         cache = self.slot_cache.writer(grad.device)
+        narrow = 2 * self.num_directions <= 1 << 31  # int32 slots: half the bytes written and read
         sums = torch.zeros(2 * self.num_directions, dtype=torch.float64, device=grad.device)  # (2K,)
         for start, stop in self._chunks(1, grad.device, fused):
             if fused is None:
                 slots = self._slots(keys, start, stop, buf)
                 part = buf.get("part", stop - start, dtype=torch.float64).copy_(grad[start:stop])
-            else:  # slots and part in one pass (docs/PROTOCOL.md §3.7)
-                slots, part = fused.sketch_slots_part(keys, start, grad[start:stop], buf, self.num_directions)
-            if cache is not None:
-                cache[start:stop] = slots
-            sums.index_add_(0, slots, part)
+                if cache is not None:
+                    cache[start:stop] = slots
+            else:  # slots and part in one pass, the slots straight into the cache (docs/PROTOCOL.md §3.7)
+                out = cache[start:stop] if cache is not None else (
+                    buf.get("slots32", stop - start, dtype=torch.int32) if narrow else None)
+                slots, part = fused.sketch_slots_part(keys, start, grad[start:stop], buf, self.num_directions, out)
+            sums.index_add_(0, slots, part)  # the same additions in the same order, int32 or int64 slots
         self.slot_cache.complete(seed, grad.device)
         return (sums[0::2] - sums[1::2]).to(torch.float32)
 

@@ -92,7 +92,7 @@ class HoloGradConfig:
     estimate_scale: str = "unbiased"  # factor on g_hat: "unbiased" (1), "min_variance", "norm"
     direction_groups: int | str = 1  # G, or "per_rank" (G = world size); docs/PROTOCOL.md §9.1
     local_steps: int = 1  # H inner optimizer steps per exchange (round); docs/PROTOCOL.md §9.2
-    inner_state: str = "public_v"  # the inner optimizer state at a round start: "public_v" or "reset"
+    inner_state: str = "public_v"  # the inner optimizer state at a round start: "public_v", "reset" or "private"
     outer_lr: float = 1.0  # theta_{r+1} = theta_r - outer_lr * delta_hat (with outer_momentum = 0)
     outer_momentum: float = 0.0  # Nesterov momentum of the outer step (0: plain averaging)
     scalar_bits: int = 32  # bits per direction scalar on the wire: 32 (float32), 8, 4, 2; docs/PROTOCOL.md §9.5

@@ -314,7 +314,10 @@ class LocalRounds:
             buffer.copy_(saved)
 
     def shared_optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        """``optimizer.state_dict()`` as at the round start (public data only)."""
+        """``optimizer.state_dict()`` as at the round start (public data only); with the
+        ``private`` inner state, this rank's own state as it is now (there is no public one)."""
+        if not self.inner_state.public:
+            return optimizer.state_dict()
         own = optimizer.state
         optimizer.state = defaultdict(dict)
         try:

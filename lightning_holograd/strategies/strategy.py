@@ -118,8 +118,10 @@ class HoloGradStrategyMixin(LocalStepsMixin):
             takes it when its bytes formula is below the all_gather's; ``all_reduce`` is refused.
         local_steps: H, inner optimizer steps per round; each round exchanges the
             projected pseudo-gradient once (1: the gradient, every step).
-        inner_state: the inner optimizer state at a round start, from public data
-            (``public_v``: Adam with m = 0 and the ranks' mean v per tensor; ``reset``).
+        inner_state: the inner optimizer state at a round start: from public data, so a
+            verifier can replay a round (``public_v``: Adam with m = 0 and the ranks' mean v
+            per tensor; ``reset``), or each rank's own state kept (``private``, as local SGD;
+            refused by ``ProofVerifier``).
         outer_lr, outer_momentum: the outer step theta -= outer_lr * delta_hat, with
             Nesterov momentum when outer_momentum > 0.
         scalar_bits: bits per direction scalar on the wire: 32 (float32, the default), or 8, 4,
@@ -167,7 +169,7 @@ class HoloGradStrategyMixin(LocalStepsMixin):
         aggregation_path: AggregationPath = "auto",
         direction_groups: int | Literal["per_rank"] = 1,
         local_steps: int = 1,
-        inner_state: Literal["public_v", "reset"] = "public_v",
+        inner_state: Literal["public_v", "reset", "private"] = "public_v",
         outer_lr: float = 1.0,
         outer_momentum: float = 0.0,
         scalar_bits: int = 32,

@@ -159,6 +159,21 @@ def test_race_refuses_a_bad_rate_and_a_race_without_a_cap(capsys):
     assert "--time-cap is needed when DDP does not race" in capsys.readouterr().err
 
 
+def test_race_takes_a_named_peer_outside_the_frontier_at_its_best_swept_lr(tmp_path, capsys):
+    sweep = tmp_path / "sweep.json"
+    sweep.write_text(json.dumps({"best": {"localsgd-h16": {"scale": 0.5}}}))
+    base = ["--frontier", "", "--target", "2", "--schedule-steps", "9", "--time-cap", "5", "--rates", "100mbit"]
+    args = slow_link.parse_args([*base, "--peers", "localsgd-h16,sketch-256", "--lr-from", str(sweep)])
+    assert args.peer_specs["localsgd-h16"]["spec"]["lr_scale"] == 0.5  # the sweep's best
+    assert args.peer_specs["sketch-256"]["spec"]["lr_swept"] is False  # not in the sweep: 1x, marked
+    assert "lr_scale" not in args.peer_specs["sketch-256"]["spec"]
+    assert "lr_scale" not in slow_link.parse_args([*base, "--peers", "localsgd-h16", "--lr-from", "none"]
+                                                  ).peer_specs["localsgd-h16"]["spec"]
+    with pytest.raises(SystemExit):
+        slow_link.parse_args([*base, "--peers", "localsgd-h16", "--lr-from", str(tmp_path / "missing.json")])
+    assert "--lr-from=" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------- bytes per rank
 def test_formulas_are_arithmetic_only():
     assert bytes_per_rank.evaluate("(N-1)*(32+4*K)", N=4, K=10, D=0) == 216

@@ -151,6 +151,19 @@ def test_public_v_refuses_other_optimizers(optimizer, message):
         make_inner_state("public_v").check(optimizer)
 
 
+def test_private_keeps_any_optimizers_state_and_is_not_public():
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1, momentum=0.9)
+    _steps(optimizer, 2)
+    before = {k: v.clone() for k, v in next(iter(optimizer.state.values())).items() if torch.is_tensor(v)}
+    policy = make_inner_state("private")
+    policy.check(optimizer)  # any optimizer
+    assert policy.num_statistics(optimizer) == 0 and policy.statistics(optimizer).numel() == 0
+    policy.start_round(optimizer, None, steps_done=2)
+    after = next(iter(optimizer.state.values()))
+    assert before and all(torch.equal(after[k], v) for k, v in before.items())
+    assert not policy.public and make_inner_state("public_v").public and make_inner_state("reset").public
+
+
 def test_unknown_inner_state_is_refused():
     with pytest.raises(ValueError, match="inner_state='keep'.*HINT"):
         make_inner_state("keep")

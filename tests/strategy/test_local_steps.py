@@ -6,6 +6,7 @@ The toy task: 256 samples, 2 ranks, batch 16, so an epoch is 8 optimizer (inner)
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import lightning.pytorch as L
@@ -196,6 +197,48 @@ def test_local_steps_beat_per_step_exchange_at_the_same_bytes(tmp_path):
     assert rounds - exact < 0.5 * (per_step - exact)
 
 
+class RecordRoundStartState(L.Callback):
+    """At the first inner step of round 2 (global step 4 with H = 4), before it runs: the
+    rank's Adam first-moment norm and the strategy's E (public values per row), to a file."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = out_dir
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step != 4:
+            return
+        optimizer = trainer.optimizers[0]
+        norm = sum(float(s["exp_avg"].norm()) for s in optimizer.state.values() if "exp_avg" in s)
+        record = {"exp_avg_norm": norm, "E": trainer.strategy.exchange.num_public_values}
+        (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+@pytest.mark.parametrize("inner_state", ["private", "public_v"])
+def test_private_inner_state_keeps_each_ranks_adam_state_and_sends_no_statistics(tmp_path, inner_state):
+    """inner_state='private' is local SGD's inner state: at the start of round 2 each rank's
+    Adam first moment is what its round-1 steps left (non-zero), where public_v zeroes it; the
+    rows carry no statistics (E = 0, against one per trainable tensor), and the ranks stay
+    replicas at every round end."""
+    out = tmp_path / "records"
+    out.mkdir()
+    states = fit(ToyModule(adam=True), holograd(local_steps=4, inner_state=inner_state), tmp_path / "ranks",
+                 callbacks=[RecordRoundStartState(out)], max_steps=12, max_epochs=-1)
+    assert_identical_replicas(states)
+    records = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    if inner_state == "private":
+        assert all(r["exp_avg_norm"] > 0 and r["E"] == 0 for r in records)
+        assert records[0]["exp_avg_norm"] != records[1]["exp_avg_norm"]  # each rank's own state
+    else:
+        assert all(r["exp_avg_norm"] == 0 and r["E"] == E_ADAM for r in records)
+
+
+def test_private_inner_state_is_refused_by_a_verifier(tmp_path):
+    """No verifier can rebuild a private round-start state: every honest claim would fail."""
+    with pytest.raises(Exception, match="inner_state='private'.*HINT"):
+        fit(ToyModule(adam=True), holograd(local_steps=4, inner_state="private"), tmp_path,
+            callbacks=[ProofVerifier(p_verify=1.0)], max_steps=4, max_epochs=-1)
+
+
 def test_metrics_are_per_inner_step(tmp_path):
     """A round of H = 4 sends 33 + 4 (K + E) bytes per rank (the batch hash, its flag byte and
     the row; N = 2: the wire equals the payload); per inner step that is a quarter, and the compression counts 4 steps of DDP."""
@@ -221,7 +264,8 @@ def test_metrics_are_per_inner_step(tmp_path):
     ("kwargs", "pattern"),
     [
         ({"local_steps": 0}, "local_steps=0 must be an integer >= 1"),
-        ({"local_steps": 4, "inner_state": "private"}, "inner_state='private' is unknown"),
+        ({"local_steps": 4, "inner_state": "kept"}, "inner_state='kept' is unknown"),
+        ({"inner_state": "private"}, "inner_state='private' only applies"),
         ({"outer_lr": 0.7}, "outer_lr=0.7 only applies with local_steps > 1.*HINT"),
         ({"inner_state": "reset"}, "inner_state='reset' only applies"),
         ({"local_steps": 4, "outer_momentum": 1.0}, "outer_momentum=1.0"),

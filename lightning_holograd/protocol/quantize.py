@@ -77,15 +77,15 @@ def dither(commitment: bytes, rank: int, k: int) -> torch.Tensor:
 def quantize(a: torch.Tensor, bits: int, u: torch.Tensor) -> tuple[torch.Tensor, float]:
     """(levels q (K,) int64, scale M) of the float32 row ``a`` (K,) with dither ``u`` (K,)."""
     a = a.detach().to("cpu", torch.float32)
-    zeros = torch.zeros(a.shape, dtype=torch.int64)
-    if not bool(torch.isfinite(a).all()):
-        return zeros, float("nan")
-    scale = float(a.abs().max()) if a.numel() else 0.0
+    scale = float(a.abs().max()) if a.numel() else 0.0  # NaN if a holds a NaN, inf if an inf
+    if not math.isfinite(scale):
+        return torch.zeros(a.shape, dtype=torch.int64), float("nan")
     if scale == 0.0:
-        return zeros, 0.0
+        return torch.zeros(a.shape, dtype=torch.int64), 0.0
     top = levels_of(bits)
-    x = a.to(torch.float64) / (scale / top) + u.to(torch.float64)
-    return x.floor().clamp(-top, top).to(torch.int64), scale
+    x = a.to(torch.float64)  # a fresh tensor: the ops below run in place, one pass each
+    x.div_(scale / top).add_(u.to(torch.float64)).floor_().clamp_(-top, top)
+    return x.to(torch.int64), scale
 
 
 def dequantize(levels: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor:
@@ -98,6 +98,8 @@ def pack_levels(levels: torch.Tensor, bits: int) -> torch.Tensor:
     """uint8 (ceil(K b / 8),): offsets q + L, 8 // b per byte, the first in the lowest bits."""
     per = 8 // bits
     offsets = levels.to(torch.int64) + levels_of(bits)
+    if per == 1:  # 8 bits: one offset per byte
+        return offsets.to(torch.uint8)
     padded = torch.zeros(math.ceil(offsets.numel() / per) * per, dtype=torch.int64)
     padded[: offsets.numel()] = offsets
     shifts = torch.arange(per, dtype=torch.int64) * bits
@@ -107,6 +109,8 @@ def pack_levels(levels: torch.Tensor, bits: int) -> torch.Tensor:
 def unpack_levels(packed: torch.Tensor, k: int, bits: int) -> torch.Tensor:
     """Levels (..., K) int64 from packed bytes (..., ceil(K b / 8)) (inverse of ``pack_levels``)."""
     per = 8 // bits
+    if per == 1:  # 8 bits: one offset per byte
+        return packed[..., :k].to(torch.int64) - levels_of(bits)
     shifts = torch.arange(per, dtype=torch.int64) * bits
     fields = (packed.to(torch.int64).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
     return fields.reshape(*packed.shape[:-1], -1)[..., :k] - levels_of(bits)

@@ -133,11 +133,13 @@ def test_teardown_names_an_open_round(caplog):
     assert "fabric.strategy.finish_round()" in caplog.text
 
 
-def test_accumulation_and_any_optimizer_with_reset_inner_state(tmp_path):
-    """The loop of test_fabric.py (SGD, 2 micro-batches per step under no_backward_sync)
-    with H = 2 and inner_state='reset': both micro-batches of each inner step are committed,
-    16 inner steps make 8 exchanges, the replicas agree and the loss falls."""
-    launch(strategy(local_steps=2, inner_state="reset"), toy_loop, tmp_path)
+@pytest.mark.parametrize("inner_state", ["reset", "private"])
+def test_accumulation_and_any_optimizer_with_reset_or_private_inner_state(tmp_path, inner_state):
+    """The loop of test_fabric.py (SGD, 2 micro-batches per
+    step under no_backward_sync) with H = 2 and inner_state='reset' or 'private' (no
+    verifier under Fabric): both micro-batches of each inner step are committed, 16 inner
+    steps make 8 exchanges, the replicas agree and the loss falls."""
+    launch(strategy(local_steps=2, inner_state=inner_state), toy_loop, tmp_path)
     states = ranks(tmp_path)
     assert identical(states)
     assert states[0]["exchange"]["chain"]["step"] == 8

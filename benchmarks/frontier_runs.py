@@ -142,6 +142,9 @@ SHORT_PERIOD: dict[str, dict[str, Any]] = {
                                              inner_state="private"),
     "sketch-262144-perrank-h16-q4-private": holograd_spec("sketch", 262144, direction_groups="per_rank",
                                                           local_steps=16, scalar_bits=4, inner_state="private"),
+    # and with 4 inner steps: closer to DDP's steps to target, 4x the bytes of H = 16 (~55x)
+    "sketch-262144-perrank-h4-q4-private": holograd_spec("sketch", 262144, direction_groups="per_rank",
+                                                         local_steps=4, scalar_bits=4, inner_state="private"),
     # no local steps and no projection: every gradient coordinate as an 8-bit scalar every step
     # (4x fewer bytes than DDP, 2x fewer than the bf16 hook, DDP's steps up to the rounding)
     "identity-q8": holograd_spec("identity", GPT2_TINY_DIM, scalar_bits=8),

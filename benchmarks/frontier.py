@@ -47,7 +47,7 @@ from typing import Any
 
 from benchmarks.frontier_report import report
 from benchmarks.frontier_runs import (LAST_REFERENCE, LONG_RUNS, REFERENCE, RUNS, SHORT_RUNS, SMOKE_RUNS,
-                                      network_metadata, run_one, spec_of)
+                                      network_metadata, run_one, with_lr)
 from benchmarks.harness import (DATA_KW, RESULTS, SMOKE_DIR, Results, choose, make_parser, parse_with_profile,
                                 report_only)
 from benchmarks.lr_sweep import load_best_scales
@@ -98,16 +98,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def schedule(names: list[str]) -> list[str]:
     """The runs in order, DDP again at the end when DDP runs (the noise level of the ratios)."""
     return [*names, LAST_REFERENCE] if REFERENCE in names else list(names)
-
-
-def with_lr(name: str, scales: dict[str, float]) -> dict[str, Any]:
-    """The run's spec with its learning-rate multiplier: the sweep's best, or 1 (marked "not
-    swept" when there is a sweep but it has no successful run of this one)."""
-    base = REFERENCE if name == LAST_REFERENCE else name
-    spec = spec_of(name)
-    if base in scales:
-        return {**spec, "lr_scale": scales[base]}
-    return {**spec, "lr_swept": False} if scales else dict(spec)
 
 
 def main(argv: list[str] | None = None) -> int:

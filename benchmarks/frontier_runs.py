@@ -169,6 +169,16 @@ def spec_of(name: str) -> dict[str, Any]:
     return RUNS[REFERENCE] if name == LAST_REFERENCE else RUNS[name]
 
 
+def with_lr(name: str, scales: dict[str, float]) -> dict[str, Any]:
+    """The run's spec with its learning-rate multiplier: the sweep's best, or 1 (marked "not
+    swept" when there is a sweep but it has no successful run of this one)."""
+    base = REFERENCE if name == LAST_REFERENCE else name
+    spec = spec_of(name)
+    if base in scales:
+        return {**spec, "lr_scale": scales[base]}
+    return {**spec, "lr_swept": False} if scales else dict(spec)
+
+
 def label(r: dict[str, Any]) -> str:
     """A run's setting in a few characters: K (and bootstrap, groups, H), rank or H; and its
     learning-rate multiplier where it is not 1."""

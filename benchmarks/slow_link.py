@@ -43,7 +43,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from benchmarks.frontier_runs import REFERENCE, RUNS, network_metadata, run_one
+from benchmarks.frontier_runs import REFERENCE, RUNS, network_metadata, run_one, with_lr
 from benchmarks.harness import RESULTS, SMOKE_DIR, Results, csv_items, make_parser, parse_with_profile, report_only
 from benchmarks.lr_sweep import load_best_scales
 from benchmarks.netns import tbf_burst
@@ -120,15 +120,8 @@ def _peer_specs(p: argparse.ArgumentParser, args: argparse.Namespace, frontier: 
             p.error(f"--lr-from={args.lr_from}: no such file. HINT: run `python -m benchmarks.lr_sweep --ranks "
                     f"{args.ranks} --runs {','.join(names)}` first, or pass --lr-from none (1x).")
         scales = load_best_scales(Path(args.lr_from))
-    return {n: {"spec": rows[n]["spec"] if n in rows else _swept_spec(n, scales), "why": "named on the command line"}
+    return {n: {"spec": rows[n]["spec"] if n in rows else with_lr(n, scales), "why": "named on the command line"}
             for n in names}
-
-
-def _swept_spec(name: str, scales: dict[str, float]) -> dict[str, Any]:
-    """A named peer that the long frontier did not run: its best multiplier of the sweep."""
-    if name in scales:
-        return {**RUNS[name], "lr_scale": scales[name]}
-    return {**RUNS[name], "lr_swept": False} if scales else dict(RUNS[name])
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -44,7 +44,7 @@ from typing_extensions import override
 
 from ..engine import HoloGradExchange, StepContext
 from ..engine.torch_private import DropoutNd
-from ..protocol import Ledger, Reason, draw_claims
+from ..protocol import Ledger, Reason, draw_claims, make_inner_state
 from ..engine.audit import audit_block
 from ..protocol.sharding import draw_audit_block, draw_sharded_claims
 
@@ -171,8 +171,8 @@ class ProofVerifier(Callback):
         if bad:
             raise ValueError(f"verifier_ranks={list(self.verifier_ranks)} names ranks {bad} outside world_size={world}.")
         self._check_deterministic(pl_module)
-        rounds = getattr(trainer.strategy, "_rounds", None)
-        if rounds is not None and not rounds.inner_state.public:
+        config = trainer.strategy.config
+        if config.local_steps > 1 and not make_inner_state(config.inner_state).public:
             raise ValueError("ProofVerifier with inner_state='private': each rank's optimizer state is its own, so a "
                              "verifier cannot replay a claimant's round and every honest claim would fail. HINT: "
                              "inner_state='public_v' (Adam/AdamW) or 'reset' for verified training; 'private' is "

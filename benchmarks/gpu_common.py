@@ -42,6 +42,10 @@ def stage_device(args: argparse.Namespace) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"--device={device} but torch.cuda.is_available() is False. "
                          "HINT: run on the GPU machine, or pass --dry-run (CPU, tiny sizes).")
+    if device.type == "cuda" and device.index is None:
+        # torch.cuda.set_device (Lightning's CUDA accelerator, the ranks' setup) refuses an
+        # unindexed "cuda" in torch 2.11; the GPU check uses the first card.
+        device = torch.device("cuda", 0)
     return device
 
 

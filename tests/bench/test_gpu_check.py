@@ -89,3 +89,17 @@ def test_unknown_stage_is_refused_with_the_names():
                           cwd=REPO, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == 2 and "unknown ['gpt3']" in done.stderr and "HINT" in done.stderr
+
+
+@pytest.mark.timeout(120)
+def test_pytest_stage_runs_each_cuda_test_function_in_its_own_process(tmp_path):
+    """The GPU machine's pytest stage: one process per test function, the JUnit records
+    merged; here the one CUDA test of test_subsample.py is collected and skips (no CUDA)."""
+    from benchmarks.gpu_check import _pytest_each
+
+    xml = tmp_path / "pytest_cuda.xml"
+    rc = _pytest_each(["-q"], ["tests/protocol/test_subsample.py"], xml, 100)()
+    assert rc == 0
+    from benchmarks.gpu_machine import _pytest_headline
+
+    assert _pytest_headline(tmp_path) == "pytest -m cuda: 0 passed, 0 failed, 0 errors, 1 skipped"

@@ -85,19 +85,24 @@ def test_cpu_verifier_accepts_a_cuda_worker_claim():
 # -- the strategy on one GPU --------------------------------------------------------------
 @pytest.mark.cuda
 @needs_cuda
-def test_one_gpu_fit_trains_and_tracks_the_cpu_run(tmp_path):
-    """accelerator='cuda', devices=1 (a process group of one): the loss falls and the run
-    tracks the same run on CPU. The directions are the same bits on both devices, so the
-    two trajectories differ only by float32 rounding of the gradients (~1e-7 relative per
-    step); 48 SGD steps (lr 0.05) on this contracting task keep that far below 1e-3,
-    while a different direction draw moves parameters by ~1e-2 or more."""
+def test_one_gpu_fit_trains_and_its_first_step_matches_the_cpu_step(tmp_path):
+    """accelerator='cuda', devices=1 (a process group of one): the loss falls over 48 steps,
+    and the first step's update equals the CPU's to float32 rounding (< 1e-5; a different
+    direction draw moves parameters by ~1e-2 or more at lr 0.05).
+
+    Only the first step is compared: step t's direction seeds come from the commitment
+    chain, which hashes the exact bytes of the earlier steps' scalars, and the GPU sums
+    them in another order (last bits differ). From step 2 on the two devices draw other
+    directions and the runs part by design (seen on an H200: 0.29 after 48 steps)."""
     kwargs = dict(start_method="spawn", num_directions=64, directions="sketch")
     on_gpu = fit(ToyModule(), HoloGradStrategy(**kwargs), tmp_path / "gpu", devices=1, accelerator="cuda",
                  max_steps=STEPS)
-    on_cpu = fit(ToyModule(), HoloGradStrategy(**kwargs), tmp_path / "cpu", devices=1, max_steps=STEPS)
     assert on_gpu[0]["exchange"]["chain"]["step"] == STEPS
     assert _falls(on_gpu[0]["losses"]), on_gpu[0]["losses"]
-    assert max_param_diff(on_gpu[0], on_cpu[0]) < 1e-3
+    first_gpu = fit(ToyModule(), HoloGradStrategy(**kwargs), tmp_path / "gpu1", devices=1, accelerator="cuda",
+                    max_steps=1)
+    first_cpu = fit(ToyModule(), HoloGradStrategy(**kwargs), tmp_path / "cpu1", devices=1, max_steps=1)
+    assert max_param_diff(first_gpu[0], first_cpu[0]) < 1e-5
 
 
 @pytest.mark.cuda

@@ -88,8 +88,11 @@ def audit_block(transport: VerificationTransport, ctx: Any, block: int, verifier
 def _send(transport: VerificationTransport, payload: dict[str, Any], dst: int, tag: int) -> Any:
     message = torch.frombuffer(bytearray(frame_message(encode_bundle(payload))), dtype=torch.uint8)
     transport.comm._record("verification", "p2p", message.numel())
-    transport._sent.append((None, message))  # keeps the buffer alive until the send completes
-    return dist.isend(message, dst=transport.comm._global(dst), group=transport.group, tag=tag)
+    work = dist.isend(message, dst=transport.comm._global(dst), group=transport.group, tag=tag)
+    # Keep the work, not only the buffer: gloo drops a pending send whose work object is
+    # freed, so a receiver that posts after this rank moved on would wait forever.
+    transport._sent.append((work, message))
+    return work
 
 
 def _receive_all(transport: VerificationTransport, senders: list[int], tag: int, step: int) -> dict[int, Any]:

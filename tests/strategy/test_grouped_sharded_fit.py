@@ -7,6 +7,8 @@ by the aggregate audit, which a verifier outside that group runs from the group'
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 import torch
 from replicas import assert_identical_replicas
@@ -25,8 +27,11 @@ def _fit(tmp_path, path, world, aggregation, steps, cheater=None):
     if cheater is not None:
         verifier = ProofVerifier(p_verify=1.0, ledger_path=str(tmp_path / path / "ledger.jsonl"))
         callbacks = [verifier, SaveVerifier(verifier, tmp_path / path), cheater]
+    # A 60 s group timeout: a lost message ends the fit with an error naming the wait, well
+    # inside the test's own timeout, instead of the 30-minute default (see test_audit_delivery.py).
     strategy = HoloGradStrategy(start_method="fork", directions="gaussian", num_directions=16, aggregation=aggregation,
-                                trim_ratio=0.2, direction_groups=2, aggregation_path=path)
+                                trim_ratio=0.2, direction_groups=2, aggregation_path=path,
+                                timeout=timedelta(seconds=60))
     (tmp_path / path).mkdir(parents=True, exist_ok=True)
     states = fit(ToyModule(), strategy, tmp_path / path / "ranks", devices=world, max_steps=steps, callbacks=callbacks)
     assert_identical_replicas(states)

@@ -155,3 +155,26 @@ def test_failed_compilation_falls_back_to_eager_with_one_warning(monkeypatch, ca
     warnings = [r for r in caplog.records if "compiled kernels are unusable" in r.getMessage()]
     assert len(warnings) == 1 and "no C++ compiler" in warnings[0].getMessage()
     assert compiled._fused(CPU) is None
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (torch.cuda.is_available() is False)")
+@pytest.mark.parametrize("name", ["sketch", "rademacher"])
+def test_compiled_kernels_are_bitwise_eager_on_cuda(name):
+    """The fused kernels on CUDA (inductor emits Triton there) against the eager path on
+    the same device: the same integers, so the same sums in the same order. Auto keeps CUDA
+    eager until this and ``bench_directions --families *-compiled --device cuda`` have run."""
+    cuda = torch.device("cuda", 0)
+    try:
+        direction_kernels._compiled("cuda")
+    except direction_kernels.KernelMismatch:
+        raise
+    except Exception as exc:  # noqa: BLE001 - no Triton for this card: nothing to compare
+        pytest.skip(f"torch.compile is unavailable on CUDA here: {type(exc).__name__}: {exc}")
+    dim, k = (1 << 20) + 777, 4096 if name == "sketch" else 64
+    eager, compiled = _pair(name, dim, k)
+    seeds = _seeds(f"{name}/cuda", eager.num_seeds)
+    grad = torch.randn(dim, generator=torch.Generator().manual_seed(5)).to(cuda)
+    scalars = eager.project(grad, seeds)
+    assert torch.equal(compiled.project(grad, seeds), scalars)
+    assert torch.equal(compiled.synthesize(scalars, seeds), eager.synthesize(scalars, seeds))

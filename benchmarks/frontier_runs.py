@@ -148,6 +148,14 @@ SHORT_PERIOD: dict[str, dict[str, Any]] = {
     # no local steps and no projection: every gradient coordinate as an 8-bit scalar every step
     # (4x fewer bytes than DDP, 2x fewer than the bf16 hook, DDP's steps up to the rounding)
     "identity-q8": holograd_spec("identity", GPT2_TINY_DIM, scalar_bits=8),
+    # private inner state at >= 1000x (about 1 KB per rank and step, ~1,750x DDP's bytes): fewer
+    # directions, a longer period or fewer bits per scalar, each against the H = 16, K = 262144 run
+    "sketch-65536-perrank-h32-q4-private": holograd_spec("sketch", 65536, direction_groups="per_rank",
+                                                         local_steps=32, scalar_bits=4, inner_state="private"),
+    "sketch-65536-perrank-h16-q2-private": holograd_spec("sketch", 65536, direction_groups="per_rank",
+                                                         local_steps=16, scalar_bits=2, inner_state="private"),
+    "sketch-131072-perrank-h64-q4-private": holograd_spec("sketch", 131072, direction_groups="per_rank",
+                                                          local_steps=64, scalar_bits=4, inner_state="private"),
 }
 # Peers at a longer period, the counterpart of the H = 128 HoloGrad setting (not in the profiles).
 LONG_PERIOD_PEERS: dict[str, dict[str, Any]] = {

@@ -148,6 +148,8 @@ SHORT_PERIOD: dict[str, dict[str, Any]] = {
     # no local steps and no projection: every gradient coordinate as an 8-bit scalar every step
     # (4x fewer bytes than DDP, 2x fewer than the bf16 hook, DDP's steps up to the rounding)
     "identity-q8": holograd_spec("identity", GPT2_TINY_DIM, scalar_bits=8),
+    # the same in 4 bits: 8x fewer bytes than DDP, 4x fewer than the bf16 hook
+    "identity-q4": holograd_spec("identity", GPT2_TINY_DIM, scalar_bits=4),
     # private inner state at >= 1000x (about 1 KB per rank and step, ~1,750x DDP's bytes): fewer
     # directions, a longer period or fewer bits per scalar, each against the H = 16, K = 262144 run
     "sketch-65536-perrank-h32-q4-private": holograd_spec("sketch", 65536, direction_groups="per_rank",

@@ -203,10 +203,10 @@ class ByzantineSimulator(Callback):
             return evasive_liars(ctx.commitment, rows, self.ranks, lambda r: self.lie_for(ctx, r, rows[r], rows),
                                  self.p_verify, draw)
         # quantized scalars (docs/PROTOCOL.md §9.5): the draw sees the decoded rows
-        k = exchange.family.num_directions
-        submitted = requantize_rows(rows, ctx.commitment, k, bits)
+        k, block = exchange.family.num_directions, exchange.scalar_block
+        submitted = requantize_rows(rows, ctx.commitment, k, bits, block)
         return evasive_liars(ctx.commitment, submitted, self.ranks, lambda r: requantize_row(
-            self.lie_for(ctx, r, rows[r], rows), ctx.commitment, r, k, bits), self.p_verify)
+            self.lie_for(ctx, r, rows[r], rows), ctx.commitment, r, k, bits, block), self.p_verify)
 
     # -- checkpoint state ----------------------------------------------------------------
     @override

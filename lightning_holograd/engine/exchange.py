@@ -53,7 +53,7 @@ import torch
 
 from ..protocol import AggregationResult, Aggregator, CommitmentChain, DirectionFamily
 from ..protocol.groups import GroupedAggregation, aggregate_groups, group_of, synthesize_groups
-from ..protocol.quantize import check_quantized_path, decode_rows, dither, encode_row
+from ..protocol.quantize import check_quantized_path, check_scalar_block, decode_rows, dither, encode_row
 from ..protocol.sharding import sharded_wire_bytes
 from .comm import Comm
 from .sharded import ShardedAggregation
@@ -104,6 +104,7 @@ class HoloGradExchange:
         aggregation_path: AggregationPath = "all_gather",
         num_groups: int = 1,
         scalar_bits: int = 32,
+        scalar_block: int = 0,
     ) -> None:
         if num_groups > 1 and not family.unbiased:
             raise ValueError(f"num_groups={num_groups} needs an unbiased seed-defined family, got {family.name!r}.")
@@ -125,6 +126,7 @@ class HoloGradExchange:
                              "ranks: every group has one rank, so there is no row to split (sharding sends more than "
                              "all_gather there). HINT: use aggregation_path='all_gather' or 'auto', or fewer groups.")
         self.scalar_bits = check_quantized_path(aggregation_path, scalar_bits)
+        self.scalar_block = check_scalar_block(scalar_block, scalar_bits)
         self.sharding = ShardedAggregation(comm, aggregator, self.slashing, num_groups)
         self.block_review_hooks: list[ReviewHook] = []  # sharded path: after the aggregates are gathered
         self.claim_hooks: list[ClaimHook] = []
@@ -237,9 +239,9 @@ class HoloGradExchange:
         if self.scalar_bits == 32:
             return self.comm.all_gather(scalars.to(torch.float32), "scalars").to(scalars.device)
         k = self.family.num_directions
-        wire = encode_row(scalars, k, self.scalar_bits, dither(ctx.commitment, self.rank, k))
+        wire = encode_row(scalars, k, self.scalar_bits, dither(ctx.commitment, self.rank, k), self.scalar_block)
         rows = self.comm.all_gather(wire, "scalars")
-        ctx.quantized = decode_rows(rows, k, self.num_public_values, self.scalar_bits)
+        ctx.quantized = decode_rows(rows, k, self.num_public_values, self.scalar_bits, self.scalar_block)
         return ctx.quantized.matrix.to(scalars.device)
 
     def measure_energy(self, flat_grad: torch.Tensor, ctx: StepContext) -> float:

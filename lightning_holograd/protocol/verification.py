@@ -15,7 +15,9 @@ c_t the step commitment, p = ``p_verify``.
 - Quantized claim (docs/PROTOCOL.md §9.5): levels q, scale M, with M* = max |a*_j|, Delta = M / L
   and x*_j = a*_j / Delta + u_j: accepted iff |M - M*| <= atol + rtol M* and every q_j lies in
   [floor(x*_j - tau_j), floor(x*_j + tau_j)] (clamped to [-L, L]), tau_j = (atol + rtol |a*_j|) / Delta;
-  the E public values are judged as float32 claims.
+  the E public values are judged as float32 claims. With ``scalar_block`` B > 0 each block b
+  has its own scale: |M_b - M*_b| <= atol + rtol M*_b with M*_b = max |a*_j| over the block,
+  and coordinate j uses Delta = M_{b(j)} / L.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from .chain import scalars_digest
-from .quantize import QuantizedClaim, dequantize, levels_of
+from .quantize import QuantizedClaim, block_deltas, dequantize, levels_of
 
 __all__ = ["Reason", "Verdict", "draw_claims", "draw_claims_from_root", "judge_claim", "judge_quantized_claim", "claim_digest"]
 
@@ -112,7 +114,7 @@ def judge_quantized_claim(claim: QuantizedClaim, recomputed: torch.Tensor, rtol:
     the dequantized claim with a*."""
     k = claim.levels.numel()
     recomputed = recomputed.detach().to(torch.float64).cpu()
-    values = dequantize(claim.levels, torch.tensor(claim.scale, dtype=torch.float32), claim.bits)
+    values = dequantize(claim.levels, torch.as_tensor(claim.scale, dtype=torch.float32), claim.bits, claim.block)
     claimed = torch.cat([values, claim.public.to("cpu", torch.float32)]).to(torch.float64)
     if claimed.shape != recomputed.shape:
         return Verdict(False, Reason.MISMATCH, float("inf"), float("inf"))
@@ -121,7 +123,8 @@ def judge_quantized_claim(claim: QuantizedClaim, recomputed: torch.Tensor, rtol:
     if not bool(torch.isfinite(recomputed).all()):
         return Verdict(False, Reason.MISMATCH, float("inf"), float("inf"))
     public = judge_claim(claimed[k:], recomputed[k:], rtol, atol)
-    accepted = public.accepted and _levels_hold(claim, recomputed[:k], rtol, atol)
+    hold = _block_levels_hold if claim.block else _levels_hold
+    accepted = public.accepted and hold(claim, recomputed[:k], rtol, atol)
     return Verdict(accepted, Reason.OK if accepted else Reason.MISMATCH, *_errors(claimed, recomputed))
 
 
@@ -141,3 +144,29 @@ def _levels_hold(claim: QuantizedClaim, target: torch.Tensor, rtol: float, atol:
     low = (x - tau).floor().clamp(-top, top)
     high = (x + tau).floor().clamp(-top, top)
     return bool(((levels >= low) & (levels <= high)).all())
+
+
+def _block_levels_hold(claim: QuantizedClaim, target: torch.Tensor, rtol: float, atol: float) -> bool:
+    """``_levels_hold`` with one scale per block of ``claim.block`` scalars."""
+    k, block = target.numel(), claim.block
+    scales = torch.as_tensor(claim.scale, dtype=torch.float32).reshape(-1).to(torch.float64)
+    nb = scales.numel()
+    if nb != max(1, -(-k // block)):
+        return False
+    padded = torch.zeros(nb * block, dtype=torch.float64)
+    padded[:k] = target.abs()
+    scale_star = padded.reshape(nb, block).amax(dim=1)
+    if not bool((scales - scale_star).abs().le(atol + rtol * scale_star).all()):
+        return False
+    levels = claim.levels.to(torch.int64)
+    delta = block_deltas(scales, k, claim.bits, block)
+    zero = delta == 0
+    if not bool((levels[zero] == 0).all()):
+        return False
+    top = levels_of(claim.bits)
+    safe = torch.where(zero, 1.0, delta)
+    x = target / safe + claim.dither.to(torch.float64)
+    tau = (atol + rtol * target.abs()) / safe
+    low = (x - tau).floor().clamp(-top, top)
+    high = (x + tau).floor().clamp(-top, top)
+    return bool(((levels >= low) & (levels <= high))[~zero].all())

@@ -85,19 +85,20 @@ def check_single_optimizer(optimizers: Sequence[Any]) -> None:
             "strategy='ddp'.")
 
 
-def compression_at(world_size: int, dim: int, num_directions: int, scalar_bits: int = 32) -> float:
+def compression_at(world_size: int, dim: int, num_directions: int, scalar_bits: int = 32,
+                   scalar_block: int = 0) -> float:
     """Ring all-reduce wire bytes of D floats over HoloGrad's 32 + 4K bytes per step at N ranks
     (docs/PROTOCOL.md §8): 2D / (N (K + 8)); with ``scalar_bits`` b < 32 the row is
-    ceil(K b / 8) + 4 bytes instead of 4K (docs/PROTOCOL.md §9.5). N = 1 is counted as N = 2."""
+    ceil(K b / 8) + 4 nb bytes instead of 4K (docs/PROTOCOL.md §9.5). N = 1 is counted as N = 2."""
     n = max(world_size, 2)
-    return 8.0 * dim / (n * (32 + row_bytes(num_directions, 0, scalar_bits)))
+    return 8.0 * dim / (n * (32 + row_bytes(num_directions, 0, scalar_bits, scalar_block)))
 
 
 def advise(config: HoloGradConfig, dim: int, world_size: int, optimizers: Sequence[Any]) -> list[str]:
     """The setup warnings for a resolved ``config`` on D = ``dim`` (empty when all is well)."""
     assert config.num_directions is not None, "resolve(dim) first"
     k, messages = config.num_directions, []
-    ratio = compression_at(world_size, dim, k, config.scalar_bits)
+    ratio = compression_at(world_size, dim, k, config.scalar_bits, config.scalar_block)
     if config.directions != "identity" and (k >= dim or ratio < 1.0):
         largest = max(1, math.floor(2 * dim / max(world_size, 2)) - 9)
         messages.append(

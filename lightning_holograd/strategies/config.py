@@ -34,7 +34,7 @@ from ..protocol.defaults import (
     variance_ratio,
 )
 from ..protocol.groups import PER_RANK, check_direction_groups, resolve_direction_groups
-from ..protocol.quantize import check_quantized_path
+from ..protocol.quantize import check_quantized_path, check_scalar_block
 from ..protocol.rounds import INNER_STATE_NAMES, OuterStep
 
 __all__ = ["HoloGradConfig", "AggregationName", "ProjectionName", "check_world_size"]
@@ -96,6 +96,7 @@ class HoloGradConfig:
     outer_lr: float = 1.0  # theta_{r+1} = theta_r - outer_lr * delta_hat (with outer_momentum = 0)
     outer_momentum: float = 0.0  # Nesterov momentum of the outer step (0: plain averaging)
     scalar_bits: int = 32  # bits per direction scalar on the wire: 32 (float32), 8, 4, 2; docs/PROTOCOL.md §9.5
+    scalar_block: int = 0  # scalars per float32 scale of a quantized row (0: one scale per row); §9.5
 
     def __post_init__(self) -> None:
         if self.num_directions is not None:
@@ -152,6 +153,7 @@ class HoloGradConfig:
                 "no row to split (sharding would send more than all_gather). HINT: use aggregation_path='all_gather' "
                 "or 'auto' (which takes it), or groups of >= 2 ranks.")
         check_quantized_path(self.aggregation_path, self.scalar_bits)
+        check_scalar_block(self.scalar_block, self.scalar_bits)
 
     def _check_family_knobs(self) -> None:
         """The family constructors' range checks, without building a family (no allocation)."""

@@ -60,7 +60,8 @@ def build_exchange(config: HoloGradConfig, module: nn.Module, world_size: int, r
     exchange = HoloGradExchange(family, resolved.build_aggregator(), chain, comm, recompute=recompute,
                                 to_cpu=lambda inputs: move_data_to_device(inputs, "cpu"),
                                 aggregation_path=resolved.aggregation_path,
-                                num_groups=resolved.num_groups(world_size), scalar_bits=resolved.scalar_bits)
+                                num_groups=resolved.num_groups(world_size), scalar_bits=resolved.scalar_bits,
+                                scalar_block=resolved.scalar_block)
     return exchange, resolved
 
 

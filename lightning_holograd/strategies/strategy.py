@@ -127,6 +127,9 @@ class HoloGradStrategyMixin(LocalStepsMixin):
         scalar_bits: bits per direction scalar on the wire: 32 (float32, the default), or 8, 4,
             2 (unbiased stochastic rounding against a per-row scale, docs/PROTOCOL.md §9.5;
             ceil(K b / 8) + 4 bytes per row; needs ``aggregation_path`` ``all_gather`` or ``auto``).
+        scalar_block: with ``scalar_bits`` < 32, scalars per float32 scale (0, the default: one
+            scale per row). One scale per block of B keeps an outlier from flattening the rest
+            of the row (4 ceil(K / B) scale bytes per row).
     Args (faults; README "Failure and recovery"):
         sigterm_grace: seconds a rank may take to stop after SIGTERM before it exits hard
             (a rank blocked in a collective cannot stop cleanly).
@@ -173,6 +176,7 @@ class HoloGradStrategyMixin(LocalStepsMixin):
         outer_lr: float = 1.0,
         outer_momentum: float = 0.0,
         scalar_bits: int = 32,
+        scalar_block: int = 0,
         sigterm_grace: float = 10.0,
         resume_rank_map: dict[int, int] | None = None,
         process_group_backend: str | None = None,
@@ -193,7 +197,7 @@ class HoloGradStrategyMixin(LocalStepsMixin):
             aggregation_path=aggregation_path,
             target_compression=target_compression, estimate_scale=estimate_scale,
             direction_groups=direction_groups, local_steps=local_steps, inner_state=inner_state, outer_lr=outer_lr,
-            outer_momentum=outer_momentum, scalar_bits=scalar_bits,
+            outer_momentum=outer_momentum, scalar_bits=scalar_bits, scalar_block=scalar_block,
         )
         lightning_arguments = check_strategy_arguments(kwargs)  # DDP-only arguments are refused
         super().__init__(process_group_backend=process_group_backend, timeout=timeout, start_method=start_method,

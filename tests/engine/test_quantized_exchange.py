@@ -24,9 +24,10 @@ class _FourRanks(Comm):
     world_size = 4  # type: ignore[assignment]
 
 
-def _exchange(bits: int, path: str = "auto", comm: Comm | None = None) -> HoloGradExchange:
+def _exchange(bits: int, path: str = "auto", comm: Comm | None = None, block: int = 0) -> HoloGradExchange:
     return HoloGradExchange(make_family("sketch", DIM, K), make_aggregator("mean"), CommitmentChain("quant"),
-                            comm or Comm(TrafficMeter(1, DIM)), aggregation_path=path, scalar_bits=bits)
+                            comm or Comm(TrafficMeter(1, DIM)), aggregation_path=path, scalar_bits=bits,
+                            scalar_block=block)
 
 
 def _step(exchange: HoloGradExchange, public: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,16 +44,18 @@ def _step(exchange: HoloGradExchange, public: int = 0) -> tuple[torch.Tensor, to
 
 @pytest.mark.parametrize("bits", [8, 4, 2])
 @pytest.mark.parametrize("public", [0, 3])
-def test_the_wire_row_is_the_quantized_row_and_the_meter_counts_it(bits, public):
-    exchange = _exchange(bits)
+@pytest.mark.parametrize("block", [0, 5])  # 5: three blocks of 5, 5 and 3 scalars
+def test_the_wire_row_is_the_quantized_row_and_the_meter_counts_it(bits, public, block):
+    exchange = _exchange(bits, block=block)
     exchange.num_public_values = public
+    scales = 1 if block == 0 else 3
     for step in range(1, 3):
         row, estimate = _step(exchange, public)
         ctx = exchange.last_context
         assert ctx.path == "all_gather" and ctx.quantized is not None
-        wire = encode_row(row, K, bits, dither(ctx.commitment, 0, K))
-        assert wire.numel() == row_bytes(K, public, bits) == -(-K * bits // 8) + 4 + 4 * public
-        assert torch.equal(ctx.matrix, decode_rows(wire.unsqueeze(0), K, public, bits).matrix)
+        wire = encode_row(row, K, bits, dither(ctx.commitment, 0, K), block)
+        assert wire.numel() == row_bytes(K, public, bits, block) == -(-K * bits // 8) + 4 * scales + 4 * public
+        assert torch.equal(ctx.matrix, decode_rows(wire.unsqueeze(0), K, public, bits, block).matrix)
         assert not torch.equal(ctx.matrix[0, :K], row[:K])  # quantized, not the float row
         assert torch.equal(ctx.public_values, row[K:])
         assert torch.equal(estimate, exchange.family.reconstruct(ctx.matrix[0, :K], ctx.seeds))

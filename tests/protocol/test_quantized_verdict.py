@@ -126,3 +126,45 @@ def test_nonfinite_and_zero_claims():
     finite_claim = _claim(row, 4)
     assert not judge_quantized_claim(finite_claim, nan_row, RTOL, ATOL).accepted  # a* non-finite
     assert not judge_quantized_claim(finite_claim, row[:-1], RTOL, ATOL).accepted  # shape
+
+
+# -- one scale per block of scalars (scalar_block > 0) -----------------------------------
+
+def _block_claim(row: torch.Tensor, bits: int, block: int, rank: int = 1) -> QuantizedClaim:
+    u = dither(COMMITMENT, rank, row.numel())
+    levels, scales = quantize(row, bits, u, block)
+    return QuantizedClaim(levels, scales, u, bits, torch.zeros(0), block)
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_block_claims_accept_the_honest_and_reject_a_moved_level_or_a_scaled_block(bits):
+    """Blocks of 10 over K = 32 (the last block has 2 scalars, and one block is all zeros):
+    the honest claim is accepted against its own recomputation; a level moved by one in
+    block 2, or block 1's scale times 1.01, is rejected."""
+    row = _recomputed().clone()
+    row[10:20] = 0.0
+    claim = _block_claim(row, bits, 10)
+    assert claim.scale.shape == (4,) and float(claim.scale[1]) == 0.0
+    assert judge_quantized_claim(claim, row, RTOL, ATOL).accepted
+    moved = claim.levels.clone()
+    moved[25] += 1 if moved[25] < levels_of(bits) else -1
+    lie = QuantizedClaim(moved, claim.scale, claim.dither, bits, claim.public, 10)
+    assert judge_quantized_claim(lie, row, RTOL, ATOL).reason is Reason.MISMATCH
+    scaled = claim.scale.clone()
+    scaled[0] *= 1.01
+    lie = QuantizedClaim(claim.levels, scaled, claim.dither, bits, claim.public, 10)
+    assert not judge_quantized_claim(lie, row, RTOL, ATOL).accepted
+    nonzero = claim.levels.clone()
+    nonzero[12] = 1  # a level in the all-zero block
+    lie = QuantizedClaim(nonzero, claim.scale, claim.dither, bits, claim.public, 10)
+    assert not judge_quantized_claim(lie, row, RTOL, ATOL).accepted
+
+
+def test_a_nonfinite_block_row_is_honest_only_against_a_nonfinite_recomputation():
+    row = _recomputed().clone()
+    row[3] = float("nan")
+    claim = _block_claim(row, 4, 8)
+    assert bool(torch.isnan(claim.scale).all()) and bool((claim.levels == 0).all())
+    verdict = judge_quantized_claim(claim, row, RTOL, ATOL)
+    assert verdict.accepted and verdict.reason is Reason.NONFINITE
+    assert not judge_quantized_claim(claim, _recomputed(), RTOL, ATOL).accepted

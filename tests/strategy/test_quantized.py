@@ -85,7 +85,8 @@ def test_evasive_liars_are_never_drawn_on_the_decoded_matrix():
     caught = {4: 0, 32: 0}
     for bits in (4, 32):
         simulator = ByzantineSimulator([3], "sign_flip", only_unverified=True, p_verify=p_verify)
-        simulator._exchange = SimpleNamespace(scalar_bits=bits, family=SimpleNamespace(num_directions=k),
+        simulator._exchange = SimpleNamespace(scalar_bits=bits, scalar_block=0,
+                                              family=SimpleNamespace(num_directions=k),
                                               current_path=lambda: "all_gather")
         for step in range(100):
             ctx = StepContext(step + 1, hashlib.sha256(str(step).encode()).digest(), [], [])
@@ -127,14 +128,17 @@ def test_quantized_rows_train_with_identical_replicas_and_the_bytes_of_the_formu
             assert [call for call in calls if not call[2]] == []
 
 
-def test_verifier_slashes_a_quantized_liar_and_never_an_honest_rank(tmp_path):
+@pytest.mark.parametrize("block", [0, 8])
+def test_verifier_slashes_a_quantized_liar_and_never_an_honest_rank(tmp_path, block):
     """3 ranks, rank 0 verifies every worker claim (p_verify = 1, default tolerance); rank 2
     flips the sign of its float row from optimizer step 5 (chain step 6), before quantization.
-    Rank 1 is accepted at all 10 steps, rank 2 at steps 1-5, and rejected and slashed at 6."""
+    Rank 1 is accepted at all 10 steps, rank 2 at steps 1-5, and rejected and slashed at 6.
+    With ``scalar_block=8`` each row carries 4 scales (K = 32) and is judged block by block."""
     attack = ByzantineSimulator(ranks=[2], attack="sign_flip", start_step=5)
     verifier = ProofVerifier(p_verify=1.0, ledger_path=str(tmp_path / "ledger.jsonl"))
-    states = fit(ToyModule(), holograd(num_directions=32, scalar_bits=4), tmp_path / "ranks", devices=3,
-                 max_steps=10, callbacks=[verifier, attack, _SaveCounts(attack, tmp_path)])
+    states = fit(ToyModule(), holograd(num_directions=32, scalar_bits=4, scalar_block=block), tmp_path / "ranks",
+                 devices=3, max_steps=10, callbacks=[verifier, attack, _SaveCounts(attack, tmp_path)])
+    assert states[0]["exchange"]["traffic"]["total_payload"]["scalars"] == 10 * row_bytes(32, 0, 4, block)
     assert_identical_replicas(states)
     assert all(state["exchange"]["slashed"] == [2] for state in states)
     ledger = Ledger.load(tmp_path / "ledger.jsonl")

@@ -33,7 +33,8 @@ from .direction_hash import hash_words
 
 __all__ = [
     "SCALAR_BITS", "DecodedRows", "QuantizedClaim", "check_quantized_path", "check_scalar_bits",
-    "block_deltas", "check_scalar_block", "decode_rows", "num_blocks", "dequantize", "dither", "dither_seed",
+    "block_deltas", "block_max", "check_scalar_block", "decode_rows", "num_blocks", "dequantize", "dither",
+    "dither_seed",
     "encode_row", "levels_of", "pack_levels", "quantize", "requantize_row", "requantize_rows", "row_bytes",
     "unpack_levels"
 ]
@@ -101,48 +102,36 @@ def dither(commitment: bytes, rank: int, k: int) -> torch.Tensor:
 
 def quantize(a: torch.Tensor, bits: int, u: torch.Tensor, block: int = 0) -> tuple[torch.Tensor, float | torch.Tensor]:
     """(levels q (K,) int64, scale M) of the float32 row ``a`` (K,) with dither ``u`` (K,);
-    with ``block`` B > 0 the scale is a float32 tensor (nb,) of the blocks' M_b."""
+    with ``block`` B > 0 the scale is a float32 tensor (nb,) of the blocks' M_b. One scale
+    per row is the case of one block of K."""
     a = a.detach().to("cpu", torch.float32)
-    if block:
-        return _quantize_blocks(a, bits, u, block)
-    scale = float(a.abs().max()) if a.numel() else 0.0  # NaN if a holds a NaN, inf if an inf
-    if not math.isfinite(scale):
-        return torch.zeros(a.shape, dtype=torch.int64), float("nan")
-    if scale == 0.0:
-        return torch.zeros(a.shape, dtype=torch.int64), 0.0
-    top = levels_of(bits)
-    x = a.to(torch.float64)  # a fresh tensor: the ops below run in place, one pass each
-    x.div_(scale / top).add_(u.to(torch.float64)).floor_().clamp_(-top, top)
-    return x.to(torch.int64), scale
+    k = a.numel()
+    scales = block_max(a.abs(), block or max(k, 1))  # float32, exact; NaN or inf where the block holds one
+    levels = torch.zeros(a.shape, dtype=torch.int64)
+    if not bool(torch.isfinite(scales).all()):  # a non-finite row: every scale NaN, every level 0
+        scales.fill_(float("nan"))
+    elif bool(scales.any()):
+        # one scale: a (1,) quantum broadcast over the row, no per-coordinate copy
+        delta = block_deltas(scales, k, bits, block) if block else scales.to(torch.float64) / levels_of(bits)
+        zero = delta == 0  # a block of zeros sends level 0 everywhere
+        top = levels_of(bits)
+        x = a.to(torch.float64).div_(delta.masked_fill(zero, 1.0)).add_(u.to(torch.float64)).floor_().clamp_(-top, top)
+        levels = x.masked_fill_(zero, 0.0).to(torch.int64)
+    return (levels, scales) if block else (levels, float(scales[0]))
 
 
-def _block_view(x: torch.Tensor, block: int, fill: float) -> torch.Tensor:
-    """(nb, B) view of ``x`` (K,), the last block padded with ``fill``."""
+def block_max(x: torch.Tensor, block: int) -> torch.Tensor:
+    """max over each block of ``block`` values of ``x`` (K,) >= 0: (ceil(K / B),), in x's dtype."""
     k = x.numel()
     nb = num_blocks(k, block)
-    if nb * block == k:
-        return x.reshape(nb, block)
-    padded = torch.full((nb * block,), fill, dtype=x.dtype)
-    padded[:k] = x
-    return padded.reshape(nb, block)
+    if nb * block != k:  # the last block is shorter: pad it with zeros
+        x = torch.cat([x, x.new_zeros(nb * block - k)])
+    return x.reshape(nb, block).amax(dim=1)
 
 
 def block_deltas(scales: torch.Tensor, k: int, bits: int, block: int) -> torch.Tensor:
-    """Delta_j = M_{b(j)} / L in float64 for each of the K coordinates (``scales`` (..., nb))."""
-    delta = scales.to(torch.float64) / levels_of(bits)
-    return delta.repeat_interleave(block, dim=-1)[..., :k] if block else delta.unsqueeze(-1).expand(*delta.shape, k)
-
-
-def _quantize_blocks(a: torch.Tensor, bits: int, u: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    k = a.numel()
-    if k and not bool(torch.isfinite(a).all()):
-        return torch.zeros(a.shape, dtype=torch.int64), torch.full((num_blocks(k, block),), float("nan"))
-    scales = _block_view(a.abs(), block, 0.0).amax(dim=1) if k else torch.zeros(1)
-    top = levels_of(bits)
-    delta = block_deltas(scales, k, bits, block)
-    x = a.to(torch.float64).div_(torch.where(delta > 0, delta, 1.0)).add_(u.to(torch.float64)).floor_()
-    x.clamp_(-top, top).mul_(delta > 0)  # a block of zeros sends level 0 everywhere
-    return x.to(torch.int64), scales.to(torch.float32)
+    """Delta_j = M_{b(j)} / L in float64 for each of the K coordinates (``scales`` (..., nb), B > 0)."""
+    return (scales.to(torch.float64) / levels_of(bits)).repeat_interleave(block, dim=-1)[..., :k]
 
 
 def dequantize(levels: torch.Tensor, scales: torch.Tensor, bits: int, block: int = 0) -> torch.Tensor:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from .chain import scalars_digest
-from .quantize import QuantizedClaim, block_deltas, dequantize, levels_of
+from .quantize import QuantizedClaim, block_deltas, block_max, dequantize, levels_of, num_blocks
 
 __all__ = ["Reason", "Verdict", "draw_claims", "draw_claims_from_root", "judge_claim", "judge_quantized_claim", "claim_digest"]
 
@@ -123,39 +123,21 @@ def judge_quantized_claim(claim: QuantizedClaim, recomputed: torch.Tensor, rtol:
     if not bool(torch.isfinite(recomputed).all()):
         return Verdict(False, Reason.MISMATCH, float("inf"), float("inf"))
     public = judge_claim(claimed[k:], recomputed[k:], rtol, atol)
-    hold = _block_levels_hold if claim.block else _levels_hold
-    accepted = public.accepted and hold(claim, recomputed[:k], rtol, atol)
+    accepted = public.accepted and _levels_hold(claim, recomputed[:k], rtol, atol)
     return Verdict(accepted, Reason.OK if accepted else Reason.MISMATCH, *_errors(claimed, recomputed))
 
 
 def _levels_hold(claim: QuantizedClaim, target: torch.Tensor, rtol: float, atol: float) -> bool:
-    """|M - M*| within tolerance, and every level one that a float row within tolerance of
-    ``target`` (a*, (K,) float64) could round to with the claim's dither and quantum."""
-    scale_star = float(target.abs().max()) if target.numel() else 0.0
-    if not abs(claim.scale - scale_star) <= atol + rtol * scale_star:
-        return False
-    levels = claim.levels.to(torch.int64)
-    if claim.scale == 0.0:
-        return bool((levels == 0).all())
-    top = levels_of(claim.bits)
-    delta = claim.scale / top
-    x = target / delta + claim.dither.to(torch.float64)
-    tau = (atol + rtol * target.abs()) / delta
-    low = (x - tau).floor().clamp(-top, top)
-    high = (x + tau).floor().clamp(-top, top)
-    return bool(((levels >= low) & (levels <= high)).all())
-
-
-def _block_levels_hold(claim: QuantizedClaim, target: torch.Tensor, rtol: float, atol: float) -> bool:
-    """``_levels_hold`` with one scale per block of ``claim.block`` scalars."""
-    k, block = target.numel(), claim.block
+    """Every scale within tolerance of its block's max |a*_j| (one block of K when
+    ``claim.block`` is 0), level 0 throughout a block of scale 0, and every other level one
+    that a float row within tolerance of ``target`` (a*, (K,) float64) could round to with
+    the claim's dither and its block's quantum."""
+    k = target.numel()
+    block = claim.block or max(k, 1)
     scales = torch.as_tensor(claim.scale, dtype=torch.float32).reshape(-1).to(torch.float64)
-    nb = scales.numel()
-    if nb != max(1, -(-k // block)):
+    if scales.numel() != num_blocks(k, block):
         return False
-    padded = torch.zeros(nb * block, dtype=torch.float64)
-    padded[:k] = target.abs()
-    scale_star = padded.reshape(nb, block).amax(dim=1)
+    scale_star = block_max(target.abs(), block)
     if not bool((scales - scale_star).abs().le(atol + rtol * scale_star).all()):
         return False
     levels = claim.levels.to(torch.int64)
@@ -164,7 +146,7 @@ def _block_levels_hold(claim: QuantizedClaim, target: torch.Tensor, rtol: float,
     if not bool((levels[zero] == 0).all()):
         return False
     top = levels_of(claim.bits)
-    safe = torch.where(zero, 1.0, delta)
+    safe = delta.masked_fill(zero, 1.0)
     x = target / safe + claim.dither.to(torch.float64)
     tau = (atol + rtol * target.abs()) / safe
     low = (x - tau).floor().clamp(-top, top)

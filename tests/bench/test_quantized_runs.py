@@ -33,7 +33,7 @@ def test_quantized_variants_build_and_send_the_bytes_of_the_h16_setting(name):
     init = spec["init_args"]
     assert isinstance(strategy, HoloGradStrategy) and strategy.config.scalar_bits == init["scalar_bits"]
     assert strategy.config.local_steps == init["local_steps"] and strategy.config.direction_groups == "per_rank"
-    assert spec["family"].endswith(f"-q{init['scalar_bits']}")
+    assert f"-q{init['scalar_bits']}" in spec["family"]
     reference = per_step_payload(frontier_runs.QUANTIZED["sketch-32768-perrank-h16-q4"]["init_args"])
     assert per_step_payload(init) == pytest.approx(reference, rel=0.01)
 
@@ -83,3 +83,18 @@ def test_short_period_runs_build_and_send_less_than_local_sgd_at_the_same_period
     assert strategy.config.scalar_bits == init["scalar_bits"]
     local_sgd_round = 4 * frontier_runs.GPT2_TINY_DIM
     assert row_bytes(init["num_directions"], E_GPT2, init["scalar_bits"]) <= 0.26 * local_sgd_round
+
+
+@pytest.mark.parametrize("name", list(frontier_runs.OUTER_MOMENTUM))
+def test_outer_momentum_runs_move_as_plain_averaging_on_a_steady_pseudo_gradient(name):
+    """Nesterov outer momentum mu at outer lr 1 - mu: each builds, its steady-state step
+    eta / (1 - mu) is 1 (plain averaging's), its family is its own on the frontier, and its
+    row bytes per optimizer step (E = 28 public values counted, an upper bound for the private
+    inner state) keep the payload above 1,000x against the ring all-reduce's 4D per step."""
+    spec = frontier_runs.OUTER_MOMENTUM[name]
+    assert frontier_runs.missing_features(spec) == []
+    strategy, _ = baselines.build_strategy(spec)
+    config = strategy.config
+    assert 0 < config.outer_momentum < 1 and config.outer_lr / (1 - config.outer_momentum) == pytest.approx(1.0)
+    assert spec["family"].endswith("-nesterov") and "momentum" in frontier_runs.label({"spec": spec})
+    assert 4 * frontier_runs.GPT2_TINY_DIM / per_step_payload(spec["init_args"]) > 1000

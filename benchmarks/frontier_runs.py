@@ -179,6 +179,17 @@ OUTER_MOMENTUM: dict[str, dict[str, Any]] = {
     "sketch-49152-perrank-h16-q4-private-m9": holograd_spec("sketch", 49152, direction_groups="per_rank",
                                                             local_steps=16, scalar_bits=4, inner_state="private",
                                                             outer_lr=0.1, outer_momentum=0.9),
+    # the velocity in pseudo-gradient per unit of inner lr (outer_momentum_units="lr_normalized"):
+    # at m8 the velocity led by up to 0.05 nats mid-run, then lost it as the inner lr decayed,
+    # its older, larger pseudo-gradients still in it; this one scales them with the schedule
+    "sketch-65536-perrank-h32-q4-private-m8n": holograd_spec("sketch", 65536, direction_groups="per_rank",
+                                                             local_steps=32, scalar_bits=4, inner_state="private",
+                                                             outer_lr=0.2, outer_momentum=0.8,
+                                                             outer_momentum_units="lr_normalized"),
+    "sketch-65536-perrank-h32-q4-private-m9n": holograd_spec("sketch", 65536, direction_groups="per_rank",
+                                                             local_steps=32, scalar_bits=4, inner_state="private",
+                                                             outer_lr=0.1, outer_momentum=0.9,
+                                                             outer_momentum_units="lr_normalized"),
 }
 # Peers at a longer period, the counterpart of the H = 128 HoloGrad setting (not in the profiles).
 LONG_PERIOD_PEERS: dict[str, dict[str, Any]] = {
@@ -230,7 +241,8 @@ def _setting(spec: dict[str, Any]) -> str:
                  f"{init['scalar_bits']} bits" if init.get("scalar_bits") else "",
                  f"inner state {init['inner_state']}" if init.get("inner_state") else "",
                  (f"outer lr {init.get('outer_lr', 1.0):g} momentum {init['outer_momentum']:g}"
-                  if init.get("outer_momentum") else "")]
+                  if init.get("outer_momentum") else ""),
+                 "velocity per unit lr" if init.get("outer_momentum_units") == "lr_normalized" else ""]
         return ", ".join([f"K={spec['K']}", *(e for e in extra if e)])
     if spec.get("rank"):
         return f"rank {spec['rank']}"

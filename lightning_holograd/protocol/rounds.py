@@ -13,7 +13,11 @@ inner optimizer state that each rank appends to its K scalars.
   micro-batches each inner step used.
 - Outer step: theta_{r+1} = theta_r - eta * delta_hat (``outer_momentum`` = 0), or with
   Nesterov momentum u <- mu u + delta_hat, theta_{r+1} = theta_r - eta (delta_hat + mu u).
-  u is public: every rank computes it from delta_hat.
+  u is public: every rank computes it from delta_hat. With ``outer_momentum_units =
+  "lr_normalized"`` the velocity sums per-unit-lr pseudo-gradients instead: with lambda_r
+  the round's summed inner learning rate (param group 0), g_r = delta_hat / lambda_r,
+  u <- mu u + g_r, theta_{r+1} = theta_r - eta lambda_r (g_r + mu u), so the outer step
+  follows the inner LR schedule as SGD momentum does (the same step at a constant lr).
 - Inner state: a round starts from a state that is a function of public data only, so a
   verifier can replay any rank's round (``InnerState``); or, with ``private``, from the
   rank's own state at the end of its previous round (as local SGD keeps it), which no
@@ -23,6 +27,7 @@ inner optimizer state that each rank appends to its K scalars.
 from __future__ import annotations
 
 import abc
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Literal, get_args
 
@@ -34,6 +39,7 @@ __all__ = [
     "INNER_STATE_NAMES",
     "InnerState",
     "InnerStateName",
+    "OUTER_MOMENTUM_UNITS",
     "KeptInnerState",
     "OuterStep",
     "PublicSecondMoment",
@@ -45,6 +51,8 @@ __all__ = [
 
 InnerStateName = Literal["public_v", "reset", "private"]
 INNER_STATE_NAMES: tuple[str, ...] = get_args(InnerStateName)
+OuterMomentumUnits = Literal["pseudo_gradient", "lr_normalized"]
+OUTER_MOMENTUM_UNITS: tuple[str, ...] = get_args(OuterMomentumUnits)
 
 
 def round_batch_hash(steps: Sequence[Sequence[Any]]) -> bytes:
@@ -55,34 +63,58 @@ def round_batch_hash(steps: Sequence[Sequence[Any]]) -> bytes:
 
 
 class OuterStep:
-    """The outer update of the shared parameters; ``velocity`` (D,) is its public state."""
+    """The outer update of the shared parameters; ``velocity`` (D,) is its public state.
 
-    def __init__(self, lr: float = 1.0, momentum: float = 0.0) -> None:
+    ``units``: what the velocity sums. "pseudo_gradient" (DiLoCo's): the rounds' delta_hat.
+    "lr_normalized": delta_hat / lambda_r, lambda_r the round's summed inner learning rate,
+    and each step is scaled back by the current round's lambda_r, so that when the inner
+    LR decays the velocity's older, larger pseudo-gradients do not keep the outer step
+    large (docs/PROTOCOL.md §9.2). Both give the same steps at a constant inner lr.
+    """
+
+    def __init__(self, lr: float = 1.0, momentum: float = 0.0, units: str = "pseudo_gradient") -> None:
         if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0:
             raise ValueError(f"outer_lr={lr!r} must be a number > 0. HINT: 1.0 applies the averaged pseudo-gradient.")
         if not isinstance(momentum, (int, float)) or isinstance(momentum, bool) or not 0.0 <= momentum < 1.0:
             raise ValueError(f"outer_momentum={momentum!r} must lie in [0, 1). HINT: 0 is plain averaging; "
                              "DiLoCo uses Nesterov momentum 0.9 with outer_lr 0.7.")
+        if units not in OUTER_MOMENTUM_UNITS:
+            raise ValueError(f"outer_momentum_units={units!r} is unknown. HINT: choose one of "
+                             f"{', '.join(map(repr, OUTER_MOMENTUM_UNITS))}.")
         self.lr = float(lr)
         self.momentum = float(momentum)
+        self.units = units
         self.velocity: torch.Tensor | None = None  # (D,) float32, created at the first round
 
-    def apply(self, theta: torch.Tensor, delta_hat: torch.Tensor) -> torch.Tensor:
-        """theta_{r+1} (D,) float32 from theta_r and delta_hat; advances the velocity."""
+    def apply(self, theta: torch.Tensor, delta_hat: torch.Tensor, lr_sum: float | None = None) -> torch.Tensor:
+        """theta_{r+1} (D,) float32 from theta_r and delta_hat; advances the velocity.
+        ``lr_sum``: lambda_r, needed with units "lr_normalized" and momentum > 0."""
         step = delta_hat.to(torch.float32)
-        if self.momentum:
-            if self.velocity is None:
-                self.velocity = torch.zeros_like(step)
-            self.velocity.mul_(self.momentum).add_(step)
-            step = step + self.momentum * self.velocity
-        return theta.to(torch.float32) - self.lr * step
+        if not self.momentum:
+            return theta.to(torch.float32) - self.lr * step
+        scale = 1.0
+        if self.units == "lr_normalized":
+            if lr_sum is None or not math.isfinite(lr_sum) or lr_sum < 0:
+                raise ValueError(f"lr_sum={lr_sum!r}: outer_momentum_units='lr_normalized' needs the round's summed "
+                                 "inner learning rate (a finite number >= 0).")
+            if lr_sum == 0:  # no inner lr this round: nothing to normalise; the velocity waits
+                return theta.to(torch.float32) - self.lr * step
+            scale, step = lr_sum, step / lr_sum
+        if self.velocity is None:
+            self.velocity = torch.zeros_like(step)
+        self.velocity.mul_(self.momentum).add_(step)
+        return theta.to(torch.float32) - (self.lr * scale) * (step + self.momentum * self.velocity)
 
     def state_dict(self) -> dict[str, Any]:
         velocity = None if self.velocity is None else self.velocity.detach().cpu().clone()
-        return {"lr": self.lr, "momentum": self.momentum, "velocity": velocity}
+        return {"lr": self.lr, "momentum": self.momentum, "units": self.units, "velocity": velocity}
 
     def load_state_dict(self, state: Mapping[str, Any], device: torch.device | str = "cpu") -> None:
+        units = state.get("units", "pseudo_gradient")  # checkpoints before the setting: DiLoCo's units
         velocity = state.get("velocity")
+        if velocity is not None and units != self.units:
+            raise ValueError(f"the checkpoint's outer velocity is in outer_momentum_units={units!r}, this run uses "
+                             f"{self.units!r}. HINT: resume with outer_momentum_units={units!r}.")
         self.velocity = None if velocity is None else velocity.to(device=device, dtype=torch.float32).clone()
 
 

@@ -46,7 +46,8 @@ ProjectionName = Literal["backward", "jvp"]
 GROUPABLE_FAMILIES = ("sketch", "subsample", "gaussian", "rademacher")
 # Families that can carry a pseudo-gradient (docs/PROTOCOL.md §9.2): the stateless ones.
 LOCAL_STEP_FAMILIES = GROUPABLE_FAMILIES + ("identity",)
-_ROUND_DEFAULTS = {"inner_state": "public_v", "outer_lr": 1.0, "outer_momentum": 0.0}
+_ROUND_DEFAULTS = {"inner_state": "public_v", "outer_lr": 1.0, "outer_momentum": 0.0,
+                   "outer_momentum_units": "pseudo_gradient"}
 
 
 def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -95,6 +96,7 @@ class HoloGradConfig:
     inner_state: str = "public_v"  # the inner optimizer state at a round start: "public_v", "reset" or "private"
     outer_lr: float = 1.0  # theta_{r+1} = theta_r - outer_lr * delta_hat (with outer_momentum = 0)
     outer_momentum: float = 0.0  # Nesterov momentum of the outer step (0: plain averaging)
+    outer_momentum_units: str = "pseudo_gradient"  # or "lr_normalized": the velocity per unit of inner lr
     scalar_bits: int = 32  # bits per direction scalar on the wire: 32 (float32), 8, 4, 2; docs/PROTOCOL.md §9.5
     scalar_block: int = 0  # scalars per float32 scale of a quantized row (0: one scale per row); §9.5
 
@@ -207,7 +209,7 @@ class HoloGradConfig:
         _int_at_least("local_steps", self.local_steps, 1, "1 exchanges every optimizer step; H > 1 runs H inner "
                       "steps per exchange.")
         _choice("inner_state", self.inner_state, INNER_STATE_NAMES)
-        OuterStep(self.outer_lr, self.outer_momentum)  # range checks
+        OuterStep(self.outer_lr, self.outer_momentum, self.outer_momentum_units)  # range checks
         if self.local_steps == 1:
             changed = [name for name, default in _ROUND_DEFAULTS.items() if getattr(self, name) != default]
             if changed:

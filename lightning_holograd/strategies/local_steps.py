@@ -93,7 +93,7 @@ class LocalRounds:
         self._get_optimizer = optimizer
         self.local_steps = config.local_steps
         self.inner_state = make_inner_state(config.inner_state)
-        self.outer = OuterStep(config.outer_lr, config.outer_momentum)
+        self.outer = OuterStep(config.outer_lr, config.outer_momentum, config.outer_momentum_units)
         self.public: torch.Tensor | None = None  # (E,) aggregated statistics of the last round
         self.steps_done = 0  # inner steps of every finished round
         self.theta: torch.Tensor | None = None  # theta_r (D,) float32
@@ -202,10 +202,15 @@ class LocalRounds:
 
         estimate = exchange.step(round_batch_hash(batches), row, extras={"inputs": inputs},
                                  optimizer_steps=len(self.steps))
-        _write(params, self.outer.apply(self.theta, estimate))
+        _write(params, self.outer.apply(self.theta, estimate, lr_sum=self.lr_sum()))
         public = exchange.last_context.public_values
         self.public = None if public is None or public.numel() == 0 else public.detach().cpu().clone()
         self.steps_done += len(self.steps)
+
+    def lr_sum(self) -> float:
+        """lambda_r: the learning rate of param group 0 summed over this round's inner steps
+        (as recorded before each step, so the LR scheduler's values; public on every rank)."""
+        return float(sum(float(settings[0]["lr"]) for settings in self.settings))
 
     # -- verification ----------------------------------------------------------------------
     @torch.no_grad()

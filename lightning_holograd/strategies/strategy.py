@@ -124,6 +124,9 @@ class HoloGradStrategyMixin(LocalStepsMixin):
             refused by ``ProofVerifier``).
         outer_lr, outer_momentum: the outer step theta -= outer_lr * delta_hat, with
             Nesterov momentum when outer_momentum > 0.
+        outer_momentum_units: what the outer velocity sums: ``pseudo_gradient`` (DiLoCo's),
+            or ``lr_normalized`` (each round's delta_hat over its summed inner lr, the step
+            scaled back by the current round's: the outer step follows the LR schedule).
         scalar_bits: bits per direction scalar on the wire: 32 (float32, the default), or 8, 4,
             2 (unbiased stochastic rounding against a per-row scale, docs/PROTOCOL.md §9.5;
             ceil(K b / 8) + 4 bytes per row; needs ``aggregation_path`` ``all_gather`` or ``auto``).
@@ -175,6 +178,7 @@ class HoloGradStrategyMixin(LocalStepsMixin):
         inner_state: Literal["public_v", "reset", "private"] = "public_v",
         outer_lr: float = 1.0,
         outer_momentum: float = 0.0,
+        outer_momentum_units: Literal["pseudo_gradient", "lr_normalized"] = "pseudo_gradient",
         scalar_bits: int = 32,
         scalar_block: int = 0,
         sigterm_grace: float = 10.0,
@@ -197,7 +201,8 @@ class HoloGradStrategyMixin(LocalStepsMixin):
             aggregation_path=aggregation_path,
             target_compression=target_compression, estimate_scale=estimate_scale,
             direction_groups=direction_groups, local_steps=local_steps, inner_state=inner_state, outer_lr=outer_lr,
-            outer_momentum=outer_momentum, scalar_bits=scalar_bits, scalar_block=scalar_block,
+            outer_momentum=outer_momentum, outer_momentum_units=outer_momentum_units, scalar_bits=scalar_bits,
+            scalar_block=scalar_block,
         )
         lightning_arguments = check_strategy_arguments(kwargs)  # DDP-only arguments are refused
         super().__init__(process_group_backend=process_group_backend, timeout=timeout, start_method=start_method,

@@ -62,16 +62,72 @@ def test_nesterov_matches_torch_sgd_on_the_pseudo_gradient():
         assert torch.allclose(theta, reference.detach(), rtol=0, atol=1e-6)
 
 
-def test_outer_state_round_trips():
-    outer = OuterStep(lr=0.7, momentum=0.9)
-    outer.apply(torch.zeros(3), torch.ones(3))
-    again = OuterStep(lr=0.7, momentum=0.9)
+def test_lr_normalized_velocity_is_torch_sgd_on_the_pseudo_gradient_per_unit_lr():
+    """outer_momentum_units="lr_normalized": g_r = delta_r / lambda_r, u <- mu u + g_r,
+    theta -= eta lambda_r (g_r + mu u), i.e. torch's SGD(nesterov=True) on g_r with the lr
+    eta lambda_r of each round; here lambda_r decays 4x per round, as at a schedule's end."""
+    gen = torch.Generator().manual_seed(1)
+    theta = torch.randn(5, generator=gen)
+    reference = theta.clone().requires_grad_(True)
+    sgd = torch.optim.SGD([reference], lr=1.0, momentum=0.8, nesterov=True)
+    outer = OuterStep(lr=0.2, momentum=0.8, units="lr_normalized")
+    for lam in (0.5, 0.125, 0.03125, 0.0078125):
+        delta = lam * torch.randn(5, generator=gen)
+        theta = outer.apply(theta, delta, lr_sum=lam)
+        reference.grad = delta / lam
+        sgd.param_groups[0]["lr"] = 0.2 * lam
+        sgd.step()
+        assert torch.allclose(theta, reference.detach(), rtol=0, atol=1e-6)
+
+
+def test_both_units_step_alike_at_a_constant_lr_and_differ_when_it_decays():
+    """The same pseudo-gradients: at a constant lambda the two velocities give the same
+    steps (to rounding); when lambda falls, the per-unit-lr velocity's step shrinks with it
+    while DiLoCo's keeps the older, larger pseudo-gradients at full weight."""
+    plain, normal = OuterStep(0.2, 0.8), OuterStep(0.2, 0.8, units="lr_normalized")
+    theta = torch.zeros(3)
+    for _ in range(5):
+        a, b = plain.apply(theta, torch.ones(3)), normal.apply(theta, torch.ones(3), lr_sum=0.3)
+        assert torch.allclose(a, b, rtol=1e-6, atol=0)
+    small = torch.full((3,), 0.01)  # lambda 100x smaller, the same per-unit-lr pseudo-gradient
+    a, b = plain.apply(theta, small), normal.apply(theta, small, lr_sum=0.003)
+    assert (a.abs() > 10 * b.abs()).all()
+
+
+def test_lr_normalized_needs_the_rounds_lr_sum():
+    outer = OuterStep(0.2, 0.8, units="lr_normalized")
+    for bad in (None, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="lr_sum"):
+            outer.apply(torch.zeros(2), torch.ones(2), lr_sum=bad)
+    assert torch.equal(outer.apply(torch.zeros(2), torch.ones(2), lr_sum=0.0), torch.full((2,), -0.2))
+    assert outer.velocity is None  # a round with no inner lr leaves the velocity alone
+
+
+@pytest.mark.parametrize("units", ["pseudo_gradient", "lr_normalized"])
+def test_outer_state_round_trips(units):
+    outer = OuterStep(lr=0.7, momentum=0.9, units=units)
+    outer.apply(torch.zeros(3), torch.ones(3), lr_sum=0.5)
+    again = OuterStep(lr=0.7, momentum=0.9, units=units)
     again.load_state_dict(outer.state_dict())
-    assert torch.equal(again.apply(torch.zeros(3), torch.ones(3)), outer.apply(torch.zeros(3), torch.ones(3)))
+    assert torch.equal(again.apply(torch.zeros(3), torch.ones(3), lr_sum=0.5),
+                       outer.apply(torch.zeros(3), torch.ones(3), lr_sum=0.5))
+
+
+def test_a_velocity_in_other_units_is_refused_and_an_old_one_is_displacement():
+    saved = OuterStep(0.7, 0.9)
+    saved.apply(torch.zeros(3), torch.ones(3))
+    state = saved.state_dict()
+    with pytest.raises(ValueError, match="outer_momentum_units='pseudo_gradient'.*HINT"):
+        OuterStep(0.7, 0.9, units="lr_normalized").load_state_dict(state)
+    del state["units"]  # a checkpoint from before the setting
+    again = OuterStep(0.7, 0.9)
+    again.load_state_dict(state)
+    assert torch.equal(again.velocity, saved.velocity)
 
 
 @pytest.mark.parametrize("kwargs, message", [({"lr": 0.0}, "outer_lr=0.0"), ({"lr": True}, "outer_lr=True"),
-                                             ({"momentum": 1.0}, "outer_momentum=1.0.*HINT")])
+                                             ({"momentum": 1.0}, "outer_momentum=1.0.*HINT"),
+                                             ({"units": "displacement"}, "outer_momentum_units='displacement'.*HINT")])
 def test_outer_step_refuses_bad_settings(kwargs, message):
     with pytest.raises(ValueError, match=message):
         OuterStep(**kwargs)

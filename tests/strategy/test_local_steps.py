@@ -100,10 +100,12 @@ def test_a_lying_rank_is_slashed_and_an_honest_one_never(tmp_path, cheater):
     assert accepted == sorted([(s, 1) for s in range(1, 6)] + [(1, 2), (2, 2)])
 
 
-def test_resume_at_a_round_boundary_is_bitwise(tmp_path):
-    """H = 4 with Nesterov outer momentum (public state) and Adam with public_v: 1 epoch
-    (2 rounds) + resume + 1 epoch equals 2 epochs uninterrupted, bit for bit."""
-    kwargs = {"local_steps": 4, "outer_lr": 0.7, "outer_momentum": 0.9}
+@pytest.mark.parametrize("units", ["pseudo_gradient", "lr_normalized"])
+def test_resume_at_a_round_boundary_is_bitwise(tmp_path, units):
+    """H = 4 with Nesterov outer momentum (public state, either velocity units) and Adam
+    with public_v: 1 epoch (2 rounds) + resume + 1 epoch equals 2 epochs uninterrupted, bit
+    for bit."""
+    kwargs = {"local_steps": 4, "outer_lr": 0.7, "outer_momentum": 0.9, "outer_momentum_units": units}
     epochs = {"max_steps": -1}
     straight = fit(ToyModule(adam=True), holograd(**kwargs), tmp_path / "straight", max_epochs=2, **epochs)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
@@ -112,6 +114,7 @@ def test_resume_at_a_round_boundary_is_bitwise(tmp_path):
     saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)[STATE_KEY]
     assert saved["exchange"]["chain"]["step"] == 2 and saved["rounds"]["steps_done"] == 8
     assert saved["rounds"]["outer"]["velocity"] is not None and saved["rounds"]["public"].shape == (E_ADAM,)
+    assert saved["rounds"]["outer"]["units"] == units
     resumed = fit(ToyModule(adam=True), holograd(**kwargs), tmp_path / "resumed", max_epochs=2,
                   ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"), **epochs)
     assert_identical_replicas(resumed)
@@ -269,6 +272,8 @@ def test_metrics_are_per_inner_step(tmp_path):
         ({"outer_lr": 0.7}, "outer_lr=0.7 only applies with local_steps > 1.*HINT"),
         ({"inner_state": "reset"}, "inner_state='reset' only applies"),
         ({"local_steps": 4, "outer_momentum": 1.0}, "outer_momentum=1.0"),
+        ({"local_steps": 4, "outer_momentum_units": "lr"}, "outer_momentum_units='lr' is unknown.*HINT"),
+        ({"outer_momentum_units": "lr_normalized"}, "outer_momentum_units='lr_normalized' only applies.*HINT"),
         ({"local_steps": 4, "directions": "codebook", "num_directions": 8}, "directions='codebook'.*HINT"),
         ({"local_steps": 4, "projection": "jvp"}, "projection='jvp'.*HINT"),
     ],

@@ -163,6 +163,10 @@ SHORT_PERIOD: dict[str, dict[str, Any]] = {
                                                          local_steps=16, scalar_bits=2, inner_state="private"),
     "sketch-131072-perrank-h64-q4-private": holograd_spec("sketch", 131072, direction_groups="per_rank",
                                                           local_steps=64, scalar_bits=4, inner_state="private"),
+    # the best verifiable >= 1000x run (sketch-262144-perrank-h128-q4, 1.043x) with each rank's own
+    # AdamW state kept: at H = 128 the public round start resets Adam's moments 24 times a run
+    "sketch-262144-perrank-h128-q4-private": holograd_spec("sketch", 262144, direction_groups="per_rank",
+                                                           local_steps=128, scalar_bits=4, inner_state="private"),
 }
 # Outer Nesterov momentum mu at outer lr 1 - mu (so eta / (1 - mu) = 1: a steady pseudo-gradient
 # moves the parameters as plain averaging does). The directions are drawn afresh every round, so

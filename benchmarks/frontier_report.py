@@ -34,6 +34,18 @@ def interpolate_at(points: list[tuple[float, float]], x: float) -> float | None:
     return pts[0][1]  # a single point at exactly x
 
 
+def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The (compression, loss ratio) points no other point beats on both: a point is dropped
+    when another has at least its compression and at most its loss (ties keep the first).
+    A setting that is dominated says nothing about what the family reaches at that
+    compression, so the frontier is interpolated over these only."""
+    kept: list[tuple[float, float]] = []
+    for x, y in sorted(points, key=lambda p: (-p[0], p[1])):
+        if not kept or y < min(ky for _, ky in kept):
+            kept.append((x, y))
+    return sorted(kept)
+
+
 def _family_headline(family: str, runs: list[dict[str, Any]], ddp_loss: float, within: float,
                      target: float) -> dict[str, Any]:
     good = [r for r in runs if r["final_val_loss"] <= ddp_loss * (1 + within)]
@@ -43,8 +55,8 @@ def _family_headline(family: str, runs: list[dict[str, Any]], ddp_loss: float, w
         "family": family, "runs": len(runs),
         "best_within": None if best is None else {"run": best["run"], "compression": best["compression"],
                                                   "val_ratio": best["final_val_loss"] / ddp_loss},
-        "val_ratio_at_target": interpolate_at([(r["compression"], r["final_val_loss"] / ddp_loss) for r in runs],
-                                              target),
+        "val_ratio_at_target": interpolate_at(pareto([(r["compression"], r["final_val_loss"] / ddp_loss)
+                                                      for r in runs]), target),
         "max_compression": {"run": top["run"], "compression": top["compression"],
                             "val_ratio": top["final_val_loss"] / ddp_loss},
     }
@@ -54,7 +66,7 @@ def headlines(rows: list[dict[str, Any]], ddp_loss: float, within: float = WITHI
               target: float = TARGET_COMPRESSION) -> list[dict[str, Any]]:
     """Per family: the best compression whose final val loss is within ``within`` of DDP's,
     and the val-loss ratio to DDP at ``target`` compression (interpolated in log compression
-    between the family's measured runs; None where the runs do not reach it)."""
+    between the family's Pareto-optimal runs; None where the runs do not reach it)."""
     families: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         if r.get("status") == "ok" and r["family"] != "ddp":

@@ -48,6 +48,19 @@ def test_headlines_pick_best_compression_within_two_percent():
     assert heads["other"]["max_compression"]["run"] == "b1"
 
 
+def test_the_ratio_at_1000x_is_read_off_the_pareto_frontier():
+    """A dominated setting (1,559x at 1.043x, beaten by 1,613x at 1.027x) must not pull the
+    family's ratio at 1000x up: it is interpolated between 214x and 1,613x only."""
+    pts = [(214.0, 1.026), (1559.0, 1.043), (1613.0, 1.027), (1200.0, 1.05)]
+    assert frontier_report.pareto(pts) == [(214.0, 1.026), (1613.0, 1.027)]
+    rows = [{"run": f"r{i}", "family": "fam", "status": "ok", "compression": x, "final_val_loss": 2.0 * y}
+            for i, (x, y) in enumerate(pts)]
+    (head,) = frontier_report.headlines(rows, ddp_loss=2.0)
+    t = (math.log10(1000.0) - math.log10(214.0)) / (math.log10(1613.0) - math.log10(214.0))
+    assert head["val_ratio_at_target"] == pytest.approx(1.026 + t * 0.001)
+    assert frontier_report.pareto([(10.0, 1.0), (10.0, 1.0)]) == [(10.0, 1.0)]
+
+
 def test_time_to_target_interpolates_between_checks():
     curve = [{"train_s": 10.0, "val_loss": 3.0}, {"train_s": 20.0, "val_loss": 2.5}, {"train_s": 30.0, "val_loss": 2.0}]
     assert time_to_target(curve, 2.25) == pytest.approx(25.0)

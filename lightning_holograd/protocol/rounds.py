@@ -41,6 +41,7 @@ __all__ = [
     "InnerStateName",
     "OUTER_MOMENTUM_UNITS",
     "KeptInnerState",
+    "OuterMomentumUnits",
     "OuterStep",
     "PublicSecondMoment",
     "ResetInnerState",

@@ -32,6 +32,7 @@ from ..engine import HoloGradExchange, StepContext
 from ..engine.exchange import AggregationPath
 from ..protocol import CodebookFit, CodebookStructure, FamilyName
 from ..protocol.defaults import DEFAULT_TARGET_COMPRESSION, EstimateScale
+from ..protocol.rounds import InnerStateName, OuterMomentumUnits
 from .advice import (
     HoloGradSetupWarning,
     advise,
@@ -175,10 +176,10 @@ class HoloGradStrategyMixin(LocalStepsMixin):
         aggregation_path: AggregationPath = "auto",
         direction_groups: int | Literal["per_rank"] = 1,
         local_steps: int = 1,
-        inner_state: Literal["public_v", "reset", "private"] = "public_v",
+        inner_state: InnerStateName = "public_v",
         outer_lr: float = 1.0,
         outer_momentum: float = 0.0,
-        outer_momentum_units: Literal["pseudo_gradient", "lr_normalized"] = "pseudo_gradient",
+        outer_momentum_units: OuterMomentumUnits = "pseudo_gradient",
         scalar_bits: int = 32,
         scalar_block: int = 0,
         sigterm_grace: float = 10.0,

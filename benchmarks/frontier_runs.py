@@ -167,6 +167,11 @@ SHORT_PERIOD: dict[str, dict[str, Any]] = {
     # AdamW state kept: at H = 128 the public round start resets Adam's moments 24 times a run
     "sketch-262144-perrank-h128-q4-private": holograd_spec("sketch", 262144, direction_groups="per_rank",
                                                            local_steps=128, scalar_bits=4, inner_state="private"),
+    # the same with another genesis seed, at the lr swept for it ("lr_as"): the draw's spread
+    "sketch-262144-perrank-h128-q4-private-s2": {
+        **holograd_spec("sketch", 262144, direction_groups="per_rank", local_steps=128, scalar_bits=4,
+                        inner_state="private", seed="holograd-2"),
+        "lr_as": "sketch-262144-perrank-h128-q4-private"},
 }
 # Outer Nesterov momentum mu at outer lr 1 - mu (so eta / (1 - mu) = 1: a steady pseudo-gradient
 # moves the parameters as plain averaging does). The directions are drawn afresh every round, so
@@ -195,12 +200,28 @@ OUTER_MOMENTUM: dict[str, dict[str, Any]] = {
                                                              outer_lr=0.1, outer_momentum=0.9,
                                                              outer_momentum_units="lr_normalized"),
 }
+# A long-run learning-rate check. The sweep picks each run's lr on 300 steps, where an H = 128 run
+# has synced twice; these runs take a fixed multiplier instead of the sweep's best ("lr_fixed"),
+# each in its own "-lr-long" family so that the sweep-chosen numbers stay the headline. DDP gets
+# the same multipliers, so a gain here is only a gain if DDP does not gain as much.
+def _lr_long(spec: dict[str, Any], scale: float) -> dict[str, Any]:
+    return {**spec, "family": f"{spec['family']}-lr-long", "lr_fixed": scale}
+
+
 # Peers at a longer period, the counterpart of the H = 128 HoloGrad setting (not in the profiles).
 LONG_PERIOD_PEERS: dict[str, dict[str, Any]] = {
     "localsgd-h128": {"kind": "localsgd", "period": 128, "family": "localsgd"},
 }
+LR_LONG: dict[str, dict[str, Any]] = {
+    "sketch-262144-perrank-h128-q4-private-lr1": _lr_long(SHORT_PERIOD["sketch-262144-perrank-h128-q4-private"], 1.0),
+    "sketch-262144-perrank-h128-q4-private-lr0.35": _lr_long(SHORT_PERIOD["sketch-262144-perrank-h128-q4-private"],
+                                                             0.35),
+    "ddp-lr1": _lr_long(PEERS["ddp"], 1.0),
+    "ddp-lr0.35": _lr_long(PEERS["ddp"], 0.35),
+    "localsgd-h128-lr1": _lr_long(LONG_PERIOD_PEERS["localsgd-h128"], 1.0),
+}
 RUNS: dict[str, dict[str, Any]] = {**PEERS, **HOLOGRAD, **SLOWLINK, **QUANTIZED, **LARGE_K, **SHORT_PERIOD,
-                                   **OUTER_MOMENTUM, **LONG_PERIOD_PEERS}
+                                   **OUTER_MOMENTUM, **LONG_PERIOD_PEERS, **LR_LONG}
 SHORT_RUNS = [*PEERS, *HOLOGRAD]  # the 300-step frontier of results/frontier_cpu.md
 # The long frontier: every peer, the sketch over K, the cheaper dense families, momentum, one
 # codebook, and the slowlink settings (gaussian/rademacher at K = 256 cost 5-10x DDP's step).
@@ -216,10 +237,14 @@ def spec_of(name: str) -> dict[str, Any]:
 
 
 def with_lr(name: str, scales: dict[str, float]) -> dict[str, Any]:
-    """The run's spec with its learning-rate multiplier: the sweep's best, or 1 (marked "not
-    swept" when there is a sweep but it has no successful run of this one)."""
+    """The run's spec with its learning-rate multiplier: the sweep's best (of the run named by
+    ``"lr_as"`` where the spec has one), a fixed ``"lr_fixed"``, or 1 (marked "not swept" when
+    there is a sweep but it has no successful run of this one)."""
     base = REFERENCE if name == LAST_REFERENCE else name
     spec = spec_of(name)
+    if "lr_fixed" in spec:  # a long-run lr check: its own multiplier, whatever the sweep says
+        return {**spec, "lr_scale": spec["lr_fixed"]}
+    base = spec.get("lr_as", base)  # a twin of a swept run (another seed) takes that run's lr
     if base in scales:
         return {**spec, "lr_scale": scales[base]}
     return {**spec, "lr_swept": False} if scales else dict(spec)
@@ -230,6 +255,8 @@ def label(r: dict[str, Any]) -> str:
     learning-rate multiplier where it is not 1."""
     text = _setting(r["spec"])
     scale = r["spec"].get("lr_scale", 1.0)
+    if "lr_fixed" in r["spec"]:
+        return f"{text}, lr x{scale:g} (fixed: long-run check)"
     if r["spec"].get("lr_swept") is False:
         return f"{text}, lr x1 (not swept)"
     return text if scale == 1.0 else f"{text}, lr x{scale:g}"

@@ -281,3 +281,15 @@ def test_long_runs_take_the_sweeps_best_lr_and_say_when_there_is_none():
     assert frontier_runs.label(unswept) == "K=4096, groups per_rank, H=16, lr x1 (not swept)"
     assert frontier_runs.label({"spec": frontier.with_lr("sketch-4096", scales)}) == "K=4096, lr x0.5"
     assert "lr_swept" not in frontier.with_lr("sketch-4096", {})  # no sweep at all: plain 1x
+
+
+def test_a_seed_twin_takes_its_swept_runs_lr_and_a_long_run_check_keeps_its_own():
+    swept = "sketch-262144-perrank-h128-q4-private"
+    scales = {"ddp": 0.5, swept: 0.5}
+    twin = frontier.with_lr(f"{swept}-s2", scales)
+    assert twin["lr_scale"] == 0.5 and twin["family"] == frontier_runs.RUNS[swept]["family"]
+    assert twin["init_args"]["seed"] != frontier_runs.RUNS[swept]["init_args"].get("seed")
+    check = frontier.with_lr("ddp-lr1", scales)  # the sweep says 0.5x; the check runs at 1x
+    assert check["lr_scale"] == 1.0 and check["family"] == "ddp-lr-long"
+    assert frontier_runs.label({"spec": check}) == "-, lr x1 (fixed: long-run check)"
+    assert frontier.with_lr("ddp-lr0.35", {})["lr_scale"] == 0.35  # with no sweep at all too

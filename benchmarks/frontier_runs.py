@@ -210,6 +210,18 @@ def _lr_long(spec: dict[str, Any], scale: float) -> dict[str, Any]:
     return {**spec, "family": f"{spec['family']}-lr-long", "lr_fixed": scale}
 
 
+# Outer extrapolation without momentum: the private H = 128 run (inner lr as swept for it) with
+# the averaged pseudo-gradient applied at outer lr 1.25 or 1.5. Averaging N ranks' inner
+# trajectories shortens the step along directions they disagree on; a step longer than the
+# average takes some of that back (and scales the sketch noise by the same factor).
+OUTER_LR: dict[str, dict[str, Any]] = {
+    f"sketch-262144-perrank-h128-q4-private-o{tag}": {
+        **holograd_spec("sketch", 262144, direction_groups="per_rank", local_steps=128, scalar_bits=4,
+                        inner_state="private", outer_lr=lr),
+        "family": "holograd-sketch-groups-local-q4-private-outer-lr",
+        "lr_as": "sketch-262144-perrank-h128-q4-private"}
+    for tag, lr in (("125", 1.25), ("15", 1.5))
+}
 # Peers at a longer period, the counterpart of the H = 128 HoloGrad setting (not in the profiles).
 LONG_PERIOD_PEERS: dict[str, dict[str, Any]] = {
     "localsgd-h128": {"kind": "localsgd", "period": 128, "family": "localsgd"},
@@ -222,7 +234,7 @@ LR_LONG: dict[str, dict[str, Any]] = {
     "ddp-lr0.35": _lr_long(PEERS["ddp"], 0.35),
 }
 RUNS: dict[str, dict[str, Any]] = {**PEERS, **HOLOGRAD, **SLOWLINK, **QUANTIZED, **LARGE_K, **SHORT_PERIOD,
-                                   **OUTER_MOMENTUM, **LONG_PERIOD_PEERS, **LR_LONG}
+                                   **OUTER_MOMENTUM, **LONG_PERIOD_PEERS, **LR_LONG, **OUTER_LR}
 SHORT_RUNS = [*PEERS, *HOLOGRAD]  # the 300-step frontier of results/frontier_cpu.md
 # The long frontier: every peer, the sketch over K, the cheaper dense families, momentum, one
 # codebook, and the slowlink settings (gaussian/rademacher at K = 256 cost 5-10x DDP's step).
@@ -273,7 +285,8 @@ def _setting(spec: dict[str, Any]) -> str:
                  f"{init['scalar_bits']} bits" if init.get("scalar_bits") else "",
                  f"inner state {init['inner_state']}" if init.get("inner_state") else "",
                  (f"outer lr {init.get('outer_lr', 1.0):g} momentum {init['outer_momentum']:g}"
-                  if init.get("outer_momentum") else ""),
+                  if init.get("outer_momentum") else
+                  f"outer lr {init['outer_lr']:g}" if init.get("outer_lr", 1.0) != 1.0 else ""),
                  "velocity per unit lr" if init.get("outer_momentum_units") == "lr_normalized" else ""]
         return ", ".join([f"K={spec['K']}", *(e for e in extra if e)])
     if spec.get("rank"):

@@ -293,3 +293,6 @@ def test_a_seed_twin_takes_its_swept_runs_lr_and_a_long_run_check_keeps_its_own(
     assert check["lr_scale"] == 1.0 and check["family"] == "ddp-lr-long"
     assert frontier_runs.label({"spec": check}) == "-, lr x1 (fixed: long-run check)"
     assert frontier.with_lr("ddp-lr0.35", {})["lr_scale"] == 0.35  # with no sweep at all too
+    extrapolated = frontier.with_lr(f"{swept}-o15", scales)
+    assert extrapolated["lr_scale"] == 0.5 and extrapolated["init_args"]["outer_lr"] == 1.5
+    assert frontier_runs.label({"spec": extrapolated}).endswith("inner state private, outer lr 1.5, lr x0.5")

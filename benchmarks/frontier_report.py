@@ -46,6 +46,17 @@ def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return sorted(kept)
 
 
+def frontier_at(points: list[tuple[float, float]], x: float) -> float | None:
+    """The family's loss ratio at compression ``x`` read off its Pareto frontier: interpolated
+    (log x) between the Pareto-optimal runs around ``x``; where every one of them compresses
+    more than ``x``, the loss of the least compressing one (a run at >= ``x`` reaches it, and
+    spending more bytes is not assumed to cost loss); None above the most compressing run."""
+    front = pareto(points)
+    if front and x < front[0][0]:
+        return front[0][1]
+    return interpolate_at(front, x)
+
+
 def _family_headline(family: str, runs: list[dict[str, Any]], ddp_loss: float, within: float,
                      target: float) -> dict[str, Any]:
     good = [r for r in runs if r["final_val_loss"] <= ddp_loss * (1 + within)]
@@ -55,8 +66,8 @@ def _family_headline(family: str, runs: list[dict[str, Any]], ddp_loss: float, w
         "family": family, "runs": len(runs),
         "best_within": None if best is None else {"run": best["run"], "compression": best["compression"],
                                                   "val_ratio": best["final_val_loss"] / ddp_loss},
-        "val_ratio_at_target": interpolate_at(pareto([(r["compression"], r["final_val_loss"] / ddp_loss)
-                                                      for r in runs]), target),
+        "val_ratio_at_target": frontier_at([(r["compression"], r["final_val_loss"] / ddp_loss) for r in runs],
+                                           target),
         "max_compression": {"run": top["run"], "compression": top["compression"],
                             "val_ratio": top["final_val_loss"] / ddp_loss},
     }
@@ -65,8 +76,9 @@ def _family_headline(family: str, runs: list[dict[str, Any]], ddp_loss: float, w
 def headlines(rows: list[dict[str, Any]], ddp_loss: float, within: float = WITHIN,
               target: float = TARGET_COMPRESSION) -> list[dict[str, Any]]:
     """Per family: the best compression whose final val loss is within ``within`` of DDP's,
-    and the val-loss ratio to DDP at ``target`` compression (interpolated in log compression
-    between the family's Pareto-optimal runs; None where the runs do not reach it)."""
+    and the val-loss ratio to DDP at ``target`` compression (``frontier_at``: interpolated in
+    log compression between the family's Pareto-optimal runs, or the least compressing of them
+    where all compress more; None where the runs do not reach it)."""
     families: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         if r.get("status") == "ok" and r["family"] != "ddp":

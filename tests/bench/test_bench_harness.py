@@ -61,6 +61,18 @@ def test_the_ratio_at_1000x_is_read_off_the_pareto_frontier():
     assert frontier_report.pareto([(10.0, 1.0), (10.0, 1.0)]) == [(10.0, 1.0)]
 
 
+def test_a_family_whose_pareto_runs_all_compress_more_than_1000x_reads_the_least_compressing():
+    """Two draws at ~1,613x (1.027x, 1.026x) dominate the 214x run (1.0263x): the frontier has
+    no point below 1000x, and a run at >= 1000x reaches 1.026x, so that is the ratio at 1000x;
+    beyond the most compressing run there is still nothing to read."""
+    pts = [(214.0, 1.0263), (1613.2, 1.027), (1612.8, 1.026)]
+    assert frontier_report.pareto(pts) == [(1612.8, 1.026), (1613.2, 1.027)]
+    assert frontier_report.frontier_at(pts, 1000.0) == pytest.approx(1.026)
+    assert frontier_report.frontier_at(pts, 1613.0) == pytest.approx(1.026 + 0.001 * 0.5, abs=2e-4)
+    assert frontier_report.frontier_at(pts, 2000.0) is None
+    assert frontier_report.frontier_at([], 1000.0) is None
+
+
 def test_time_to_target_interpolates_between_checks():
     curve = [{"train_s": 10.0, "val_loss": 3.0}, {"train_s": 20.0, "val_loss": 2.5}, {"train_s": 30.0, "val_loss": 2.0}]
     assert time_to_target(curve, 2.25) == pytest.approx(25.0)

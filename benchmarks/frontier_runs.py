@@ -215,13 +215,18 @@ def _lr_long(spec: dict[str, Any], scale: float) -> dict[str, Any]:
 # trajectories shortens the step along directions they disagree on; a step longer than the
 # average takes some of that back (and scales the sketch noise by the same factor).
 OUTER_LR: dict[str, dict[str, Any]] = {
-    f"sketch-262144-perrank-h128-q4-private-o{tag}": {
+    f"sketch-262144-perrank-h128-q4-private-o{tag}{suffix}": {
         **holograd_spec("sketch", 262144, direction_groups="per_rank", local_steps=128, scalar_bits=4,
-                        inner_state="private", outer_lr=lr),
+                        inner_state="private", outer_lr=lr, **extra),
         "family": "holograd-sketch-groups-local-q4-private-outer-lr",
         "lr_as": "sketch-262144-perrank-h128-q4-private"}
-    for tag, lr in (("125", 1.25), ("15", 1.5))
+    for tag, lr in (("11", 1.1), ("125", 1.25), ("135", 1.35), ("15", 1.5))
+    for suffix, extra in (("", {}), ("-s2", {"seed": "holograd-2"}))  # -s2: another draw of the directions
 }
+# the same extrapolation on the verifiable run (public round start, inner lr as swept for it)
+OUTER_LR["sketch-262144-perrank-h128-q4-o125"] = {
+    **holograd_spec("sketch", 262144, direction_groups="per_rank", local_steps=128, scalar_bits=4, outer_lr=1.25),
+    "family": "holograd-sketch-groups-local-q4-outer-lr", "lr_as": "sketch-262144-perrank-h128-q4"}
 # Peers at a longer period, the counterpart of the H = 128 HoloGrad setting (not in the profiles).
 LONG_PERIOD_PEERS: dict[str, dict[str, Any]] = {
     "localsgd-h128": {"kind": "localsgd", "period": 128, "family": "localsgd"},

@@ -221,7 +221,7 @@ OUTER_LR: dict[str, dict[str, Any]] = {
         "family": "holograd-sketch-groups-local-q4-private-outer-lr",
         "lr_as": "sketch-262144-perrank-h128-q4-private"}
     for tag, lr in (("11", 1.1), ("125", 1.25), ("135", 1.35), ("15", 1.5))
-    for suffix, extra in (("", {}), ("-s2", {"seed": "holograd-2"}))  # -s2: another draw of the directions
+    for suffix, extra in (("", {}), ("-s2", {"seed": "holograd-2"}), ("-s3", {"seed": "holograd-3"}))  # other draws
 }
 # the same extrapolation on the verifiable run (public round start, inner lr as swept for it)
 OUTER_LR["sketch-262144-perrank-h128-q4-o125"] = {

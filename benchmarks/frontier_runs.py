@@ -224,9 +224,12 @@ OUTER_LR: dict[str, dict[str, Any]] = {
     for suffix, extra in (("", {}), ("-s2", {"seed": "holograd-2"}), ("-s3", {"seed": "holograd-3"}))  # other draws
 }
 # the same extrapolation on the verifiable run (public round start, inner lr as swept for it)
-OUTER_LR["sketch-262144-perrank-h128-q4-o125"] = {
-    **holograd_spec("sketch", 262144, direction_groups="per_rank", local_steps=128, scalar_bits=4, outer_lr=1.25),
-    "family": "holograd-sketch-groups-local-q4-outer-lr", "lr_as": "sketch-262144-perrank-h128-q4"}
+OUTER_LR.update({
+    f"sketch-262144-perrank-h128-q4-o125{suffix}": {
+        **holograd_spec("sketch", 262144, direction_groups="per_rank", local_steps=128, scalar_bits=4, outer_lr=1.25,
+                        **extra),
+        "family": "holograd-sketch-groups-local-q4-outer-lr", "lr_as": "sketch-262144-perrank-h128-q4"}
+    for suffix, extra in (("", {}), ("-s2", {"seed": "holograd-2"}))})
 # Peers at a longer period, the counterpart of the H = 128 HoloGrad setting (not in the profiles).
 LONG_PERIOD_PEERS: dict[str, dict[str, Any]] = {
     "localsgd-h128": {"kind": "localsgd", "period": 128, "family": "localsgd"},

@@ -200,6 +200,12 @@ OUTER_MOMENTUM: dict[str, dict[str, Any]] = {
                                                              outer_lr=0.1, outer_momentum=0.9,
                                                              outer_momentum_units="lr_normalized"),
 }
+# Peers at a longer period, the counterpart of the H = 128 HoloGrad setting (not in the profiles).
+LONG_PERIOD_PEERS: dict[str, dict[str, Any]] = {
+    "localsgd-h128": {"kind": "localsgd", "period": 128, "family": "localsgd"},
+}
+
+
 # A long-run learning-rate check. The sweep picks each run's lr on 300 steps, where an H = 128 run
 # has synced twice; these runs take a fixed multiplier instead of the sweep's best ("lr_fixed"),
 # each in its own "-lr-long" family so that the sweep-chosen numbers stay the headline. Measured
@@ -210,36 +216,37 @@ def _lr_long(spec: dict[str, Any], scale: float) -> dict[str, Any]:
     return {**spec, "family": f"{spec['family']}-lr-long", "lr_fixed": scale}
 
 
-# Outer extrapolation without momentum: the private H = 128 run (inner lr as swept for it) with
-# the averaged pseudo-gradient applied at outer lr 1.25 or 1.5. Averaging N ranks' inner
-# trajectories shortens the step along directions they disagree on; a step longer than the
-# average takes some of that back (and scales the sketch noise by the same factor).
-OUTER_LR: dict[str, dict[str, Any]] = {
-    f"sketch-262144-perrank-h128-q4-private-o{tag}{suffix}": {
-        **holograd_spec("sketch", 262144, direction_groups="per_rank", local_steps=128, scalar_bits=4,
-                        inner_state="private", outer_lr=lr, **extra),
-        "family": "holograd-sketch-groups-local-q4-private-outer-lr",
-        "lr_as": "sketch-262144-perrank-h128-q4-private"}
-    for tag, lr in (("11", 1.1), ("125", 1.25), ("135", 1.35), ("15", 1.5))
-    for suffix, extra in (("", {}), ("-s2", {"seed": "holograd-2"}), ("-s3", {"seed": "holograd-3"}))  # other draws
-}
-# the same extrapolation on the verifiable run (public round start, inner lr as swept for it)
-OUTER_LR.update({
-    f"sketch-262144-perrank-h128-q4-o125{suffix}": {
-        **holograd_spec("sketch", 262144, direction_groups="per_rank", local_steps=128, scalar_bits=4, outer_lr=1.25,
-                        **extra),
-        "family": "holograd-sketch-groups-local-q4-outer-lr", "lr_as": "sketch-262144-perrank-h128-q4"}
-    for suffix, extra in (("", {}), ("-s2", {"seed": "holograd-2"}))})
-# Peers at a longer period, the counterpart of the H = 128 HoloGrad setting (not in the profiles).
-LONG_PERIOD_PEERS: dict[str, dict[str, Any]] = {
-    "localsgd-h128": {"kind": "localsgd", "period": 128, "family": "localsgd"},
-}
+_PRIVATE_H128 = "sketch-262144-perrank-h128-q4-private"
 LR_LONG: dict[str, dict[str, Any]] = {
-    "sketch-262144-perrank-h128-q4-private-lr1": _lr_long(SHORT_PERIOD["sketch-262144-perrank-h128-q4-private"], 1.0),
-    "sketch-262144-perrank-h128-q4-private-lr0.35": _lr_long(SHORT_PERIOD["sketch-262144-perrank-h128-q4-private"],
-                                                             0.35),
+    f"{_PRIVATE_H128}-lr1": _lr_long(SHORT_PERIOD[_PRIVATE_H128], 1.0),
+    f"{_PRIVATE_H128}-lr0.35": _lr_long(SHORT_PERIOD[_PRIVATE_H128], 0.35),
     "ddp-lr1": _lr_long(PEERS["ddp"], 1.0),
     "ddp-lr0.35": _lr_long(PEERS["ddp"], 0.35),
+}
+
+
+# Outer extrapolation without momentum: the H = 128, K = 262144, 4-bit run, private or
+# verifiable, with the averaged pseudo-gradient applied at an outer lr above 1 (its inner lr the
+# one swept for the outer-lr-1 run, "lr_as"). Averaging N ranks' inner trajectories shortens the
+# step along directions they disagree on; a step longer than the average takes some of that back
+# (and scales the sketch noise by the same factor). "-s2"/"-s3": other draws of the directions.
+def _outer_lr(base: str, family: str, outer_lr: float, seed: str | None, **extra: Any) -> dict[str, Any]:
+    draw = {"seed": seed} if seed else {}
+    spec = holograd_spec("sketch", 262144, direction_groups="per_rank", local_steps=128, scalar_bits=4,
+                         outer_lr=outer_lr, **extra, **draw)
+    return {**spec, "family": family, "lr_as": base}
+
+
+_SEEDS = {"": None, "-s2": "holograd-2", "-s3": "holograd-3"}
+OUTER_LR: dict[str, dict[str, Any]] = {
+    **{f"{_PRIVATE_H128}-o{tag}{draw}": _outer_lr(_PRIVATE_H128, "holograd-sketch-groups-local-q4-private-outer-lr",
+                                                   lr, _SEEDS[draw], inner_state="private")
+       for tag, lr, draws in (("11", 1.1, [""]), ("125", 1.25, ["", "-s2", "-s3"]), ("15", 1.5, [""]))
+       for draw in draws},
+    **{f"sketch-262144-perrank-h128-q4-o125{draw}": _outer_lr("sketch-262144-perrank-h128-q4",
+                                                              "holograd-sketch-groups-local-q4-outer-lr", 1.25,
+                                                              _SEEDS[draw])
+       for draw in ("", "-s2")},
 }
 RUNS: dict[str, dict[str, Any]] = {**PEERS, **HOLOGRAD, **SLOWLINK, **QUANTIZED, **LARGE_K, **SHORT_PERIOD,
                                    **OUTER_MOMENTUM, **LONG_PERIOD_PEERS, **LR_LONG, **OUTER_LR}
